@@ -1,0 +1,197 @@
+"""The on-disk format of converted models: grouped orbax checkpoints.
+
+A converted model folder holds
+
+    dd_jax_model.json      {"format", "model", "config", "dtype", "groups"}
+    groups/<group>/        one orbax (StandardCheckpointer) checkpoint per group
+
+A group is a slice of the parameter tree (one transformer block, one embedder,
+...). Writing and reading go group by group, so converting or loading a 12B
+model never holds more than one group in host memory, and each group is a
+plain orbax checkpoint that orbax tools can open. A folder only appears under
+its final name once every group is written (write to a temporary sibling,
+then rename), so a crash never leaves something that looks complete.
+
+Parameter paths are strings joined with '.', as in the model's NNX state
+(`double_blocks.0.img_attn.qkv.kernel`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FORMAT = "dd_jax.grouped/1"
+META_FILE = "dd_jax_model.json"
+
+
+def _orbax():
+    import orbax.checkpoint as ocp  # imported lazily: it is slow to import
+
+    return ocp
+
+
+def _nest(flat: Mapping[str, Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def default_group(path: str) -> str:
+    """`double_blocks.3.img_attn.qkv.kernel` -> `double_blocks.3`; `img_in.kernel` -> `img_in`."""
+    parts = path.split(".")
+    if len(parts) > 2 and parts[1].isdigit():
+        return ".".join(parts[:2])
+    return parts[0]
+
+
+class GroupedWriter:
+    """Writes a model folder group by group; `commit()` makes it appear at `out_dir`.
+
+    Use as a context manager: leaving the block with an exception removes the
+    temporary folder, and nothing is left at `out_dir`.
+    """
+
+    def __init__(self, out_dir: str, *, model: str, config: Mapping[str, Any], dtype: str, overwrite: bool = False):
+        self.out_dir = os.path.abspath(os.fspath(out_dir))
+        if os.path.exists(self.out_dir) and not overwrite:
+            raise FileExistsError(f"{self.out_dir} exists; pass overwrite=True (--overwrite) to replace it")
+        parent = os.path.dirname(self.out_dir)
+        os.makedirs(parent, exist_ok=True)
+        self.tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out_dir)}.partial-", dir=parent)
+        self.meta = {"format": FORMAT, "model": model, "config": dict(config), "dtype": dtype, "groups": []}
+        self._ckptr = _orbax().StandardCheckpointer()
+        self.overwrite = overwrite
+
+    def write_group(self, group: str, flat: Mapping[str, np.ndarray]) -> None:
+        if group in self.meta["groups"]:
+            raise ValueError(f"group {group!r} written twice")
+        self._ckptr.save(os.path.join(self.tmp_dir, "groups", group), _nest(flat))
+        self._ckptr.wait_until_finished()
+        self.meta["groups"].append(group)
+
+    def commit(self) -> str:
+        with open(os.path.join(self.tmp_dir, META_FILE), "w") as f:
+            json.dump(self.meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(self.out_dir):
+            shutil.rmtree(self.out_dir)
+        os.replace(self.tmp_dir, self.out_dir)
+        return self.out_dir
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+    def __enter__(self) -> "GroupedWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        self._ckptr.close()
+
+
+def write_flat(out_dir: str, flat: Mapping[str, np.ndarray], *, model: str, config: Mapping[str, Any],
+               dtype: str, group_fn: Callable[[str], str] = default_group, overwrite: bool = False) -> str:
+    """Writes an in-memory flat parameter dict (small models, saving trained weights)."""
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    for path, arr in flat.items():
+        groups.setdefault(group_fn(path), {})[path] = np.asarray(arr)
+    with GroupedWriter(out_dir, model=model, config=config, dtype=dtype, overwrite=overwrite) as w:
+        for g, items in groups.items():
+            w.write_group(g, items)
+        return w.commit()
+
+
+def read_meta(model_dir: str) -> dict:
+    path = os.path.join(os.fspath(model_dir), META_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{model_dir}: not a converted dd_jax model folder (no {META_FILE})")
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{model_dir}: unknown format {meta.get('format')!r} (expected {FORMAT})")
+    return meta
+
+
+def read_groups(model_dir: str, targets: Mapping[str, jax.ShapeDtypeStruct] | None = None,
+                groups: Iterable[str] | None = None):
+    """Yields (group, flat dict) one group at a time.
+
+    `targets` (flat path -> ShapeDtypeStruct, optionally with sharding) sets the
+    dtype/sharding of what is restored; without it, numpy arrays as stored.
+    """
+    meta = read_meta(model_dir)
+    ocp = _orbax()
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        for group in groups if groups is not None else meta["groups"]:
+            gdir = os.path.join(os.path.abspath(model_dir), "groups", group)
+            if targets is None:
+                tree = ckptr.restore(gdir)
+            else:
+                stored = _flatten(ckptr.metadata(gdir).item_metadata.tree)
+                missing = [k for k in stored if k not in targets]
+                if missing:
+                    raise KeyError(f"{model_dir}: stored parameter(s) not in the model: {missing[:5]}")
+                tree = ckptr.restore(gdir, _nest({k: targets[k] for k in stored}))
+            yield group, _flatten(tree)
+    finally:
+        ckptr.close()
+
+
+def load_module(model_dir: str, abstract_module, *, shardings: Mapping[str, Any] | None = None):
+    """Fills an abstract NNX module (from `nnx.eval_shape`) with stored weights.
+
+    Each parameter is restored in the dtype of the abstract module's variable
+    (so the caller picks the dtype by how it builds the module), group by
+    group. `shardings` (flat path -> jax.sharding.Sharding) places arrays
+    directly on devices. Every variable must be stored, and nothing extra.
+    """
+    from flax import nnx
+
+    graphdef, state = nnx.split(abstract_module)
+    variables = {".".join(map(str, path)): var for path, var in nnx.to_flat_state(state)}
+    targets = {}
+    for name, var in variables.items():
+        abstract = var.get_value()
+        sharding = (shardings or {}).get(name)
+        targets[name] = jax.ShapeDtypeStruct(abstract.shape, abstract.dtype, sharding=sharding)
+    filled = set()
+    for _, arrays in read_groups(model_dir, targets):
+        for name, arr in arrays.items():
+            if tuple(arr.shape) != tuple(targets[name].shape):
+                raise ValueError(f"{model_dir}: {name} stored with shape {tuple(arr.shape)}, "
+                                 f"the model expects {tuple(targets[name].shape)}")
+            sharding = targets[name].sharding
+            variables[name].set_value(jax.device_put(arr, sharding) if sharding is not None else jnp.asarray(arr))
+            filled.add(name)
+    missing = sorted(set(variables) - filled)
+    if missing:
+        raise KeyError(f"{model_dir}: parameter(s) missing from the checkpoint: {missing[:8]}"
+                       + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    return nnx.merge(graphdef, state)

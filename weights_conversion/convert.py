@@ -1,0 +1,74 @@
+"""Checkpoint conversion entry point (`scripts/convert_flux.py`).
+
+    python scripts/convert_flux.py --source SRC --output OUT [--dtype float32|bfloat16]
+
+SRC is a BFL single-file checkpoint (`flux1-dev.safetensors`), a diffusers
+`transformer/` folder (config.json + safetensors, sharded or not) or a
+diffusers pipeline folder holding one. OUT becomes a dd_jax model folder
+(`dd_jax.models.flux.load(OUT)`). The checkpoint's names and shapes are
+checked against the model before any data is read; data is then streamed
+group by group into a temporary folder that is renamed to OUT at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+
+import ml_dtypes
+import numpy as np
+
+from dd_jax.models import store
+from weights_conversion import flux as flux_maps
+from weights_conversion import plan as planlib
+from weights_conversion.safetensors_reader import CheckpointError
+
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
+
+
+def _source_dtype(reader, plan) -> np.dtype:
+    counts = collections.Counter()
+    for rule in plan.values():
+        for s in rule.sources:
+            info = reader.info(s)
+            counts[info.dtype] += int(np.prod(info.shape))
+    return counts.most_common(1)[0][0]
+
+
+def convert_transformer(source: str, output: str, dtype: str | None = None, *, overwrite: bool = False,
+                        axes_dim=None, progress: bool = True) -> str:
+    """Converts a Flux transformer checkpoint; returns OUT. `dtype=None` keeps the source's."""
+    reader, params, plan = flux_maps.transformer_plan(source, axes_dim=axes_dim)
+    out_dtype = DTYPES[dtype] if dtype else _source_dtype(reader, plan)
+    if progress:
+        n = sum(int(np.prod(r.shapes[0])) if len(r.shapes) == 1 else sum(int(np.prod(s)) for s in r.shapes)
+                for r in plan.values())
+        print(f"Flux transformer: {params.depth} double + {params.depth_single_blocks} single blocks, "
+              f"hidden {params.hidden_size}, {n / 1e9:.3f}B parameters -> {out_dtype.name}", file=sys.stderr)
+    with store.GroupedWriter(output, model="flux", config=params.to_dict(), dtype=out_dtype.name,
+                             overwrite=overwrite) as writer:
+        planlib.stream(plan, reader, writer, out_dtype, progress=progress)
+        return writer.commit()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", required=True, help="BFL .safetensors file, diffusers transformer/ or pipeline folder")
+    ap.add_argument("--output", required=True, help="output folder (must not exist unless --overwrite)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="parameter dtype (default: the source's)")
+    ap.add_argument("--axes-dim", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
+                    help="RoPE axes dims, e.g. 16,56,56 (BFL files do not store them; default inferred)")
+    ap.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    try:
+        out = convert_transformer(args.source, args.output, args.dtype, overwrite=args.overwrite,
+                                  axes_dim=args.axes_dim, progress=not args.quiet)
+    except (CheckpointError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} in {time.time() - t0:.1f}s", file=sys.stderr)
+    return 0

@@ -1,0 +1,124 @@
+"""Conversion plans: how each parameter of our model is made from checkpoint tensors.
+
+A plan maps every flat parameter path of the target NNX model to a `Rule`:
+the source tensor names, the shape each source must have, and a function that
+builds our array from them (transpose, concatenation, half swap). Plans are
+checked against a checkpoint's header before a byte of data is read, so a
+missing, unexpected or wrongly shaped tensor fails at once with its name and
+both shapes; then `stream` reads and converts one group at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from dd_jax.models import store
+from weights_conversion.safetensors_reader import CheckpointError, SafetensorsReader
+
+Shape = tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    sources: tuple[str, ...]
+    shapes: tuple[Shape, ...]
+    fn: Callable[[Sequence[np.ndarray]], np.ndarray]
+
+
+def _linear_kernel(ws: Sequence[np.ndarray]) -> np.ndarray:
+    """torch Linear weights [out, in] (concatenated along out) -> flax kernel [in, out]."""
+    w = ws[0] if len(ws) == 1 else np.concatenate(ws, axis=0)
+    return np.ascontiguousarray(w.T)
+
+
+def _concat(ws: Sequence[np.ndarray]) -> np.ndarray:
+    return ws[0] if len(ws) == 1 else np.concatenate(ws, axis=0)
+
+
+def _swap_halves(fn):
+    def swapped(ws):
+        out = fn(ws)
+        axis = out.ndim - 1  # the output dim: last for kernels, only for biases
+        a, b = np.split(out, 2, axis=axis)
+        return np.ascontiguousarray(np.concatenate([b, a], axis=axis))
+
+    return swapped
+
+
+def linear_rules(target: str, shape: Shape, sources: Sequence[str], split: Sequence[int] | None = None,
+                 swap: bool = False, weight: str = "weight") -> dict[str, Rule]:
+    """Rules for one Linear: `target.kernel` [in, out] and `target.bias` [out].
+
+    `sources` are torch module names whose weights are concatenated along the
+    output dim, with output sizes `split` (default: equal parts).
+    """
+    din, dout = shape
+    split = list(split) if split is not None else [dout // len(sources)] * len(sources)
+    if sum(split) != dout:
+        raise ValueError(f"{target}: parts {split} do not add up to {dout}")
+    kfn, bfn = _linear_kernel, _concat
+    if swap:
+        kfn, bfn = _swap_halves(kfn), _swap_halves(bfn)
+    return {
+        f"{target}.kernel": Rule(tuple(f"{s}.{weight}" for s in sources), tuple((n, din) for n in split), kfn),
+        f"{target}.bias": Rule(tuple(f"{s}.bias" for s in sources), tuple((n,) for n in split), bfn),
+    }
+
+
+def copy_rule(source: str, shape: Shape) -> Rule:
+    return Rule((source,), (tuple(shape),), _concat)
+
+
+def check(plan: Mapping[str, Rule], reader: SafetensorsReader, ignore: Iterable[str] = ()) -> None:
+    """Fails with one clear error if the checkpoint does not match the plan."""
+    expected: dict[str, Shape] = {}
+    for rule in plan.values():
+        for name, shape in zip(rule.sources, rule.shapes):
+            expected[name] = tuple(shape)
+    present = reader.shapes()
+    ignore = set(ignore)
+    missing = [k for k in expected if k not in present]
+    unexpected = [k for k in present if k not in expected and k not in ignore]
+    wrong = [(k, expected[k], present[k]) for k in expected if k in present and tuple(present[k]) != expected[k]]
+    problems = []
+    for k in missing[:5]:
+        problems.append(f"missing key {k!r} (expected shape {expected[k]})")
+    for k in unexpected[:5]:
+        problems.append(f"unexpected key {k!r} (shape {tuple(present[k])})")
+    for k, want, got in wrong[:5]:
+        problems.append(f"wrong shape for {k!r}: expected {want}, found {tuple(got)}")
+    if problems:
+        more = len(missing) + len(unexpected) + len(wrong) - len(problems)
+        raise CheckpointError("checkpoint does not match the model: " + "; ".join(problems)
+                              + (f"; and {more} more problem(s)" if more > 0 else ""))
+
+
+def stream(plan: Mapping[str, Rule], reader: SafetensorsReader, writer: store.GroupedWriter, dtype,
+           group_fn: Callable[[str], str] = store.default_group, progress: bool = True) -> None:
+    """Converts group by group: at most one group's arrays are alive at a time."""
+    groups: dict[str, list[str]] = {}
+    for target in plan:
+        groups.setdefault(group_fn(target), []).append(target)
+    dtype = np.dtype(dtype)
+    t0 = time.time()
+    for i, (group, targets) in enumerate(groups.items()):
+        arrays = {}
+        for target in targets:
+            rule = plan[target]
+            parts = [reader.read(s) for s in rule.sources]
+            # Cast before combining when that shrinks the data (e.g. float32 -> bfloat16).
+            if all(p.dtype.itemsize > dtype.itemsize for p in parts):
+                parts = [p.astype(dtype) for p in parts]
+            arrays[target] = rule.fn(parts).astype(dtype, copy=False)
+            del parts
+        writer.write_group(group, arrays)
+        if progress:
+            mb = sum(a.nbytes for a in arrays.values()) / 2**20
+            print(f"  [{i + 1}/{len(groups)}] {group}: {len(arrays)} arrays, {mb:.1f} MiB "
+                  f"({time.time() - t0:.1f}s)", file=sys.stderr, flush=True)
+        del arrays
