@@ -103,7 +103,8 @@ def build_plan(params: FluxParams, layout: str, prefix: str = "") -> dict[str, p
             sources = [prefix + s for s in diffusers_modules(module)]
         if leaf == "kernel":
             rules.update(planlib.linear_rules(
-                module, shape, sources, split=_split_sizes(module, shape[1], len(sources), params),
+                module, shape, sources,
+                split=_split_sizes(module, shape[1], len(sources), params) if len(sources) > 1 else None,
                 swap=(layout == "diffusers" and module == "final_layer.adaLN_modulation.1")))
         elif leaf == "scale":
             name = f"{sources[0]}.scale" if layout == "bfl" else f"{sources[0]}.weight"

@@ -59,8 +59,8 @@ def linear_rules(target: str, shape: Shape, sources: Sequence[str], split: Seque
     """
     din, dout = shape
     split = list(split) if split is not None else [dout // len(sources)] * len(sources)
-    if sum(split) != dout:
-        raise ValueError(f"{target}: parts {split} do not add up to {dout}")
+    if sum(split) != dout or len(split) != len(sources):
+        raise ValueError(f"{target}: parts {split} do not split {dout} outputs over {len(sources)} sources")
     kfn, bfn = _linear_kernel, _concat
     if swap:
         kfn, bfn = _swap_halves(kfn), _swap_halves(bfn)

@@ -1,0 +1,131 @@
+"""LoRA as an NNX parameter partition.
+
+`apply_lora(model, rank, alpha, targets)` replaces every `nnx.Linear` whose
+dotted path matches one of the `targets` regexes with a `LoRALinear` that
+keeps the base `kernel`/`bias` Variables at the same paths (so converted
+base checkpoints load unchanged) and adds `lora_a` [in, r] and `lora_b`
+[r, out] of type `nnx.LoRAParam`, B zero-initialised, scaled by alpha / r:
+
+    y = x @ W + b + (alpha / r) * (x @ A) @ B
+
+Train with `nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)` and gradients
+w.r.t. `nnx.LoRAParam`: the frozen base then has neither gradients nor
+optimizer state. `merge_lora(model)` folds the update into the base kernels
+and turns the wrapped layers back into plain `nnx.Linear`.
+
+Fused projections (BFL's `qkv`, `linear1`) carry one LoRA over the fused
+output; it splits exactly into per-projection adapters for export (A shared,
+B sliced by output columns).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Every projection of attention and MLP in both streams, and the single
+# blocks' fused linear1/linear2 (the issue's default set).
+DEFAULT_TARGETS: tuple[str, ...] = (
+    r"double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)",
+    r"double_blocks\.\d+\.(img|txt)_mlp\.(0|2)",
+    r"single_blocks\.\d+\.linear(1|2)",
+)
+# Optional: the adaLN modulation projections.
+MODULATION_TARGETS: tuple[str, ...] = (
+    r"double_blocks\.\d+\.(img|txt)_mod\.lin",
+    r"single_blocks\.\d+\.modulation\.lin",
+)
+
+
+class LoRALinear(nnx.Module):
+    """A Linear with a low-rank update; base Variables are shared with the wrapped layer."""
+
+    def __init__(self, base: nnx.Linear, rank: int, alpha: float, *, rngs: nnx.Rngs,
+                 param_dtype=jnp.float32):
+        if rank <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {rank}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.kernel = base.kernel
+        self.bias = base.bias
+        self.dtype = base.dtype
+        self.rank = rank
+        self.scale = alpha / rank
+        # A: Kaiming-uniform over fan-in (as peft's default); B: zeros, so the start is the base model.
+        bound = 1.0 / (self.in_features ** 0.5)
+        self.lora_a = nnx.LoRAParam(jax.random.uniform(rngs.params(), (self.in_features, rank), param_dtype,
+                                                       -bound, bound))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, self.out_features), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or x.dtype
+        x = x.astype(dtype)
+        y = x @ self.kernel[...].astype(dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        delta = (x @ self.lora_a[...].astype(dtype)) @ self.lora_b[...].astype(dtype)
+        return y + (self.scale * delta).astype(dtype)
+
+    def delta_kernel(self) -> jax.Array:
+        """The update as a dense [in, out] matrix, in float32."""
+        return self.scale * (self.lora_a[...].astype(jnp.float32) @ self.lora_b[...].astype(jnp.float32))
+
+
+def _path_str(path: Sequence) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _matches(path: str, patterns: Iterable[str]) -> bool:
+    return any(re.fullmatch(p, path) for p in patterns)
+
+
+def _replace(model: nnx.Module, path: tuple, new) -> None:
+    parent = model
+    for p in path[:-1]:
+        parent = parent[p] if isinstance(parent, nnx.List) else getattr(parent, p)
+    if isinstance(parent, nnx.List):
+        parent[path[-1]] = new
+    else:
+        setattr(parent, path[-1], new)
+
+
+def apply_lora(model: nnx.Module, rank: int, alpha: float | None = None,
+               targets: Sequence[str] = DEFAULT_TARGETS, *, rngs: nnx.Rngs | None = None,
+               param_dtype=jnp.float32) -> list[str]:
+    """Wraps the matching Linear layers in place; returns their paths. alpha defaults to rank."""
+    alpha = float(rank if alpha is None else alpha)
+    rngs = rngs or nnx.Rngs(0)
+    found = [(path, node) for path, node in nnx.iter_graph(model)
+             if isinstance(node, nnx.Linear) and _matches(_path_str(path), targets)]
+    if not found:
+        raise ValueError(f"no Linear layer matches the LoRA targets {list(targets)}")
+    for path, node in found:
+        _replace(model, tuple(path), LoRALinear(node, rank, alpha, rngs=rngs, param_dtype=param_dtype))
+    return [_path_str(p) for p, _ in found]
+
+
+def lora_layers(model: nnx.Module) -> list[tuple[str, LoRALinear]]:
+    return [(_path_str(p), n) for p, n in nnx.iter_graph(model) if isinstance(n, LoRALinear)]
+
+
+def merge_lora(model: nnx.Module) -> nnx.Module:
+    """Folds every LoRA update into its base kernel and removes the adapters (in place)."""
+    for path, node in [(p, n) for p, n in nnx.iter_graph(model) if isinstance(n, LoRALinear)]:
+        kernel = node.kernel[...]
+        merged = (kernel.astype(jnp.float32) + node.delta_kernel()).astype(kernel.dtype)
+        linear = nnx.eval_shape(lambda: nnx.Linear(node.in_features, node.out_features,
+                                                   use_bias=node.bias is not None, dtype=node.dtype,
+                                                   param_dtype=kernel.dtype, rngs=nnx.Rngs(0)))
+        linear.kernel = nnx.Param(merged)
+        if node.bias is not None:
+            linear.bias = node.bias
+        _replace(model, tuple(path), linear)
+    return model
+
+
+def lora_state(model: nnx.Module) -> nnx.State:
+    """Only the LoRA parameters (what a fine-tuning checkpoint needs)."""
+    return nnx.state(model, nnx.LoRAParam)
