@@ -1,0 +1,9 @@
+"""AlphaBlend data: blend laws, synthesis, TFDS builders and the Grain pipeline.
+
+Submodules are imported on demand (``from dd_jax.data import blend``) so that
+importing the package stays cheap (no TFDS / Grain import).
+"""
+
+from dd_jax.data.blend import TASKS, TASK_INDEX
+
+__all__ = ["TASKS", "TASK_INDEX"]

@@ -1,0 +1,227 @@
+"""The six AlphaBlend blend laws (DiffDecompose sec. 3.1), as pure functions.
+
+Every function takes float images in [0, 1], channels last, and works on numpy
+arrays and on jax arrays (also inside ``jax.jit``); it returns the same kind.
+Notation: the foreground layer is RGBA ``x = (A, alpha)`` with *straight*
+(un-premultiplied) colour ``A``; ``B`` is the RGB background; ``I`` the
+composite.
+
+Laws ``composite(task, x, B)``:
+
+* ``xray``      I = (1 - alpha) B + alpha (A * B)        (paper; multiplicative
+                darkening, the X-ray of a stack is the product of the
+                transmittances of its materials).
+* ``glassware`` I = (1 - alpha) B + alpha G(A, B), G = A*B where B < 0.5,
+                G = 1 - (1 - A)(1 - B) where B >= 0.5 (paper's multiply /
+                screen rule, weighted by the glass' alpha). "B < 0.5" is read
+                on the pixel's luma (Rec. 601), so all three channels take the
+                same branch; branching per channel tints every crossing of 0.5.
+* ``watermark`` I = (1 - alpha) B + alpha A              (standard alpha over;
+                the paper's formula writes the same law with alpha meaning
+                transparency, i.e. alpha_paper = 1 - alpha).
+* ``cell``      I = clip(alpha A + B, 0, 1)              (paper; additive
+                emission of fluorescent cells, ``alpha A`` premultiplied).
+* ``occlusion`` I = (1 - alpha) B + alpha A over the whole image: a translucent
+                window layer (fog, rain, dirt) transmits ``1 - alpha`` of the
+                scene and scatters light of colour ``A`` -- this is the
+                atmospheric scattering model I = J t + L (1 - t) with t = 1 - alpha.
+* ``flare``     I = (B^g + (alpha A)^g)^(1/g), clipped to 1, g = 2.2: lens flare
+                is light *added* to the scene, so it is added in linear light
+                (as in Flare7K); ``alpha A`` is the flare as photographed on a
+                black background.
+
+How a foreground looks "alone" (``foreground_alone``, the 3-channel target the
+model's autoencoder sees for the foreground layer):
+
+* ``xray``      the item scanned in an empty tray: the law over white (1).
+* ``cell``      the cells on a black field: ``alpha A``.
+* ``flare``     the flare on black: ``alpha A``.
+* ``occlusion`` the window layer in front of a black scene: ``alpha A``.
+* ``watermark`` the mark alpha-over a neutral 50% grey.
+* ``glassware`` the glass alpha-over a neutral 50% grey (this shows both the
+                dark edges and the highlights; the law itself on any uniform
+                backdrop hides one of the two).
+
+``recompose(task, foreground_alone, B)`` re-applies the law from a predicted
+background and a predicted 3-channel foreground rendering. It is exact for
+``xray`` (I = F * B), ``cell`` (clip(F + B)) and ``flare``; the other three laws
+have four degrees of freedom per pixel (colour and alpha), so they also need
+the foreground's alpha (``RECOMPOSE_NEEDS_ALPHA``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+TASKS = ("xray", "glassware", "watermark", "cell", "occlusion", "flare")
+TASK_INDEX = {t: i for i, t in enumerate(TASKS)}
+
+# The uniform backdrop each foreground is rendered on when shown alone.
+ALONE_BACKDROP = {
+    "xray": 1.0,
+    "glassware": 0.5,
+    "watermark": 0.5,
+    "cell": 0.0,
+    "occlusion": 0.0,
+    "flare": 0.0,
+}
+RECOMPOSE_NEEDS_ALPHA = frozenset({"glassware", "watermark", "occlusion"})
+
+FLARE_GAMMA = 2.2
+_EPS = 1e-9
+
+
+def _xp(*arrays: Any):
+    """numpy for numpy inputs, jax.numpy as soon as one input is a jax value."""
+    for a in arrays:
+        if not isinstance(a, (np.ndarray, np.generic, float, int)):
+            import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+            return jnp
+    return np
+
+
+def _check_task(task: str) -> str:
+    if task not in TASK_INDEX:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    return task
+
+
+def split_rgba(foreground_rgba):
+    """(A, alpha) with alpha keeping a trailing axis of size 1."""
+    return foreground_rgba[..., :3], foreground_rgba[..., 3:4]
+
+
+# ----------------------------------------------------------------- the laws
+def alpha_over(a, alpha, b):
+    """(1 - alpha) b + alpha a."""
+    return (1.0 - alpha) * b + alpha * a
+
+
+def xray_law(a, alpha, b):
+    """(1 - alpha) b + alpha (a b): multiplicative darkening."""
+    return (1.0 - alpha) * b + alpha * (a * b)
+
+
+def luma(rgb):
+    """Rec. 601 luma, keeping a trailing axis of size 1."""
+    return rgb[..., 0:1] * 0.299 + rgb[..., 1:2] * 0.587 + rgb[..., 2:3] * 0.114
+
+
+def glass_law(a, alpha, b):
+    """Multiply where b is dark (luma < 0.5), screen where it is bright, weighted by alpha."""
+    xp = _xp(a, alpha, b)
+    g = xp.where(luma(b) < 0.5, a * b, 1.0 - (1.0 - a) * (1.0 - b))
+    return (1.0 - alpha) * b + alpha * g
+
+
+def additive_law(light, b):
+    """clip(light + b): ``light`` is the premultiplied emission alpha A."""
+    xp = _xp(light, b)
+    return xp.clip(light + b, 0.0, 1.0)
+
+
+def to_linear(x, gamma: float = FLARE_GAMMA):
+    xp = _xp(x)
+    return xp.clip(x, 0.0, 1.0) ** gamma
+
+
+def from_linear(x, gamma: float = FLARE_GAMMA):
+    xp = _xp(x)
+    return xp.maximum(xp.clip(x, 0.0, 1.0), _EPS) ** (1.0 / gamma)
+
+
+def flare_law(light, b, gamma: float = FLARE_GAMMA):
+    """Add the flare ``light`` (display-encoded, on black) in linear light."""
+    return from_linear(to_linear(b, gamma) + to_linear(light, gamma), gamma)
+
+
+# ------------------------------------------------------------ task dispatch
+def composite(task: str, foreground_rgba, background):
+    """The composite image of an RGBA foreground over an RGB background."""
+    _check_task(task)
+    a, alpha = split_rgba(foreground_rgba)
+    if task == "xray":
+        return xray_law(a, alpha, background)
+    if task == "glassware":
+        return glass_law(a, alpha, background)
+    if task in ("watermark", "occlusion"):
+        return alpha_over(a, alpha, background)
+    if task == "cell":
+        return additive_law(alpha * a, background)
+    return flare_law(alpha * a, background)  # flare
+
+
+def foreground_alone(task: str, foreground_rgba):
+    """The 3-channel rendering of the foreground layer alone (see module doc)."""
+    _check_task(task)
+    a, alpha = split_rgba(foreground_rgba)
+    if task == "xray":
+        return (1.0 - alpha) + alpha * a  # == xray_law(a, alpha, 1)
+    if task in ("cell", "flare", "occlusion"):
+        return alpha * a
+    return alpha_over(a, alpha, ALONE_BACKDROP[task])  # glassware, watermark
+
+
+def recompose(task: str, foreground_render, background, alpha=None):
+    """Composite from a 3-channel foreground rendering and a background.
+
+    ``alpha`` ([..., 1] in [0, 1]) is required for the tasks in
+    ``RECOMPOSE_NEEDS_ALPHA``; with the true alpha the result equals
+    ``composite(task, x, background)`` up to rounding.
+    """
+    _check_task(task)
+    f = foreground_render
+    if task == "xray":
+        return f * background
+    if task == "cell":
+        return additive_law(f, background)
+    if task == "flare":
+        return flare_law(f, background)
+    if alpha is None:
+        raise ValueError(f"recomposing {task!r} needs the foreground alpha")
+    xp = _xp(f, background, alpha)
+    if task == "occlusion":
+        return xp.clip((1.0 - alpha) * background + f, 0.0, 1.0)
+    premult = xp.clip(f - (1.0 - alpha) * ALONE_BACKDROP[task], 0.0, 1.0)
+    if task == "watermark":
+        return (1.0 - alpha) * background + premult
+    # glassware: multiply branch b (1 - alpha + alpha A), screen 1-(1-b)(1-alpha A)
+    mult = background * (1.0 - alpha + premult)
+    screen = 1.0 - (1.0 - background) * (1.0 - premult)
+    return xp.where(luma(background) < 0.5, mult, screen)
+
+
+def rgba_from_alone(task: str, foreground_render, alpha):
+    """Invert ``foreground_alone`` given alpha: the straight RGBA layer."""
+    _check_task(task)
+    xp = _xp(foreground_render, alpha)
+    f = foreground_render
+    if task == "xray":
+        premult = f - (1.0 - alpha)  # alpha A
+    elif task in ("cell", "flare", "occlusion"):
+        premult = f
+    else:
+        premult = f - (1.0 - alpha) * ALONE_BACKDROP[task]
+    a = xp.where(alpha > 0, premult / xp.maximum(alpha, 1e-6), 0.0)
+    return xp.concatenate([xp.clip(a, 0.0, 1.0), alpha], axis=-1)
+
+
+def emission_to_rgba(light):
+    """An emission image on black (flare, cells) as straight RGBA.
+
+    alpha = max over channels, A = light / alpha, so that alpha A == light.
+    """
+    xp = _xp(light)
+    alpha = xp.max(light, axis=-1, keepdims=True)
+    a = xp.where(alpha > 0, light / xp.maximum(alpha, 1e-12), 0.0)
+    return xp.concatenate([xp.clip(a, 0.0, 1.0), alpha], axis=-1)
+
+
+def quantize_rgba(foreground_rgba: np.ndarray) -> np.ndarray:
+    """Round an RGBA float layer to uint8, zeroing colour where alpha == 0."""
+    q = np.clip(np.rint(foreground_rgba * 255.0), 0, 255).astype(np.uint8)
+    q[..., :3][q[..., 3] == 0] = 0
+    return q
