@@ -1,0 +1,219 @@
+"""Background and foreground *sources* for the synthesizer.
+
+* ``FolderBackgrounds``: the user's photos (any format ``images.py`` reads).
+* ``PackageBackgrounds``: the real photographs that ship inside scikit-image
+  and scikit-learn (offline), with hand-written descriptions.
+* ``ProceduralBackgrounds``: X-ray baggage scans / microscopy fields.
+* ``FolderForegrounds``: real RGBA layers (watermark PNGs, glass cut-outs,
+  Flare7K-style flares on black, ...).
+
+Every source has ``sample(rng, h, w, events) -> (float32 image, description)``;
+images are random views (crop with the target aspect, resize, flip, colour
+jitter) so a few source images still give varied samples. ``events``
+collects (kind, reason, path) tuples about odd files for the build summary.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from dd_jax.data import blend, fg_objects, images
+
+# name -> (loader, description, weight); grey photos are drawn less often
+_PACKAGE = {
+    "astronaut": ("skimage", "a portrait of an astronaut in an orange suit in front of a flag", 1.0),
+    "coffee": ("skimage", "a cup of espresso on a red saucer on a wooden table", 1.0),
+    "chelsea": ("skimage", "a close-up of a tabby cat", 1.0),
+    "rocket": ("skimage", "a rocket on a launch pad under a blue sky", 1.0),
+    "hubble_deep_field": ("skimage", "a deep-space image full of distant galaxies", 0.6),
+    "immunohistochemistry": ("skimage", "a stained tissue section under a microscope", 0.6),
+    "retina": ("skimage", "a photograph of the retina of a human eye", 0.5),
+    "stereo_motorcycle": ("skimage", "a motorcycle parked in a room", 1.0),
+    "camera": ("skimage", "a black-and-white photo of a cameraman with a tripod", 0.3),
+    "moon": ("skimage", "a grey photo of the surface of the moon", 0.2),
+    "brick": ("skimage", "a grey brick wall", 0.2),
+    "grass": ("skimage", "a grey photo of grass", 0.2),
+    "gravel": ("skimage", "a grey photo of gravel", 0.2),
+    "coins": ("skimage", "old coins on a dark background", 0.2),
+    "china.jpg": ("sklearn", "a Chinese temple among green trees", 1.0),
+    "flower.jpg": ("sklearn", "a close-up of a pink flower", 1.0),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def package_image(name: str) -> np.ndarray | None:
+    """uint8 RGB of one bundled photo, or None if this install lacks it."""
+    src = _PACKAGE[name][0]
+    try:
+        if src == "skimage":
+            import skimage.data  # pylint: disable=g-import-not-at-top
+
+            a = getattr(skimage.data, name)()
+            if isinstance(a, tuple):
+                a = a[0]
+        else:
+            from sklearn.datasets import load_sample_image  # pylint: disable=g-import-not-at-top
+
+            a = load_sample_image(name)
+    except Exception:  # pylint: disable=broad-except  # e.g. a file needing a download
+        return None
+    a = np.asarray(a)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, -1)
+    return np.ascontiguousarray(a[..., :3].astype(np.uint8))
+
+
+def random_view(img: np.ndarray, rng: np.random.Generator, h: int, w: int,
+                jitter: bool = True, min_scale: float = 0.45) -> np.ndarray:
+    """A random crop with aspect h:w, resized to (h, w), maybe flipped and jittered.
+
+    ``img`` is uint8 [H, W, C]; returns float32 in [0, 1] with C channels.
+    """
+    ih, iw = img.shape[:2]
+    scale = rng.uniform(min_scale, 1.0)
+    ch = min(ih, iw * h / w) * scale
+    cw = ch * w / h
+    y0, x0 = rng.uniform(0, ih - ch), rng.uniform(0, iw - cw)
+    im = Image.fromarray(img)
+    if img.shape[-1] == 4:
+        im = im.convert("RGBa")  # resample premultiplied, no dark fringes
+    resample = Image.BICUBIC if ch < h else Image.LANCZOS
+    im = im.resize((w, h), resample, box=(x0, y0, x0 + cw, y0 + ch), reducing_gap=3.0)
+    if img.shape[-1] == 4:
+        im = im.convert("RGBA")
+    out = np.asarray(im, np.float32) / 255.0
+    if rng.random() < 0.5:
+        out = out[:, ::-1]
+    if jitter:
+        rgb = out[..., :3]
+        gain = rng.uniform(0.8, 1.2) * rng.uniform(0.95, 1.05, 3)
+        mean = rgb.mean()
+        rgb = (rgb - mean) * rng.uniform(0.8, 1.2) + mean
+        grey = rgb.mean(-1, keepdims=True)
+        rgb = grey + (rgb - grey) * rng.uniform(0.7, 1.3)
+        out = np.concatenate([np.clip(rgb * gain, 0, 1), out[..., 3:]], -1)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+class PackageBackgrounds:
+    """Photos bundled with scikit-image / scikit-learn (no network needed)."""
+
+    def __init__(self):
+        self.names = [n for n in _PACKAGE if package_image(n) is not None]
+        if not self.names:
+            raise RuntimeError("no bundled scikit-image / scikit-learn photos found")
+        wts = np.array([_PACKAGE[n][2] for n in self.names])
+        self.p = wts / wts.sum()
+
+    def sample(self, rng, h, w, events):
+        del events
+        name = self.names[int(rng.choice(len(self.names), p=self.p))]
+        return random_view(package_image(name), rng, h, w), _PACKAGE[name][1]
+
+
+class ProceduralBackgrounds:
+    """Structured backgrounds: ``xray_bag`` scans or ``microscopy`` fields."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def sample(self, rng, h, w, events):
+        del events
+        return self.fn(rng, h, w)
+
+
+class _Folder:
+    """Shared logic: a header-scanned file list and a retrying random pick."""
+
+    MAX_TRIES = 32
+
+    def __init__(self, folder: str, min_side: int):
+        self.report = images.FolderReport()
+        self.paths = images.scan(folder, min_side, self.report)
+        self.min_side = min_side
+        if not self.paths:
+            raise ValueError(f"no usable images in {folder!r}: {self.report.counts()}")
+
+    def _pick(self, rng, events, load):
+        # The draws depend only on rng and the files, so a sample is the same
+        # in any worker process whatever that process has seen before.
+        for _ in range(self.MAX_TRIES):
+            path = self.paths[int(rng.integers(len(self.paths)))]
+            a = load(path, events)
+            if a is not None:
+                return path, a
+        raise RuntimeError(f"{self.MAX_TRIES} unreadable files in a row in {self.report.folder!r}")
+
+
+class FolderBackgrounds(_Folder):
+    """The user's photos; ``<stem>.txt`` beside an image is its description."""
+
+    def sample(self, rng, h, w, events):
+        path, a = self._pick(rng, events, lambda p, ev: images.load_rgb(
+            p, ev, self.min_side, draft_hw=(h, w)))
+        desc = images.sidecar_caption(path) or "a natural photograph"
+        return random_view(a, rng, h, w), desc
+
+
+_FG_DEFAULT_DESC = {
+    "xray": "an X-ray image of a prohibited item", "glassware": "a transparent glass object",
+    "watermark": "a semi-transparent watermark", "cell": "semi-transparent cells",
+    "occlusion": "a translucent occlusion layer on a window", "flare": "a lens flare",
+}
+_FULL_FRAME = ("occlusion", "flare")
+
+
+class FolderForegrounds(_Folder):
+    """Real RGBA layers for one task, placed like the procedural ones.
+
+    Full-frame tasks (occlusion, flare) take a random view covering the
+    image; object tasks scale the layer into the image at a random place
+    (watermarks to the appendix's 96-128 px at 512, opacity 0.12-0.25).
+    """
+
+    def __init__(self, folder: str, task: str, min_side: int = 16):
+        super().__init__(folder, min_side)
+        self.task = task
+
+    def sample(self, rng, h, w, events):
+        emission = self.task in ("flare", "cell")
+        path, a = self._pick(rng, events, lambda p, ev: images.load_rgba(p, ev, self.min_side, emission))
+        desc = images.sidecar_caption(path) or _FG_DEFAULT_DESC[self.task]
+        if self.task in _FULL_FRAME:
+            return random_view(a, rng, h, w, jitter=False, min_scale=0.6), desc
+        s = min(h, w) / 512.0
+        ah, aw = a.shape[:2]
+        if self.task == "watermark":
+            side = rng.uniform(96, 128) * s
+        else:
+            side = rng.uniform(0.3, 0.85) * min(h, w)
+        k = min(side / max(ah, aw), h / ah, w / aw)
+        nh, nw = max(1, int(round(ah * k))), max(1, int(round(aw * k)))
+        im = Image.fromarray(a).convert("RGBa").resize((nw, nh), Image.LANCZOS).convert("RGBA")
+        lay = np.asarray(im, np.float32) / 255.0
+        if rng.random() < 0.5 and self.task != "watermark":
+            lay = lay[:, ::-1]
+        out = np.zeros((h, w, 4), np.float32)
+        y0, x0 = int(rng.integers(0, h - nh + 1)), int(rng.integers(0, w - nw + 1))
+        out[y0:y0 + nh, x0:x0 + nw] = lay
+        if self.task == "watermark":
+            out[..., 3] *= rng.uniform(0.12, 0.25)
+        return out, desc
+
+
+def make_backgrounds(task: str, folder: str | None = None, min_side: int = 64):
+    """The default background source of a task (a user folder wins)."""
+    if folder:
+        return FolderBackgrounds(folder, min_side)
+    if task == "xray":
+        return ProceduralBackgrounds(fg_objects.xray_bag)
+    if task == "cell":
+        return ProceduralBackgrounds(fg_objects.microscopy)
+    return PackageBackgrounds()
+
+
+assert set(_FG_DEFAULT_DESC) == set(blend.TASKS)

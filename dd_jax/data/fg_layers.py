@@ -1,0 +1,266 @@
+"""Procedural foreground layers that lie over a scene: watermarks, window
+occlusions (fog, rain, dirt) and lens flares.
+
+Each generator is ``fn(rng, h, w) -> (rgba float32 [h, w, 4], description)``;
+the RGBA is straight (un-premultiplied) and is composited with the task's law
+in ``blend.py``. Sizes are given for a 512 px image and scale with
+``min(h, w) / 512``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dd_jax.data import blend, raster
+
+_SYL = ("ka", "lo", "mi", "ra", "ton", "vi", "sta", "pho", "to", "ne", "lux",
+        "gra", "fi", "zen", "mo", "ar", "cre", "dia", "po", "rix", "sol", "ve")
+_WORDS = ("SAMPLE", "PREVIEW", "PROOF", "DRAFT", "COPYRIGHT", "WATERMARK",
+          "STOCK", "PHOTO", "DO NOT COPY", "CONFIDENTIAL", "IMAGES", "STUDIO")
+
+
+def _brand(rng) -> str:
+    name = "".join(rng.choice(_SYL, size=int(rng.integers(2, 4))))
+    style = int(rng.integers(6))
+    if style == 0:
+        return name.upper()
+    if style == 1:
+        return "\u00a9 " + name.capitalize()
+    if style == 2:
+        return "@" + name
+    if style == 3:
+        return name + rng.choice([".com", " images", " photo", "stock"])
+    if style == 4:
+        return str(rng.choice(_WORDS))
+    return "\u00a9 " + name.capitalize() + " " + str(int(rng.integers(2009, 2026)))
+
+
+def _mark_colour(rng):
+    u = rng.random()
+    if u < 0.55:
+        return (1.0, 1.0, 1.0), "white"
+    if u < 0.75:
+        return (0.0, 0.0, 0.0), "black"
+    hue = rng.random()
+    rgb = np.clip(np.abs((hue * 6 + np.array([0.0, 4.0, 2.0])) % 6 - 3) - 1, 0, 1)
+    names = ("red", "yellow", "green", "cyan", "blue", "magenta")
+    return tuple(0.15 + 0.8 * rgb), names[int(round(hue * 6)) % 6]
+
+
+def _logo(canvas: raster.Canvas, rng, cx, cy, size, font_rng) -> None:
+    """A badge: circle / ring / rounded square / hexagon / star with initials."""
+    r = size / 2
+    shape = int(rng.integers(5))
+    if shape == 0:
+        canvas.ellipse(cx, cy, r, r)
+    elif shape == 1:
+        canvas.ellipse(cx, cy, r, r, width=max(2, r * 0.14))
+    elif shape == 2:
+        canvas.draw.rounded_rectangle(
+            canvas._p([(cx - r, cy - r), (cx + r, cy + r)]),  # pylint: disable=protected-access
+            radius=int(r * 0.35 * canvas.ss), fill=255)
+    else:
+        k = 6 if shape == 3 else 5
+        t = np.arange(2 * k if shape == 4 else k) * np.pi / (k if shape == 4 else k / 2)
+        rr = np.where(np.arange(t.size) % 2, r * 0.45, r) if shape == 4 else np.full(t.size, r)
+        canvas.polygon(list(zip(cx + rr * np.sin(t), cy - rr * np.cos(t))))
+    letters = "".join(rng.choice(list("ABCDEFGHKLMNPRSTVWXZ"), size=int(rng.integers(1, 3))))
+    fill = 1.0 if shape == 1 else 0.0  # knock the letters out of filled badges
+    canvas.text((cx, cy), letters, raster.random_font(font_rng, r * 0.9), value=fill)
+
+
+def watermark(rng: np.random.Generator, h: int, w: int):
+    """A large (96-128 px at 512) mark at low opacity (< 0.25), appendix A."""
+    s = min(h, w) / 512.0
+    size = rng.uniform(96, 128) * s
+    opacity = rng.uniform(0.12, 0.25)
+    colour, cname = _mark_colour(rng)
+    kind = rng.choice(["text", "logo", "logo+text", "tiled"], p=[0.4, 0.2, 0.25, 0.15])
+    canvas = raster.Canvas(h, w)
+    text = _brand(rng)
+    cx, cy = w * rng.uniform(0.3, 0.7), h * rng.uniform(0.3, 0.7)
+    if kind == "text":
+        font = raster.random_font(rng, size * rng.uniform(0.55, 0.8))
+        tw = font.getlength(text) / max(1.0, 0.92 * w)
+        if tw > 1:  # keep the text inside the image
+            font = raster.Font(font.path, font.size / tw)
+        half = min(font.getlength(text) / 2, w / 2)
+        cx = rng.uniform(half + 0.04 * w, max(half + 0.04 * w, w - half - 0.04 * w))
+        canvas.text((cx, cy), text, font, stroke=max(0, int(rng.integers(-1, 3)) * s))
+    elif kind == "logo":
+        _logo(canvas, rng, cx, cy, size, rng)
+    elif kind == "logo+text":
+        font = raster.random_font(rng, size * 0.45)
+        tl = min(font.getlength(text), 0.9 * w - size)
+        x0 = w / 2 - (size + tl) / 2
+        _logo(canvas, rng, x0 + size / 2, cy, size, rng)
+        canvas.text((x0 + size * 1.1, cy), text, font, anchor="lm")
+    else:  # tiled: a diagonal grid of the same text, as on stock photos
+        font = raster.random_font(rng, size * 0.4)
+        step_x = font.getlength(text) + size * 0.8
+        for j, y in enumerate(np.arange(-h * 0.5, h * 1.5, size * 1.6)):
+            for x in np.arange(-w * 0.5 + (j % 2) * step_x / 2, w * 1.5, step_x):
+                canvas.text((x, y), text, font)
+    mask = canvas.mask()
+    angle = rng.uniform(-35, 35) if (kind == "tiled" or rng.random() < 0.35) else 0.0
+    if angle:
+        mask = raster.rotate(mask, angle, center=(cx, cy) if kind != "tiled" else None)
+    layers = []
+    if rng.random() < 0.3:  # soft drop shadow, as many marks have
+        dark = np.asarray(colour).mean() > 0.5
+        sh = raster.blur(np.roll(mask, (int(2 * s) + 1,) * 2, (0, 1)), 2.0 * s)
+        layers.append(raster.layer(0.6 * sh, (0.0,) * 3 if dark else (1.0,) * 3))
+    layers.append(raster.layer(mask, colour))
+    rgba = raster.stack(layers) if len(layers) > 1 else layers[0]
+    rgba[..., 3] *= opacity
+    what = {"text": f'text watermark "{text}"', "logo": "logo watermark",
+            "logo+text": f'logo and text watermark "{text}"',
+            "tiled": f'repeated text watermark "{text}"'}[kind]
+    return rgba, f"a semi-transparent {cname} {what}"
+
+
+# ---------------------------------------------------------------- occlusion
+def _fog(rng, h, w, s):
+    dens = raster.smooth_noise(rng, h, w, rng.uniform(120, 400) * s, octaves=4)
+    grad = np.linspace(*(rng.uniform(0.5, 1.0, 2)), h, dtype=np.float32)[:, None]
+    alpha = rng.uniform(0.2, 0.55) * (0.45 + 0.55 * dens) * grad
+    tint = np.array([0.86, 0.88, 0.92]) + rng.uniform(-0.06, 0.06, 3)
+    return raster.layer(alpha, np.clip(tint, 0, 1)), "fog"
+
+
+def _drops(rng, h, w, s):
+    body, rim, spec = raster.Canvas(h, w), raster.Canvas(h, w), raster.Canvas(h, w)
+    n = int(rng.uniform(80, 500) * (h * w) / 512**2)
+    rmax = rng.uniform(4, 12) * s
+    for _ in range(n):
+        r = float(np.exp(rng.uniform(np.log(1.2 * s), np.log(rmax))))
+        x, y = rng.uniform(0, w), rng.uniform(0, h)
+        ry = r * rng.uniform(1.0, 1.4)
+        body.ellipse(x, y, r, ry)
+        rim.ellipse(x, y, r, ry, width=max(1.0, r * 0.3))
+        spec.ellipse(x - 0.35 * r, y - 0.4 * ry, 0.25 * r, 0.25 * r)
+        if r > 0.6 * rmax and rng.random() < 0.3:  # a drop running down leaves a trail
+            ln = rng.uniform(10, 80) * s
+            pts = [(x + rng.normal(0, 0.3 * r), y - t) for t in np.linspace(0, ln, 6)]
+            body.line(pts, width=r * 0.6, value=0.6)
+    b, rm, sp = body.mask(), rim.mask(), spec.mask()
+    tone = rng.uniform(0.75, 0.9)
+    return raster.stack([
+        raster.layer(b * rng.uniform(0.25, 0.45), (tone, tone, min(1.0, tone + 0.05))),
+        raster.layer(rm * b * rng.uniform(0.4, 0.6), (0.08, 0.09, 0.1)),
+        raster.layer(raster.blur(sp, 0.6 * s) * 0.9, (1.0, 1.0, 1.0)),
+    ]), "raindrops"
+
+
+def _streaks(rng, h, w, s):
+    canvas = raster.Canvas(h, w, ss=1)
+    n = int(rng.uniform(150, 600) * (h * w) / 512**2)
+    ang = rng.uniform(-0.35, 0.35)
+    for _ in range(n):
+        ln = rng.uniform(15, 60) * s
+        x, y = rng.uniform(-0.1 * w, 1.1 * w), rng.uniform(-0.1 * h, 1.1 * h)
+        canvas.line([(x, y), (x + ln * np.sin(ang), y + ln * np.cos(ang))],
+                    width=max(1.0, rng.uniform(0.8, 2.0) * s), value=rng.uniform(0.4, 1.0))
+    m = raster.blur(canvas.mask(), 0.7 * s)
+    return raster.layer(m * rng.uniform(0.3, 0.6), (0.92, 0.94, 0.97)), "rain streaks"
+
+
+def _dirt(rng, h, w, s):
+    smudge = raster.smooth_noise(rng, h, w, rng.uniform(60, 200) * s, octaves=5)
+    smudge = np.clip((smudge - rng.uniform(0.45, 0.65)) * 2.5, 0, 1)
+    specks = raster.Canvas(h, w)
+    for _ in range(int(rng.uniform(40, 250) * (h * w) / 512**2)):
+        r = float(np.exp(rng.uniform(np.log(0.8 * s), np.log(6 * s))))
+        pts = raster.wobbly_ellipse(rng, rng.uniform(0, w), rng.uniform(0, h), r, r, wobble=0.5, n=12)
+        specks.polygon(pts, value=rng.uniform(0.5, 1.0))
+    alpha = np.maximum(smudge * rng.uniform(0.25, 0.5), specks.mask() * rng.uniform(0.6, 0.9))
+    colour = np.array([0.36, 0.3, 0.22]) * rng.uniform(0.6, 1.3)
+    return raster.layer(alpha, np.clip(colour, 0, 1)), "dirt"
+
+
+def _frost(rng, h, w, s):
+    fine = raster.smooth_noise(rng, h, w, 6 * s, octaves=2)
+    patch = raster.smooth_noise(rng, h, w, 200 * s, octaves=2)
+    alpha = np.clip(patch * 1.6 - 0.5, 0, 1) * (0.5 + 0.5 * fine) * rng.uniform(0.3, 0.6)
+    return raster.layer(alpha, (0.93, 0.95, 0.98)), "condensation"
+
+
+_OCCLUDERS = (_fog, _drops, _streaks, _dirt, _frost)
+
+
+def occlusion(rng: np.random.Generator, h: int, w: int):
+    """A full-image translucent window layer: fog, rain, dirt, condensation."""
+    s = min(h, w) / 512.0
+    k = int(rng.choice([1, 2, 3], p=[0.35, 0.45, 0.2]))
+    picks = sorted(rng.choice(len(_OCCLUDERS), size=k, replace=False))
+    parts = [_OCCLUDERS[i](rng, h, w, s) for i in picks]
+    rgba = raster.stack([p[0] for p in parts])
+    names = [p[1] for p in parts]
+    desc = names[0] if k == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return rgba, f"translucent {desc} on a window"
+
+
+# ---------------------------------------------------------------- flare
+def flare(rng: np.random.Generator, h: int, w: int):
+    """A lens flare in linear light: core and glow, starburst streaks, a halo
+    ring, ghosts along the line through the image centre, and sometimes an
+    anamorphic streak. Returned as RGBA with alpha A == the flare on black."""
+    s = min(h, w) / 512.0
+    sx, sy = rng.uniform(-0.1, 1.1) * w, rng.uniform(-0.1, 0.8) * h
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    dx, dy = xx - sx, yy - sy
+    r = np.sqrt(dx * dx + dy * dy) + 1e-3
+    temp = rng.choice(3)
+    tint = np.array([(1.0, 0.82, 0.58), (1.0, 0.97, 0.92), (0.72, 0.85, 1.0)][temp], np.float32)
+    tint = np.clip(tint + rng.uniform(-0.05, 0.05, 3), 0, 1)
+    gain = rng.uniform(0.6, 1.3)
+    r0, r1 = rng.uniform(6, 18) * s, rng.uniform(40, 140) * s
+    lum = 1.5 * np.exp(-(r / r0) ** 2) + rng.uniform(0.25, 0.6) / (1 + (r / r1) ** 2) ** 1.3
+    light = lum[..., None] * tint
+    # starburst: thin rays fading with the distance, looked up from angular
+    # tables (one intensity and one length per angle bin) -- cheap at any size
+    theta = np.arctan2(dy, dx)
+    nbins = 4096
+    ang = np.linspace(-np.pi, np.pi, nbins, endpoint=False, dtype=np.float32)
+    amp, num, den = np.zeros(nbins, np.float32), np.zeros(nbins, np.float32), np.full(nbins, 1e-6, np.float32)
+    nr = int(rng.integers(8, 40))
+    base, regular = rng.uniform(0, np.pi), rng.random() < 0.4
+    for k in range(nr):
+        th = base + (k * 2 * np.pi / nr if regular else rng.uniform(0, 2 * np.pi))
+        d = (ang - th + np.pi) % (2 * np.pi) - np.pi
+        g = rng.uniform(0.2, 1.0) * np.exp(-(d / rng.uniform(0.004, 0.02)) ** 2)
+        amp += g
+        num += g * rng.uniform(25, 160) * s
+        den += g
+    idx = ((theta + np.pi) * (nbins / (2 * np.pi))).astype(np.int32) % nbins
+    length = np.maximum(num / den, 1.0)
+    rays = np.minimum(amp, 1.0)[idx] * np.exp(-r / length[idx]) / (1.0 + r / (40 * s))
+    light += 0.8 * raster.blur(rays, 0.6 * s)[..., None] * tint
+    # halo ring with a slight chromatic spread
+    if rng.random() < 0.6:
+        rh, wh = rng.uniform(80, 220) * s, rng.uniform(4, 14) * s
+        for c, off in enumerate((1.03, 1.0, 0.97)):
+            light[..., c] += rng.uniform(0.04, 0.1) * np.exp(-((r - rh * off) / wh) ** 2)
+    # ghosts: reflections between lens elements, on the line through the centre
+    cxm, cym = w / 2, h / 2
+    for _ in range(int(rng.integers(2, 8))):
+        t = rng.uniform(0.4, 2.2)
+        gx, gy = sx + t * (cxm - sx), sy + t * (cym - sy)
+        gr = rng.uniform(8, 60) * s
+        if rng.random() < 0.4:  # hexagonal aperture ghost
+            pts = raster.wobbly_ellipse(rng, gx, gy, gr, gr, wobble=0.0, n=6)
+            disc = raster.blur(raster.Canvas(h, w).polygon(pts).mask(), rng.uniform(1, 4) * s)
+        else:
+            rg = np.sqrt((xx - gx) ** 2 + (yy - gy) ** 2) / gr
+            disc = 1.0 / (1.0 + np.exp(np.minimum((rg - 1.0) * rng.uniform(8, 30), 50.0)))
+            if rng.random() < 0.4:
+                disc = disc * (0.4 + 0.6 * rg.clip(0, 1) ** 4)  # brighter rim
+        gcol = np.clip(tint * rng.uniform(0.3, 1.0, 3), 0, 1)
+        light += rng.uniform(0.02, 0.1) * disc[..., None] * gcol
+    if rng.random() < 0.3:  # anamorphic horizontal streak
+        streak = np.exp(-(dy / (rng.uniform(1.5, 4) * s)) ** 2) * np.exp(-np.abs(dx) / (rng.uniform(0.2, 0.6) * w))
+        light += rng.uniform(0.3, 0.7) * streak[..., None] * np.array([0.55, 0.7, 1.0], np.float32)
+    display = blend.from_linear(np.clip(light * gain, 0, 1))
+    display = np.where(display < 1.5 / 255, 0.0, display).astype(np.float32)  # keep the black black
+    colour = ("warm", "white", "blue")[temp]
+    return blend.emission_to_rgba(display), f"a {colour} lens flare with glow, streaks and ghosts"
