@@ -96,7 +96,8 @@ def _conv_units():
     """Yield (our prefix, TF-graph prefix) of every BasicConv2d."""
     for ours, tf, kind in BLOCKS:
         for branch, tf_branch in BRANCHES[kind].items():
-            yield ".".join(p for p in (ours, branch) if p), ".".join(p for p in (tf, tf_branch) if p)
+            yield (".".join(p for p in (ours, branch) if p),
+                   ".".join(p for p in (tf, tf_branch) if p))
 
 
 def _take(sd: Mapping, key: str):
