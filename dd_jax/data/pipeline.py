@@ -1,0 +1,258 @@
+"""The Grain input pipeline over built AlphaBlend / LOGO datasets.
+
+``make_pipeline(...)`` returns a ``grain.IterDataset``; ``iter(ds)`` gives a
+``grain.DatasetIterator`` whose ``get_state()`` / ``set_state()`` checkpoint
+it exactly (a restored iterator yields the batches an uninterrupted one
+would). Each element goes through: random-access read (``tfds`` data source,
+PNG decode) -> crop / resize to (height, width) -> foreground target
+rendering -> scale to [-1, 1]. Batches are dicts of numpy arrays, NHWC:
+
+  composite   float32 [B, H, W, 3] in [-1, 1]
+  background  float32 [B, H, W, 3] in [-1, 1]
+  foreground  float32 [B, H, W, 3] in [-1, 1]: ``blend.foreground_alone``,
+              a 3-channel rendering for every task (the autoencoder's input);
+              ``blend.recompose`` maps (foreground, background) back to the
+              composite (with the alpha below for glassware / watermark /
+              occlusion)
+  foreground_rgba  float32 [B, H, W, 4] in [-1, 1] (only with include_rgba)
+  caption     str  [B]     the paper's prompt
+  task        int32 [B]    index into ``blend.TASKS`` (the blend law)
+  task_name   str  [B]     ``blend.TASKS[task]``
+  dataset     str  [B]     e.g. 'alphablend/xray', 'logo/high'
+  key         int64 [B]    the record's index in the (unsharded) mixture
+
+Determinism: a batch depends only on (datasets, seed, batch_size, shard,
+worker_count). Sharding slices records before shuffling: shard i of n gets
+records i, i+n, ... of the mixture, so shards are disjoint and cover it.
+Several tasks are mixed either in proportion to their sizes (default: one
+global shuffle, exact epochs) or with ``weights`` (infinite sampling).
+Resizing, when the stored size differs, resamples the three stored images
+independently (the composite stays the stored one); at the build size the
+triple is exactly the stored one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+from dd_jax.data import blend
+
+
+# ----------------------------------------------------------------- sources
+def _versions(path: str) -> list[str]:
+    if not os.path.isdir(path):
+        return []
+    out = [os.path.join(path, v) for v in os.listdir(path)
+           if os.path.isfile(os.path.join(path, v, "dataset_info.json"))]
+    return sorted(out, key=lambda p: [int(x) if x.isdigit() else x for x in os.path.basename(p).split(".")])
+
+
+def find_dataset_dir(data_dir: str, task: str) -> tuple[str, str]:
+    """(version directory, dataset name) of ``task`` under a build ``--out`` dir.
+
+    ``task`` is a subtask name, ``logo`` (any LOGO config) or ``logo/<config>``;
+    ``data_dir`` may also be a version directory itself.
+    """
+    if os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
+        parts = os.path.normpath(data_dir).split(os.sep)
+        return data_dir, "/".join(parts[-3:-1])
+    if task.startswith("logo"):
+        configs = [task.split("/", 1)[1]] if "/" in task else sorted(os.listdir(os.path.join(data_dir, "logo"))) \
+            if os.path.isdir(os.path.join(data_dir, "logo")) else []
+        for cfg in configs:
+            found = _versions(os.path.join(data_dir, "logo", cfg))
+            if found:
+                return found[-1], f"logo/{cfg}"
+    else:
+        found = _versions(os.path.join(data_dir, "alphablend", task))
+        if found:
+            return found[-1], f"alphablend/{task}"
+    raise FileNotFoundError(f"no complete dataset for {task!r} under {data_dir!r}")
+
+
+def open_source(data_dir: str, task: str, split: str):
+    """A random-access ``tfds`` data source and its dataset name."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    path, name = find_dataset_dir(data_dir, task)
+    return tfds.builder_from_directory(path).as_data_source(split=split), name
+
+
+class MultiSource:
+    """Random access over several sources, one after the other (picklable)."""
+
+    def __init__(self, sources: Sequence, names: Sequence[str]):
+        self.sources, self.names = list(sources), list(names)
+        self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        k = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        rec = dict(self.sources[k][index - int(self.offsets[k])])
+        rec["dataset"] = self.names[k]
+        rec["key"] = index
+        return rec
+
+    def __repr__(self) -> str:
+        return f"MultiSource({self.names}, n={len(self)})"
+
+
+# ----------------------------------------------------------------- transform
+def _fit(img: np.ndarray, h: int, w: int, y0f: float, x0f: float) -> np.ndarray:
+    """Resize to cover (h, w) keeping the aspect, then crop at fractional offsets."""
+    ih, iw = img.shape[:2]
+    if (ih, iw) != (h, w):
+        scale = max(h / ih, w / iw)
+        nh, nw = max(h, int(np.ceil(ih * scale - 1e-6))), max(w, int(np.ceil(iw * scale - 1e-6)))
+        if (nh, nw) != (ih, iw):
+            im = Image.fromarray(img)
+            if img.shape[-1] == 4:
+                im = im.convert("RGBa")
+            im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
+            img = np.asarray(im.convert("RGBA") if img.shape[-1] == 4 else im)
+        y0 = int(round(y0f * (img.shape[0] - h)))
+        x0 = int(round(x0f * (img.shape[1] - w)))
+        img = img[y0:y0 + h, x0:x0 + w]
+    return img
+
+
+class Prepare(grain.transforms.RandomMap):
+    """Decoded record -> training example (crop / resize, targets, [-1, 1])."""
+
+    def __init__(self, height: int, width: int, random_crop: bool, include_rgba: bool = False):
+        self.height, self.width = int(height), int(width)
+        self.random_crop, self.include_rgba = bool(random_crop), bool(include_rgba)
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        h, w = self.height, self.width
+        y0f, x0f = (rng.random(), rng.random()) if self.random_crop else (0.5, 0.5)
+        comp = _fit(np.asarray(element["composite"]), h, w, y0f, x0f)
+        bg = _fit(np.asarray(element["background"]), h, w, y0f, x0f)
+        fg = _fit(np.asarray(element["foreground"]), h, w, y0f, x0f)
+        task = int(element["task"])
+        name = blend.TASKS[task]
+        inv = np.float32(2.0 / 255.0)
+        fg01 = fg.astype(np.float32) / 255.0
+        out = {
+            "composite": comp.astype(np.float32) * inv - 1.0,
+            "background": bg.astype(np.float32) * inv - 1.0,
+            "foreground": blend.foreground_alone(name, fg01) * 2.0 - 1.0,
+            "caption": _text(element["caption"]),
+            "task": np.int32(task),
+            "task_name": name,
+            "dataset": element.get("dataset", ""),
+            "key": np.int64(element.get("key", -1)),
+        }
+        if self.include_rgba:
+            out["foreground_rgba"] = fg01 * 2.0 - 1.0
+        return out
+
+
+def _text(x) -> str:
+    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+class _Tag(grain.transforms.MapWithIndex):
+    """Names the record of a per-task source (weighted mixtures): dataset
+    name and the key the record has in the size-proportional mixture."""
+
+    def __init__(self, name: str, offset: int, shard_index: int, shard_count: int):
+        self.name, self.offset = name, int(offset)
+        self.shard_index, self.shard_count = int(shard_index), int(shard_count)
+
+    def map_with_index(self, index: int, element: dict) -> dict:
+        element = dict(element)
+        element["dataset"] = self.name
+        element["key"] = self.offset + self.shard_index + int(index) * self.shard_count
+        return element
+
+
+# ----------------------------------------------------------------- pipeline
+def resolve_tasks(data_dir: str, tasks) -> list[str]:
+    if isinstance(tasks, str):
+        if tasks == "all":
+            return [t for t in blend.TASKS if os.path.isdir(os.path.join(data_dir, "alphablend", t))]
+        return [tasks]
+    return list(tasks)
+
+
+def make_pipeline(data_dir: str, tasks, split: str = "train", height: int = 512, width: int = 512,
+                  batch_size: int = 1, seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
+                  worker_count: int = 0, shard_index: int | None = None, shard_count: int | None = None,
+                  weights: Sequence[float] | None = None, drop_remainder: bool | None = None,
+                  random_crop: bool | None = None, include_rgba: bool = False, read_threads: int = 2,
+                  prefetch_buffer_size: int = 16, worker_buffer_size: int = 2) -> grain.IterDataset:
+    """The training / evaluation input pipeline (see the module docstring).
+
+    Args:
+      data_dir: the ``--out`` directory of ``dd_jax.data.build`` (or a version dir).
+      tasks: a subtask name, ``logo`` / ``logo/<config>``, a list of them, or ``all``.
+      split: ``train`` or ``test``.
+      height, width: output size, multiples of 16 (e.g. 512x512, 512x1024).
+      batch_size: per-process batch size.
+      seed: shuffling / cropping seed.
+      shuffle: shuffle records (a fresh permutation per epoch).
+      num_epochs: ``None`` repeats forever.
+      worker_count: Grain worker processes (0: in-process).
+      shard_index, shard_count: this process' shard (default: JAX process index / count).
+      weights: mixing weights per task (infinite sampling); default: mix by size.
+      drop_remainder: drop a last partial batch (default: when repeating forever).
+      random_crop: random (train) or centred crops when resizing (default: ``shuffle``).
+      include_rgba: also yield ``foreground_rgba``.
+      read_threads, prefetch_buffer_size: Grain read threads / element buffer
+        (per process; keep them small on small machines).
+      worker_buffer_size: batches buffered per worker process.
+    """
+    if height % 16 or width % 16:
+        raise ValueError(f"height and width must be multiples of 16, got {height}x{width}")
+    tasks = resolve_tasks(data_dir, tasks)
+    if not tasks:
+        raise ValueError(f"no tasks found under {data_dir!r}")
+    if shard_index is None or shard_count is None:
+        import jax  # pylint: disable=g-import-not-at-top
+
+        shard_index, shard_count = jax.process_index(), jax.process_count()
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"bad shard {shard_index} of {shard_count}")
+    opened = [open_source(data_dir, t, split) for t in tasks]
+    shard = slice(shard_index, None, shard_count)
+    if weights is None:
+        ds = grain.MapDataset.source(MultiSource([s for s, _ in opened], [n for _, n in opened]))[shard]
+        if shuffle:
+            ds = ds.shuffle(seed=seed)
+        ds = ds.repeat(num_epochs) if num_epochs != 1 else ds
+    else:
+        if num_epochs is not None:
+            raise ValueError("weighted mixing samples forever: use num_epochs=None")
+        if len(weights) != len(opened):
+            raise ValueError("one weight per task")
+        parts, offset = [], 0
+        for k, (src, name) in enumerate(opened):
+            p = grain.MapDataset.source(src)[shard]
+            p = p.map_with_index(_Tag(name, offset, shard_index, shard_count))
+            parts.append((p.shuffle(seed=seed + 7919 * (k + 1)) if shuffle else p).repeat(None))
+            offset += len(src)
+        ds = grain.MapDataset.mix(parts, weights=list(weights))
+    random_crop = shuffle if random_crop is None else random_crop
+    ds = ds.random_map(Prepare(height, width, random_crop, include_rgba), seed=seed + 1)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                              prefetch_buffer_size=prefetch_buffer_size))
+    drop = (num_epochs is None) if drop_remainder is None else drop_remainder
+    it = it.batch(batch_size, drop_remainder=drop)
+    if worker_count > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
+                                                         per_worker_buffer_size=worker_buffer_size))
+    return it
+
+
+def to_unit(x: np.ndarray) -> np.ndarray:
+    """[-1, 1] back to [0, 1]."""
+    return (np.asarray(x) + 1.0) * 0.5
