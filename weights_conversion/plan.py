@@ -70,6 +70,20 @@ def linear_rules(target: str, shape: Shape, sources: Sequence[str], split: Seque
     }
 
 
+def _conv_kernel(ws: Sequence[np.ndarray]) -> np.ndarray:
+    """torch conv weight [O, I, kh, kw] -> flax kernel [kh, kw, I, O]."""
+    return np.ascontiguousarray(ws[0].transpose(2, 3, 1, 0))
+
+
+def conv_rules(target: str, shape: Shape, source: str, bias: bool = True) -> dict[str, Rule]:
+    """Rules for one Conv2d: `target.kernel` [kh, kw, in, out] (and `target.bias` [out]) from torch `source`."""
+    kh, kw, cin, cout = shape
+    rules = {f"{target}.kernel": Rule((f"{source}.weight",), ((cout, cin, kh, kw),), _conv_kernel)}
+    if bias:
+        rules[f"{target}.bias"] = Rule((f"{source}.bias",), ((cout,),), _concat)
+    return rules
+
+
 def copy_rule(source: str, shape: Shape) -> Rule:
     return Rule((source,), (tuple(shape),), _concat)
 
@@ -99,16 +113,17 @@ def check(plan: Mapping[str, Rule], reader: SafetensorsReader, ignore: Iterable[
 
 
 def stream(plan: Mapping[str, Rule], reader: SafetensorsReader, writer: store.GroupedWriter, dtype,
-           group_fn: Callable[[str], str] = store.default_group, progress: bool = True) -> None:
-    """Converts group by group: at most one group's arrays are alive at a time."""
+           group_fn: Callable[[str], str] = store.module_group, progress: bool = True) -> None:
+    """Converts group by group (by default one module each): one group's arrays are alive at a time."""
     groups: dict[str, list[str]] = {}
     for target in plan:
         groups.setdefault(group_fn(target), []).append(target)
     dtype = np.dtype(dtype)
-    t0 = time.time()
-    for i, (group, targets) in enumerate(groups.items()):
+    t0, done_bytes = time.time(), 0
+    names = list(groups)
+    for i, group in enumerate(names):
         arrays = {}
-        for target in targets:
+        for target in groups[group]:
             rule = plan[target]
             parts = [reader.read(s) for s in rule.sources]
             # Cast before combining when that shrinks the data (e.g. float32 -> bfloat16).
@@ -117,8 +132,10 @@ def stream(plan: Mapping[str, Rule], reader: SafetensorsReader, writer: store.Gr
             arrays[target] = rule.fn(parts).astype(dtype, copy=False)
             del parts
         writer.write_group(group, arrays)
-        if progress:
-            mb = sum(a.nbytes for a in arrays.values()) / 2**20
-            print(f"  [{i + 1}/{len(groups)}] {group}: {len(arrays)} arrays, {mb:.1f} MiB "
-                  f"({time.time() - t0:.1f}s)", file=sys.stderr, flush=True)
+        done_bytes += sum(a.nbytes for a in arrays.values())
         del arrays
+        # one progress line per block (or top-level module), not per group
+        last_of_block = i + 1 == len(names) or store.default_group(names[i + 1]) != store.default_group(group)
+        if progress and last_of_block:
+            print(f"  [{i + 1}/{len(names)}] {store.default_group(group)}: {done_bytes / 2**30:.2f} GiB written "
+                  f"({time.time() - t0:.1f}s)", file=sys.stderr, flush=True)

@@ -18,6 +18,8 @@ Parameter paths are strings joined with '.', as in the model's NNX state
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import shutil
@@ -68,6 +70,24 @@ def default_group(path: str) -> str:
     return parts[0]
 
 
+def module_group(path: str) -> str:
+    """One group per module: `double_blocks.3.img_attn.qkv.kernel` -> `double_blocks.3.img_attn.qkv`.
+
+    The converters' grouping: a group is then at most one fused Linear, so
+    conversion memory follows the largest tensor.
+    """
+    return path.rsplit(".", 1)[0] if "." in path else path
+
+
+def release_memory() -> None:
+    """Hands freed heap pages back to the OS (glibc keeps them per thread arena otherwise)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 class GroupedWriter:
     """Writes a model folder group by group; `commit()` makes it appear at `out_dir`.
 
@@ -92,6 +112,7 @@ class GroupedWriter:
         self._ckptr.save(os.path.join(self.tmp_dir, "groups", group), _nest(flat))
         self._ckptr.wait_until_finished()
         self.meta["groups"].append(group)
+        release_memory()
 
     def commit(self) -> str:
         with open(os.path.join(self.tmp_dir, META_FILE), "w") as f:
