@@ -1,13 +1,20 @@
 """Checkpoint conversion entry point (`scripts/convert_flux.py`).
 
     python scripts/convert_flux.py --source SRC --output OUT [--dtype float32|bfloat16]
+                                   [--components transformer,vae,t5,clip]
 
-SRC is a BFL single-file checkpoint (`flux1-dev.safetensors`), a diffusers
-`transformer/` folder (config.json + safetensors, sharded or not) or a
-diffusers pipeline folder holding one. OUT becomes a dd_jax model folder
-(`dd_jax.models.flux.load(OUT)`). The checkpoint's names and shapes are
-checked against the model before any data is read; data is then streamed
-group by group into a temporary folder that is renamed to OUT at the end.
+SRC is a diffusers Flux pipeline folder (`model_index.json`, `transformer/`,
+`vae/`, `text_encoder/`, `text_encoder_2/`, `tokenizer/`, `tokenizer_2/`):
+OUT then receives one dd_jax model folder per component, `OUT/transformer`,
+`OUT/vae`, `OUT/t5`, `OUT/clip` (each text encoder with its tokenizer), all
+the pipeline holds unless `--components` names fewer. SRC can also be a
+single component: a BFL single-file transformer (`flux1-dev.safetensors`), a
+diffusers `transformer/` folder (the default component), or, with
+`--components vae|t5|clip`, an autoencoder, T5 or CLIP folder (or BFL's
+`ae.safetensors`); OUT is then that component's folder. Checkpoint names
+and shapes are checked against the models before any data is read; data is
+then streamed group by group into a temporary folder that is renamed to its
+final name at the end.
 """
 
 from __future__ import annotations
@@ -54,19 +61,38 @@ def convert_transformer(source: str, output: str, dtype: str | None = None, *, o
 
 
 def main(argv=None) -> int:
+    from weights_conversion import pipeline
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--source", required=True, help="BFL .safetensors file, diffusers transformer/ or pipeline folder")
+    ap.add_argument("--source", required=True,
+                    help="diffusers pipeline folder, or one component: BFL .safetensors file or diffusers folder")
     ap.add_argument("--output", required=True, help="output folder (must not exist unless --overwrite)")
+    ap.add_argument("--components", default=None,
+                    help="comma-separated subset of transformer,vae,t5,clip (default: all a pipeline folder holds; "
+                         "transformer for a single checkpoint)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="parameter dtype (default: the source's)")
     ap.add_argument("--axes-dim", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
                     help="RoPE axes dims, e.g. 16,56,56 (BFL files do not store them; default inferred)")
     ap.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    try:
+        components = pipeline.parse_components(args.components)
+    except ValueError as e:
+        ap.error(str(e))
+    if not pipeline.is_pipeline(args.source) and components and len(components) != 1:
+        ap.error(f"{args.source} is a single checkpoint: --components takes one name here")
     t0 = time.time()
     try:
-        out = convert_transformer(args.source, args.output, args.dtype, overwrite=args.overwrite,
-                                  axes_dim=args.axes_dim, progress=not args.quiet)
+        if pipeline.is_pipeline(args.source):
+            outs = pipeline.convert_pipeline(args.source, args.output, components, args.dtype,
+                                             overwrite=args.overwrite, axes_dim=args.axes_dim,
+                                             progress=not args.quiet)
+            out = ", ".join(outs.values())
+        else:
+            out = pipeline.convert_component((components or ["transformer"])[0], args.source, args.output, args.dtype,
+                                             overwrite=args.overwrite, axes_dim=args.axes_dim,
+                                             progress=not args.quiet)
     except (CheckpointError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
