@@ -36,8 +36,9 @@ model's autoencoder sees for the foreground layer):
 * ``xray``      the item scanned in an empty tray: the law over white (1).
 * ``cell``      the cells on a black field: ``alpha A``.
 * ``flare``     the flare on black: ``alpha A``.
-* ``occlusion`` the window layer in front of a black scene: ``alpha A``.
 * ``watermark`` the mark alpha-over a neutral 50% grey.
+* ``occlusion`` the window layer (fog, drops, dirt) alpha-over a neutral 50%
+                grey: bright fog and dark dirt both show.
 * ``glassware`` the glass alpha-over a neutral 50% grey (this shows both the
                 dark edges and the highlights; the law itself on any uniform
                 backdrop hides one of the two).
@@ -64,7 +65,7 @@ ALONE_BACKDROP = {
     "glassware": 0.5,
     "watermark": 0.5,
     "cell": 0.0,
-    "occlusion": 0.0,
+    "occlusion": 0.5,
     "flare": 0.0,
 }
 RECOMPOSE_NEEDS_ALPHA = frozenset({"glassware", "watermark", "occlusion"})
@@ -160,9 +161,9 @@ def foreground_alone(task: str, foreground_rgba):
     a, alpha = split_rgba(foreground_rgba)
     if task == "xray":
         return (1.0 - alpha) + alpha * a  # == xray_law(a, alpha, 1)
-    if task in ("cell", "flare", "occlusion"):
+    if task in ("cell", "flare"):
         return alpha * a
-    return alpha_over(a, alpha, ALONE_BACKDROP[task])  # glassware, watermark
+    return alpha_over(a, alpha, ALONE_BACKDROP[task])  # glassware, watermark, occlusion
 
 
 def recompose(task: str, foreground_render, background, alpha=None):
@@ -183,10 +184,8 @@ def recompose(task: str, foreground_render, background, alpha=None):
     if alpha is None:
         raise ValueError(f"recomposing {task!r} needs the foreground alpha")
     xp = _xp(f, background, alpha)
-    if task == "occlusion":
-        return xp.clip((1.0 - alpha) * background + f, 0.0, 1.0)
     premult = xp.clip(f - (1.0 - alpha) * ALONE_BACKDROP[task], 0.0, 1.0)
-    if task == "watermark":
+    if task in ("watermark", "occlusion"):
         return (1.0 - alpha) * background + premult
     # glassware: multiply branch b (1 - alpha + alpha A), screen 1-(1-b)(1-alpha A)
     mult = background * (1.0 - alpha + premult)
@@ -201,7 +200,7 @@ def rgba_from_alone(task: str, foreground_render, alpha):
     f = foreground_render
     if task == "xray":
         premult = f - (1.0 - alpha)  # alpha A
-    elif task in ("cell", "flare", "occlusion"):
+    elif task in ("cell", "flare"):
         premult = f
     else:
         premult = f - (1.0 - alpha) * ALONE_BACKDROP[task]

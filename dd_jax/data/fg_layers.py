@@ -129,26 +129,30 @@ def _fog(rng, h, w, s):
 
 
 def _drops(rng, h, w, s):
-    body, rim, spec = raster.Canvas(h, w), raster.Canvas(h, w), raster.Canvas(h, w)
-    n = int(rng.uniform(80, 500) * (h * w) / 512**2)
-    rmax = rng.uniform(4, 12) * s
+    """Raindrops on glass: each drop is a small lens showing the scene upside
+    down (dark top, bright bottom), with a dark rim and a specular spot."""
+    body, lower, rim, spec = (raster.Canvas(h, w) for _ in range(4))
+    n = int(rng.uniform(60, 400) * (h * w) / 512**2)
+    rmax = rng.uniform(5, 16) * s
     for _ in range(n):
-        r = float(np.exp(rng.uniform(np.log(1.2 * s), np.log(rmax))))
+        r = float(np.exp(rng.uniform(np.log(1.5 * s), np.log(rmax))))
         x, y = rng.uniform(0, w), rng.uniform(0, h)
-        ry = r * rng.uniform(1.0, 1.4)
-        body.ellipse(x, y, r, ry)
-        rim.ellipse(x, y, r, ry, width=max(1.0, r * 0.3))
-        spec.ellipse(x - 0.35 * r, y - 0.4 * ry, 0.25 * r, 0.25 * r)
-        if r > 0.6 * rmax and rng.random() < 0.3:  # a drop running down leaves a trail
-            ln = rng.uniform(10, 80) * s
-            pts = [(x + rng.normal(0, 0.3 * r), y - t) for t in np.linspace(0, ln, 6)]
-            body.line(pts, width=r * 0.6, value=0.6)
-    b, rm, sp = body.mask(), rim.mask(), spec.mask()
-    tone = rng.uniform(0.75, 0.9)
+        ry = r * rng.uniform(1.0, 1.35)
+        pts = raster.wobbly_ellipse(rng, x, y, r, ry, wobble=0.15, n=20)
+        body.polygon(pts)
+        lower.polygon([(px, max(py, y)) for px, py in pts])
+        rim.line(pts + pts[:1], width=max(1.0, r * 0.22))
+        spec.ellipse(x - 0.35 * r, y - 0.45 * ry, 0.22 * r, 0.2 * r)
+        if r > 0.6 * rmax and rng.random() < 0.35:  # a drop running down leaves a trail
+            ln = rng.uniform(15, 90) * s
+            pts = [(x + rng.normal(0, 0.25 * r), y - t) for t in np.linspace(0, ln, 6)]
+            body.line(pts, width=r * 0.5, value=0.5)
+    b, lo = body.mask(), raster.blur(lower.mask(), 0.8 * s)
+    shade = np.clip(0.25 + 0.7 * lo, 0, 1)[..., None] * np.array([0.95, 0.97, 1.0], np.float32)
     return raster.stack([
-        raster.layer(b * rng.uniform(0.25, 0.45), (tone, tone, min(1.0, tone + 0.05))),
-        raster.layer(rm * b * rng.uniform(0.4, 0.6), (0.08, 0.09, 0.1)),
-        raster.layer(raster.blur(sp, 0.6 * s) * 0.9, (1.0, 1.0, 1.0)),
+        raster.layer(b * rng.uniform(0.35, 0.6), shade),
+        raster.layer(rim.mask() * rng.uniform(0.35, 0.6), (0.05, 0.06, 0.07)),
+        raster.layer(raster.blur(spec.mask(), 0.5 * s) * 0.9, (1.0, 1.0, 1.0)),
     ]), "raindrops"
 
 
@@ -173,7 +177,7 @@ def _dirt(rng, h, w, s):
         r = float(np.exp(rng.uniform(np.log(0.8 * s), np.log(6 * s))))
         pts = raster.wobbly_ellipse(rng, rng.uniform(0, w), rng.uniform(0, h), r, r, wobble=0.5, n=12)
         specks.polygon(pts, value=rng.uniform(0.5, 1.0))
-    alpha = np.maximum(smudge * rng.uniform(0.25, 0.5), specks.mask() * rng.uniform(0.6, 0.9))
+    alpha = np.maximum(smudge * rng.uniform(0.35, 0.65), specks.mask() * rng.uniform(0.6, 0.9))
     colour = np.array([0.36, 0.3, 0.22]) * rng.uniform(0.6, 1.3)
     return raster.layer(alpha, np.clip(colour, 0, 1)), "dirt"
 
@@ -185,18 +189,20 @@ def _frost(rng, h, w, s):
     return raster.layer(alpha, (0.93, 0.95, 0.98)), "condensation"
 
 
-_OCCLUDERS = (_fog, _drops, _streaks, _dirt, _frost)
+_OCCLUDERS = ((_fog, 0.6), (_drops, 0.5), (_streaks, 0.25), (_dirt, 0.35), (_frost, 0.25))
 
 
 def occlusion(rng: np.random.Generator, h: int, w: int):
-    """A full-image translucent window layer: fog, rain, dirt, condensation."""
+    """A full-image translucent window layer: fog, raindrops, rain, dirt,
+    condensation (each present with its own probability, at least one)."""
     s = min(h, w) / 512.0
-    k = int(rng.choice([1, 2, 3], p=[0.35, 0.45, 0.2]))
-    picks = sorted(rng.choice(len(_OCCLUDERS), size=k, replace=False))
-    parts = [_OCCLUDERS[i](rng, h, w, s) for i in picks]
+    picks = [i for i, (_, p) in enumerate(_OCCLUDERS) if rng.random() < p]
+    if not picks:
+        picks = [int(rng.integers(len(_OCCLUDERS)))]
+    parts = [_OCCLUDERS[i][0](rng, h, w, s) for i in picks]
     rgba = raster.stack([p[0] for p in parts])
     names = [p[1] for p in parts]
-    desc = names[0] if k == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    desc = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     return rgba, f"translucent {desc} on a window"
 
 

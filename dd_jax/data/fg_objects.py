@@ -46,7 +46,7 @@ def _glass(rng, h, w, kind, cx, bottom, height):
     edge = np.clip(2.0 * mask * (1.0 - raster.blur(mask, max(1.5, 0.05 * rmax))), 0, 1)
     tname = rng.choice(list(_TINTS)) if kind in ("bottle", "jar", "vase") else "clear"
     tint = np.asarray(_TINTS[tname], np.float32)
-    layers = [raster.layer(mask * rng.uniform(0.04, 0.12), tint)]
+    layers = [raster.layer(mask * rng.uniform(0.03, 0.1), tint)]
     desc = f"a transparent {'' if tname == 'clear' else tname + ' '}glass {kind}"
     if rng.random() < 0.35 and kind != "flask" or kind == "flask" and rng.random() < 0.6:
         lname = rng.choice(list(_LIQUIDS))
@@ -112,10 +112,12 @@ _ITEMS = {
               ("organic", "poly", [(0, -.07), (.38, -.07), (.38, .09), (0, .09)]),
               ("dense", "disc", .1, .01, .02), ("dense", "disc", .26, .01, .02),
               ("metal", "poly", [(.35, -.1), (.4, -.1), (.4, .12), (.35, .12)])],
-    "scissors": [("metal", "poly", [(.35, -.05), (1.0, .02), (.35, .04)]),
-                 ("metal", "poly", [(.35, .05), (1.0, -.02), (.35, -.04)]),
-                 ("mixed", "ring", .16, -.14, .16, .1, .05), ("mixed", "ring", .16, .14, .16, .1, .05),
-                 ("dense", "disc", .42, 0, .025)],
+    "scissors": [("metal", "poly", [(.42, -.035), (1.0, .01), (.42, .025)]),
+                 ("metal", "poly", [(.42, .035), (1.0, -.01), (.42, -.025)]),
+                 ("metal", "poly", [(.44, -.03), (.44, .01), (.25, -.1), (.27, -.14)]),
+                 ("metal", "poly", [(.44, .03), (.44, -.01), (.25, .1), (.27, .14)]),
+                 ("mixed", "ring", .15, -.15, .12, .08, .045), ("mixed", "ring", .15, .15, .12, .08, .045),
+                 ("dense", "disc", .43, 0, .022)],
     "wrench": [("metal", "poly", [(.12, -.05), (.88, -.05), (.88, .05), (.12, .05)]),
                ("metal", "ring", .08, 0, .09, .09, .05), ("metal", "ring", .92, 0, .08, .08, .05)],
     "cartridges": [("dense", "poly", [(0, y - .04), (.8, y - .04), (1.0, y), (.8, y + .04), (0, y + .04)])
@@ -126,9 +128,28 @@ _ITEMS = {
 }
 
 
+_ITEM_WEIGHT = {"handgun": .27, "knife": .25, "scissors": .15, "wrench": .1, "cartridges": .1, "lighter": .13}
+
+
 def _transform(pts, ox, oy, length, angle):
     c, s = np.cos(angle), np.sin(angle)
     return [(ox + length * (c * x - s * y), oy + length * (s * x + c * y)) for x, y in pts]
+
+
+def _keep_inside(parts, ox, oy, length, angle, h, w):
+    """Shifts an item's origin so that its bounding box lies in the image."""
+    pts = []
+    for part in parts:
+        if part[1] == "poly":
+            pts += part[2]
+        else:
+            cx, cy, r = part[2], part[3], part[4]
+            pts += [(cx - r, cy - r), (cx + r, cy + r), (cx - r, cy + r), (cx + r, cy - r)]
+    xy = np.array(_transform(pts, ox, oy, length, angle))
+    m = 2.0
+    dx = max(0.0, m - xy[:, 0].min()) - max(0.0, xy[:, 0].max() - (w - m))
+    dy = max(0.0, m - xy[:, 1].min()) - max(0.0, xy[:, 1].max() - (h - m))
+    return ox + dx, oy + dy
 
 
 def _draw_part(h, w, part, ox, oy, length, angle) -> np.ndarray:
@@ -147,12 +168,21 @@ def _draw_part(h, w, part, ox, oy, length, angle) -> np.ndarray:
     return canvas.mask()
 
 
-def _transmit(rng, mask, material, thick_sigma):
-    """The transmittance (1 - alpha) + alpha A of one part, thicker inside."""
+def _absorb(t, rng, mask, material, thick_sigma) -> None:
+    """Multiplies ``t`` in place by the transmittance (1 - alpha) + alpha A of
+    one part (thicker, so denser, inside); works on the part's bounding box."""
     colour, (lo, hi) = _MATERIAL[material]
-    thick = raster.blur(mask, thick_sigma)
-    alpha = mask * rng.uniform(lo, hi) * (0.6 + 0.4 * np.clip(thick * 1.6, 0, 1))
-    return 1.0 - alpha[..., None] * (1.0 - np.asarray(colour, np.float32))
+    level = rng.uniform(lo, hi)
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if rows.size == 0:
+        return
+    pad = int(3 * thick_sigma) + 2
+    y0, y1 = max(0, rows[0] - pad), min(mask.shape[0], rows[-1] + pad + 1)
+    x0, x1 = max(0, cols[0] - pad), min(mask.shape[1], cols[-1] + pad + 1)
+    m = mask[y0:y1, x0:x1]
+    thick = raster.blur(m, thick_sigma)
+    alpha = m * level * (0.6 + 0.4 * np.clip(thick * 1.6, 0, 1))
+    t[y0:y1, x0:x1] *= 1.0 - alpha[..., None] * (1.0 - np.asarray(colour, np.float32))
 
 
 def transmittance_to_rgba(t: np.ndarray) -> np.ndarray:
@@ -166,20 +196,22 @@ def xray(rng: np.random.Generator, h: int, w: int):
     """One or two contraband items in SIXray pseudo-colour, with internal density."""
     s = min(h, w)
     t = np.ones((h, w, 3), np.float32)
+    picks = rng.choice(list(_ITEMS), size=int(rng.choice([1, 2], p=[0.7, 0.3])), replace=False,
+                       p=[_ITEM_WEIGHT[k] for k in _ITEMS])
     names = []
-    for _ in range(int(rng.choice([1, 2], p=[0.7, 0.3]))):
-        name = str(rng.choice(list(_ITEMS)))
+    for name in map(str, picks):
         length = s * rng.uniform(0.3, 0.6) * (0.5 if name in ("cartridges", "lighter") else 1.0)
         angle = rng.uniform(0, 2 * np.pi)
         ox = rng.uniform(0.15, 0.85) * w - 0.5 * length * np.cos(angle)
         oy = rng.uniform(0.15, 0.85) * h - 0.5 * length * np.sin(angle)
+        ox, oy = _keep_inside(_ITEMS[name], ox, oy, length, angle, h, w)
         for part in _ITEMS[name]:
-            m = _draw_part(h, w, part, ox, oy, length, angle)
-            t = t * _transmit(rng, m, part[0], 0.02 * length)
+            _absorb(t, rng, _draw_part(h, w, part, ox, oy, length, angle), part[0], 0.02 * length)
         names.append(name)
     t = raster.blur(t, 0.5)
+    article = {"cartridges": "", "scissors": "a pair of "}
     return transmittance_to_rgba(t), "an X-ray image of " + " and ".join(
-        ("" if n == "cartridges" else "a ") + n for n in names)
+        article.get(n, "a ") + n for n in names)
 
 
 def _curve(rng, h, w, n=40):
@@ -201,10 +233,9 @@ def xray_bag(rng: np.random.Generator, h: int, w: int):
     inside = None
 
     def add(mask, material, sigma=3.0):
-        nonlocal t
         if inside is not None:
             mask = mask * inside
-        t = t * _transmit(rng, mask, material, sigma * s)
+        _absorb(t, rng, mask, material, sigma * s)
 
     m = rng.uniform(0.02, 0.08)
     box = [(w * m, h * m), (w * (1 - m), h * (1 - m))]
@@ -220,7 +251,7 @@ def xray_bag(rng: np.random.Generator, h: int, w: int):
         r = rng.uniform(70, 200) * s
         pts = raster.wobbly_ellipse(rng, rng.uniform(0.2, 0.8) * w, rng.uniform(0.2, 0.8) * h, r,
                                     r * rng.uniform(0.5, 1), rng.uniform(0, np.pi), wobble=0.5)
-        folds = raster.smooth_noise(rng, h, w, 40 * s, octaves=3)
+        folds = raster.smooth_noise(rng, h, w, rng.uniform(15, 45) * s, octaves=3)
         add(raster.Canvas(h, w).polygon(pts).mask() * (0.35 + 0.65 * folds), "organic", 8)
     for _ in range(int(rng.integers(0, 3))):  # electronics with components
         ew, eh = rng.uniform(100, 260) * s, rng.uniform(60, 160) * s
