@@ -77,6 +77,8 @@ def main(argv=None) -> int:
     p.add_argument("--backgrounds", default=None)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--split", default="test")
+    p.add_argument("--colors", type=int, default=0,
+                   help="save as a palette PNG of this many colours (small files for docs)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     for task in args.tasks.split(","):
@@ -90,7 +92,10 @@ def main(argv=None) -> int:
                 items.append((smp.composite, smp.background, smp.foreground, smp.caption))
         rows = [row(task, c, b, f) for c, b, f, _ in items]
         path = os.path.join(args.out, f"contact_{task}.png")
-        sheet(task, rows, [x[3] for x in items], items[0][0].shape[1]).save(path, optimize=True)
+        im = sheet(task, rows, [x[3] for x in items], items[0][0].shape[1])
+        if args.colors:
+            im = im.quantize(args.colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.FLOYDSTEINBERG)
+        im.save(path, optimize=True)
         with open(os.path.join(args.out, f"contact_{task}.txt"), "w", encoding="utf-8") as f:
             f.write("\n".join(x[3] for x in items) + "\n")
         print(path)
