@@ -40,7 +40,7 @@ def row(task: str, comp: np.ndarray, bg: np.ndarray, fg: np.ndarray) -> np.ndarr
     return np.concatenate([p.astype(np.float32) for p in parts], 1)
 
 
-def sheet(task: str, rows: list[np.ndarray], captions: list[str], width: int) -> Image.Image:
+def sheet(task: str, rows: list[np.ndarray], width: int) -> Image.Image:
     body = np.concatenate([np.concatenate([r, np.ones((4,) + r.shape[1:], np.float32)], 0) for r in rows], 0)
     im = Image.fromarray(raster.to_uint8(body))
     head = 22
@@ -50,7 +50,6 @@ def sheet(task: str, rows: list[np.ndarray], captions: list[str], width: int) ->
     font = raster.Font("", 13).at()
     for k, name in enumerate(COLUMNS):
         d.text((k * (width + 4) + 4, 4), f"{task}: {name}" if k == 0 else name, fill=(0, 0, 0), font=font)
-    del captions
     return out
 
 
@@ -92,7 +91,7 @@ def main(argv=None) -> int:
                 items.append((smp.composite, smp.background, smp.foreground, smp.caption))
         rows = [row(task, c, b, f) for c, b, f, _ in items]
         path = os.path.join(args.out, f"contact_{task}.png")
-        im = sheet(task, rows, [x[3] for x in items], items[0][0].shape[1])
+        im = sheet(task, rows, items[0][0].shape[1])
         if args.colors:
             im = im.quantize(args.colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.FLOYDSTEINBERG)
         im.save(path, optimize=True)

@@ -43,9 +43,8 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return epath.Path(sys.modules[cls.__module__].__file__)
 
 
-def layer_features(description: str = "") -> tfds.features.FeaturesDict:
+def layer_features() -> tfds.features.FeaturesDict:
     """The feature spec shared by ``alphablend`` and ``logo``."""
-    del description
     return tfds.features.FeaturesDict({
         "composite": tfds.features.Image(shape=(None, None, 3)),
         "background": tfds.features.Image(shape=(None, None, 3)),
@@ -103,9 +102,9 @@ class Alphablend(_Builder):
 
     def __init__(self, *, height: int = 512, width: int = 512, num_train: int = 8, num_test: int = 2,
                  backgrounds: str | None = None, foregrounds: str | None = None, seed: int = 0,
-                 workers: int = 0, **kwargs):
+                 workers: int = 0, min_side: int | None = None, **kwargs):
         self.synth_kwargs = dict(height=int(height), width=int(width), backgrounds=backgrounds,
-                                 foregrounds=foregrounds, seed=int(seed))
+                                 foregrounds=foregrounds, seed=int(seed), min_side=min_side)
         self.num_examples = {"train": int(num_train), "test": int(num_test)}
         self.workers = int(workers)
         self.summary: dict = {}

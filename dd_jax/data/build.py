@@ -2,7 +2,7 @@
 
   python -m dd_jax.data.build --task xray --out DIR --train 5000 --test 300 \
       [--size 512 | --height 512 --width 1024] [--backgrounds DIR] \
-      [--foregrounds DIR] [--seed 0] [--workers 2]
+      [--foregrounds DIR] [--seed 0] [--workers 2] [--min-side 256]
   python -m dd_jax.data.build --task logo --logo-config high --manual-dir LOGO_ROOT --out DIR
 
 The dataset lands in DIR/alphablend/<task>/1.0.0 (DIR/logo/<config>/1.0.0)
@@ -36,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--foregrounds", default=None, help="folder of RGBA foreground layers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="synthesis processes (0: in-process)")
+    p.add_argument("--min-side", type=int, default=None,
+                   help="skip background photos with a shorter side (default: half the output's)")
     p.add_argument("--logo-config", default="high", choices=["high", "mid", "gray"])
     p.add_argument("--manual-dir", default=None, help="LOGO root (holding 10khigh/ ...)")
     p.add_argument("--overwrite", action="store_true", help="rebuild an existing dataset")
@@ -64,7 +66,7 @@ def build(args: argparse.Namespace):
             config=args.task, data_dir=args.out, file_format="array_record",
             height=args.height, width=args.width, num_train=args.train, num_test=args.test,
             backgrounds=args.backgrounds, foregrounds=args.foregrounds, seed=args.seed,
-            workers=args.workers)
+            workers=args.workers, min_side=args.min_side)
     mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if args.overwrite
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
     cfg = tfds.download.DownloadConfig(manual_dir=args.manual_dir, download_mode=mode,

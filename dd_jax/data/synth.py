@@ -15,7 +15,8 @@ import dataclasses
 
 import numpy as np
 
-from dd_jax.data import backgrounds, blend, fg_layers, fg_objects, raster
+from dd_jax.data import backgrounds as sources
+from dd_jax.data import blend, fg_layers, fg_objects, raster
 
 GENERATORS = {
     "xray": fg_objects.xray,
@@ -72,8 +73,8 @@ class Synthesizer:
             raise ValueError(f"unknown task {task!r}; expected one of {blend.TASKS}")
         self.task, self.height, self.width, self.seed = task, int(height), int(width), int(seed)
         min_side = min_side or max(32, min(self.height, self.width) // 2)
-        self.bg_source = backgrounds_mod().make_backgrounds(task, backgrounds, min_side)
-        self.fg_source = backgrounds_mod().FolderForegrounds(foregrounds, task) if foregrounds else None
+        self.bg_source = sources.make_backgrounds(task, backgrounds, min_side)
+        self.fg_source = sources.FolderForegrounds(foregrounds, task) if foregrounds else None
 
     def reports(self) -> dict:
         """Header-scan reports of the user folders (for the build summary)."""
@@ -90,7 +91,7 @@ class Synthesizer:
     def _draw(self, rng, events):
         h, w = self.height, self.width
         bg, bg_desc = self.bg_source.sample(rng, h, w, events)
-        if self.task == "flare" and isinstance(self.bg_source, backgrounds_mod().PackageBackgrounds) \
+        if self.task == "flare" and isinstance(self.bg_source, sources.PackageBackgrounds) \
                 and rng.random() < 0.5:
             bg = bg ** rng.uniform(1.3, 2.2) * rng.uniform(0.5, 0.9)  # dusk / night look
         if self.fg_source is not None:
@@ -118,6 +119,3 @@ class Synthesizer:
         return Sample(raster.to_uint8(comp), bg8, fg8, caption(fg_desc, bg_desc), self.task,
                       events, attempt + 1)
 
-
-def backgrounds_mod():
-    return backgrounds
