@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import os
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 import encoders_reference as er
 from dd_jax.models import t5
 from weights_conversion import t5 as t5_maps
-from weights_conversion.safetensors_reader import CheckpointError
+from weights_conversion.safetensors_reader import CheckpointError, SafetensorsReader
+
+
+def _state(folder) -> dict:
+    reader = SafetensorsReader.open(str(folder))
+    return {k: reader.read(k) for k in reader.keys()}
 
 
 def _rel_err(ours, ref):
@@ -22,7 +29,8 @@ def _rel_err(ours, ref):
 def converted(tmp_path_factory):
     model = er.make_t5(seed=0)
     root = tmp_path_factory.mktemp("t5")
-    model.save_pretrained(root / "text_encoder_2")
+    model.save_pretrained(root / "text_encoder_2", max_shard_size="30KB")  # sharded, as T5-XXL is on the hub
+    assert any(f.endswith(".index.json") for f in os.listdir(root / "text_encoder_2"))
     out = t5_maps.convert_t5(str(root / "text_encoder_2"), str(root / "out"), progress=False)
     return model, out, root
 
@@ -70,7 +78,7 @@ def test_relative_position_buckets_match_transformers():
 def test_tied_embedding_names(converted, tmp_path):
     """Checkpoints holding `encoder.embed_tokens.weight` (alone, or beside `shared.weight`) convert the same."""
     model, out, root = converted
-    state = load_file(str(root / "text_encoder_2" / "model.safetensors"))
+    state = _state(root / "text_encoder_2")
     ids = _ids(n=9, seed=2)
     expected = np.asarray(t5.load(out)(jnp.asarray(ids)))
     for name, variant in (("both", {**state, "encoder.embed_tokens.weight": state["shared.weight"]}),
@@ -86,7 +94,7 @@ def test_tied_embedding_names(converted, tmp_path):
 
 def test_missing_block_fails_clearly(converted, tmp_path):
     _, _, root = converted
-    state = load_file(str(root / "text_encoder_2" / "model.safetensors"))
+    state = _state(root / "text_encoder_2")
     del state["encoder.block.1.layer.1.DenseReluDense.wi_1.weight"]
     src = tmp_path / "broken"
     src.mkdir()
