@@ -273,14 +273,14 @@ class AutoEncoder(nnx.Module):
     def decode(self, latents: Array, batch_chunk: int | None = None) -> Array:
         """Normalised latents NHWC -> images NHWC (about [-1, 1]), float32.
 
-        `batch_chunk` decodes that many images at a time (sequentially), which
-        bounds the activation memory of large batches.
+        `batch_chunk` decodes that many images at a time (a `lax.map` loop,
+        one compiled decoder), which bounds the activation memory of large
+        batches.
         """
         if latents.ndim != 4 or latents.shape[-1] != self.params.latent_channels:
             raise ValueError(f"latents must be NHWC with {self.params.latent_channels} channels, got {latents.shape}")
         if batch_chunk is not None and latents.shape[0] > batch_chunk:
-            parts = [self.decode(latents[i : i + batch_chunk]) for i in range(0, latents.shape[0], batch_chunk)]
-            return jnp.concatenate(parts, axis=0)
+            return jax.lax.map(lambda z: self.decode(z[None])[0], jnp.asarray(latents), batch_size=batch_chunk)
         z = jnp.asarray(latents, jnp.float32) / self.params.scaling_factor + self.params.shift_factor
         z = z.astype(self.dtype)
         if self.post_quant_conv is not None:
