@@ -115,3 +115,15 @@ def test_bfloat16_params_and_compute(converted):
     with torch.no_grad():
         ref = model(torch.from_numpy(ids).long()).last_hidden_state.numpy()
     assert _rel_err(hidden, ref) <= 5e-2
+
+
+def test_grouping_follows_block_size():
+    """Small blocks are written as one group each; a block over the budget as one group per module."""
+    from weights_conversion import common
+
+    plan = t5_maps.build_plan(t5.PRESETS["tiny"])
+    by_block = common.grouping(plan, t5_maps.block)
+    assert by_block("encoder.block.1.layer.1.DenseReluDense.wo.kernel") == "encoder.block.1"
+    assert by_block("shared.embedding") == "shared"
+    by_module = common.grouping(plan, t5_maps.block, budget=0)
+    assert by_module("encoder.block.1.layer.1.DenseReluDense.wo.kernel") == "encoder.block.1.layer.1.DenseReluDense.wo"

@@ -19,9 +19,8 @@ from typing import Callable, Mapping
 import numpy as np
 
 from dd_jax.models import store
+from dd_jax.models.tokenizers import TOKENIZER_DIR  # a converted text encoder's tokenizer: OUT/<component>/tokenizer
 from weights_conversion import plan as planlib
-
-TOKENIZER_DIR = "tokenizer"  # a converted text encoder's tokenizer: OUT/<component>/tokenizer
 
 
 def flat_shapes(abstract_module) -> dict[str, tuple[int, ...]]:
