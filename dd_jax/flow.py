@@ -56,36 +56,104 @@ def icd_loss(model: Callable, spec: icd.LayerSpec, batch: Batch, t: jax.Array, n
     return jnp.mean(jnp.square(pred - target.astype(jnp.float32)))
 
 
-def sample_noise(key: jax.Array, spec: icd.LayerSpec, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Uniform t in (0, 1) per example and Gaussian noise per target layer."""
+def flux_mu(n_tokens: int, x1: float = 256, y1: float = 0.5, x2: float = 4096, y2: float = 1.15) -> float:
+    """Flux's resolution shift: mu linear in the (noisy) image token count."""
+    return y1 + (y2 - y1) / (x2 - x1) * (n_tokens - x1)
+
+
+def time_shift(t: jax.Array, mu: float) -> jax.Array:
+    """t' = e^mu / (e^mu + 1/t - 1), with t' = 0 at t = 0."""
+    t = jnp.asarray(t, jnp.float32)
+    safe = jnp.where(t > 0, t, 1.0)
+    return jnp.where(t > 0, jnp.exp(mu) / (jnp.exp(mu) + 1.0 / safe - 1.0), 0.0)
+
+
+def schedule(steps: int, n_tokens: int, shift: bool = True) -> jax.Array:
+    """Sampling times from 1 to 0 (steps + 1 values), shifted as Flux does."""
+    t = jnp.linspace(1.0, 0.0, steps + 1)
+    return time_shift(t, flux_mu(n_tokens)) if shift else t
+
+
+T_SAMPLING = ("uniform", "logit_normal")
+
+
+def sample_t(key: jax.Array, n: int, method: str = "uniform", shift_tokens: int | None = None,
+             logit_mean: float = 0.0, logit_std: float = 1.0) -> jax.Array:
+    """Training times in (0, 1): uniform or logit-normal, optionally resolution-shifted."""
+    if method == "uniform":
+        t = jax.random.uniform(key, (n,), minval=1e-5, maxval=1.0)
+    elif method == "logit_normal":
+        t = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(key, (n,)))
+    else:
+        raise ValueError(f"t sampling {method!r}; choose from {T_SAMPLING}")
+    return t if shift_tokens is None else time_shift(t, flux_mu(shift_tokens))
+
+
+def sample_noise(key: jax.Array, spec: icd.LayerSpec, batch: Batch, t_sampling: str = "uniform",
+                 shift: bool = False, **t_kwargs) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Per-example t and Gaussian noise per target layer."""
     key_t, *keys = jax.random.split(key, len(spec.targets) + 1)
-    bsz = batch.txt.shape[0]
-    t = jax.random.uniform(key_t, (bsz,))
+    h, w = batch.grid
+    t = sample_t(key_t, batch.txt.shape[0], t_sampling, h * w * len(spec.targets) if shift else None, **t_kwargs)
     noise = {n: jax.random.normal(k, batch.layers[n].shape, jnp.float32) for n, k in zip(spec.targets, keys)}
     return t, noise
 
 
-def make_train_step(spec: icd.LayerSpec, wrt: Any = nnx.LoRAParam, guidance: float | None = None):
-    """A jitted step `(model, optimizer, batch, key) -> loss` updating only `wrt` variables."""
+def make_train_step(spec: icd.LayerSpec, wrt: Any = nnx.LoRAParam, guidance: float | None = None,
+                    prepare: Callable | None = None, t_sampling: str = "uniform", shift: bool = False,
+                    **t_kwargs):
+    """A jitted step `(model, optimizer, batch, key) -> (loss, grad_norm)` updating only `wrt`.
+
+    `prepare(model, batch) -> (transformer, Batch)` turns what the input
+    pipeline gives into ICD tokens inside the jitted step (encode images,
+    look up conditioning); by default `model` is the transformer and `batch`
+    already a `Batch`.
+    """
 
     @nnx.jit
-    def step(model, optimizer: nnx.Optimizer, batch: Batch, key: jax.Array):
-        t, noise = sample_noise(key, spec, batch)
-        g = None if guidance is None else jnp.full(t.shape, guidance, jnp.float32)
-
+    def step(model, optimizer: nnx.Optimizer, batch, key: jax.Array):
         def loss_fn(m):
-            return icd_loss(m, spec, batch, t, noise, g)
+            transformer, b = prepare(m, batch) if prepare is not None else (m, batch)
+            t, noise = sample_noise(key, spec, b, t_sampling, shift, **t_kwargs)
+            g = None if guidance is None else jnp.full(t.shape, guidance, jnp.float32)
+            return icd_loss(transformer, spec, b, t, noise, g)
 
         loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model)
         optimizer.update(model, grads)
-        return loss
+        return loss, optax.global_norm(grads)
 
     return step
 
 
 def make_optimizer(model: nnx.Module, learning_rate: float = 1e-4, wrt: Any = nnx.LoRAParam,
-                   weight_decay: float = 0.0) -> nnx.Optimizer:
-    return nnx.Optimizer(model, optax.adamw(learning_rate, weight_decay=weight_decay), wrt=wrt)
+                   weight_decay: float = 0.0, warmup_steps: int = 0, clip_norm: float | None = None,
+                   decay_steps: int | None = None) -> nnx.Optimizer:
+    """AdamW with linear warmup (then constant, or cosine decay to 10%) and global-norm clipping."""
+    if decay_steps and decay_steps <= warmup_steps:
+        raise ValueError(f"decay over {decay_steps} steps must be longer than the {warmup_steps} warmup steps")
+    if decay_steps:
+        lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1), decay_steps,
+                                                end_value=0.1 * learning_rate)
+    elif warmup_steps:
+        lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps),
+                                   optax.constant_schedule(learning_rate)], [warmup_steps])
+    else:
+        lr = learning_rate
+    chain = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
+    chain.append(optax.adamw(lr, weight_decay=weight_decay))
+    return nnx.Optimizer(model, optax.chain(*chain), wrt=wrt)
+
+
+def learning_rate_at(step: int, learning_rate: float, warmup_steps: int = 0, decay_steps: int | None = None) -> float:
+    """The schedule of `make_optimizer`, for logging."""
+    import math
+
+    if warmup_steps and step < warmup_steps:
+        return learning_rate * step / warmup_steps
+    if decay_steps:
+        frac = min(max(step - warmup_steps, 0) / max(decay_steps - warmup_steps, 1), 1.0)
+        return learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+    return learning_rate
 
 
 jax.tree_util.register_dataclass(Batch, data_fields=["layers", "txt", "txt_ids", "y"], meta_fields=["grid"])

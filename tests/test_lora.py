@@ -88,7 +88,7 @@ def test_train_step_touches_only_lora_and_fits_a_batch():
     assert sum(x.size for x in opt_leaves if x.ndim > 0) == 2 * n_lora  # adam mu and nu
     step = flow.make_train_step(icd.LayerSpec(), guidance=3.5)
     batch, key = _batch(seed=3), jax.random.key(0)  # one fixed batch, t and noise
-    losses = [float(step(m, opt, batch, key)) for _ in range(50)]
+    losses = [float(step(m, opt, batch, key)[0]) for _ in range(50)]
     assert losses[-1] <= 0.5 * losses[0], losses[::10]
     base_after = jax.tree.map(np.array, nnx.state(m, nnx.Not(nnx.LoRAParam)))
     for a, b in zip(jax.tree.leaves(base_before), jax.tree.leaves(base_after)):

@@ -1,0 +1,73 @@
+"""Base config: the paper's settings (flux-dev + LoRA r128, lr 1e-4, batch 1, 512x512).
+
+A subtask config imports this and changes a few fields; any field can be
+overridden on the command line, e.g. `--config.train.steps=100`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = m = ml_collections.ConfigDict()
+    m.preset = "flux-dev"  # dd_jax.models.flux.PRESETS key (architecture when training from scratch)
+    m.params = ml_collections.ConfigDict()  # FluxParams overrides, e.g. hidden_size
+    m.checkpoint = ""  # converted transformer folder (scripts/convert_flux.py); "" = from scratch
+    m.param_dtype = "bfloat16"
+    m.compute_dtype = "bfloat16"
+    m.attention = "xla"  # "xla" | "cudnn"
+
+    c.lora = lo = ml_collections.ConfigDict()
+    lo.enabled = True
+    lo.rank = 128
+    lo.alpha = 128.0
+    lo.targets = list(__import__("dd_jax.lora", fromlist=["x"]).DEFAULT_TARGETS)
+    lo.modulation = False
+
+    c.autoencoder = ae = ml_collections.ConfigDict()
+    ae.kind = "flux"  # "flux" (converted VAE folder) | "pixel" (space-to-depth, no weights)
+    ae.path = ""
+    ae.factor = 8  # pixel autoencoder only
+
+    c.text = tx = ml_collections.ConfigDict()
+    tx.kind = "precomputed"  # "precomputed" (txt/vec in the batch, e.g. cached T5/CLIP) | "task" (learned)
+    tx.length = 8  # learned task tokens ("task" only)
+
+    c.icd = ic = ml_collections.ConfigDict()
+    ic.targets = ["x", "y"]  # noisy layers after the condition z: foreground x, background y
+    ic.lpec = True  # Layer Position Encoding Cloning: z and y share RoPE ids
+    ic.cloned = ["y"]
+    ic.offset = "index"  # x ids: "index" (1, r, c) as Kontext | "spatial" (0, r, c + w) as OminiControl
+    ic.condition_t0 = False  # modulate condition tokens as t = 0 (OminiControl)
+
+    c.data = d = ml_collections.ConfigDict()
+    d.dir = ""  # the --out folder of python -m dd_jax.data.build
+    d.tasks = "xray"  # a subtask, a list, or "all"
+    d.height = 512
+    d.width = 512
+    d.batch_size = 1  # global batch
+    d.worker_count = 0
+    d.seed = 0
+
+    c.train = t = ml_collections.ConfigDict()
+    t.steps = 30_000
+    t.learning_rate = 1e-4
+    t.warmup_steps = 100
+    t.decay = False  # cosine decay to 10% over the run
+    t.weight_decay = 0.0
+    t.clip_norm = 1.0
+    t.t_sampling = "logit_normal"  # "uniform" | "logit_normal"
+    t.t_shift = True  # Flux's resolution shift of training times
+    t.guidance = 1.0  # guidance-embedding input for guidance-distilled bases (flux-dev)
+    t.seed = 0
+    t.log_every = 50
+    t.checkpoint_every = 1000
+    t.keep_checkpoints = 3
+    t.preview_every = 1000
+
+    c.sample = s = ml_collections.ConfigDict()
+    s.steps = 28
+    s.guidance = 3.5
+    s.task = ""  # default task for decomposition ("" = the first of data.tasks)
+    return c

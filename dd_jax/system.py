@@ -1,0 +1,168 @@
+"""The decomposition system a config describes: transformer, conditioning, autoencoder, layout.
+
+`build(config)` assembles
+- the Flux transformer: a preset or explicit `FluxParams`, from scratch or
+  loaded from a converted checkpoint, with LoRA adapters when configured;
+- the conditioning: `task` (a small learned text/task embedding, for models
+  trained from scratch) or `precomputed` (the batch carries `txt` [B, L, C]
+  and `vec` [B, P], e.g. cached T5/CLIP embeddings);
+- the autoencoder: `pixel` (space-to-depth, no weights) or `flux` (a
+  converted Flux VAE folder);
+- the ICD layer layout (`icd.LayerSpec`) with LPEC settings.
+
+`prepare(model, batch)` maps an input-pipeline batch (images in [-1, 1]) to
+ICD tokens inside jitted code; `decompose` samples the target layers of a
+batch of composites.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dd_jax import flow, icd, lora, sampling
+from dd_jax.data import blend
+from dd_jax.models import flux
+from dd_jax.models.pixel_ae import PixelAutoencoder
+
+# Pipeline image key of each ICD layer.
+LAYER_IMAGES = {"z": "composite", "x": "foreground", "y": "background"}
+
+
+class TaskConditioner(nnx.Module):
+    """Learned text/task conditioning for small models: per task, L context tokens and a pooled vector.
+
+    Same outputs as T5 + CLIP (`txt` [B, L, context_dim], `vec` [B, vec_dim]).
+    """
+
+    def __init__(self, num_tasks: int, length: int, context_dim: int, vec_dim: int, *, rngs: nnx.Rngs):
+        self.tokens = nnx.Param(0.5 * jax.random.normal(rngs.params(), (num_tasks, length, context_dim)))
+        self.pooled = nnx.Param(0.5 * jax.random.normal(rngs.params(), (num_tasks, vec_dim)))
+
+    def __call__(self, task: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self.tokens[...][task], self.pooled[...][task]
+
+
+class Decomposer(nnx.Module):
+    """The trainable part: the transformer and (optionally) learned conditioning."""
+
+    def __init__(self, transformer: flux.Flux, conditioner: TaskConditioner | None):
+        self.transformer = transformer
+        self.conditioner = conditioner
+
+    def conditioning(self, batch: dict) -> tuple[jax.Array, jax.Array]:
+        if self.conditioner is not None:
+            return self.conditioner(jnp.asarray(batch["task"], jnp.int32))
+        if "txt" not in batch or "vec" not in batch:
+            raise KeyError("conditioning 'precomputed' needs `txt` and `vec` in every batch")
+        return batch["txt"], batch["vec"]
+
+
+@dataclasses.dataclass
+class System:
+    model: Decomposer
+    autoencoder: Any
+    spec: icd.LayerSpec
+    guidance: float | None
+    config: Any
+
+    @property
+    def downsample(self) -> int:
+        """Image pixels per token side (autoencoder factor x 2x2 packing)."""
+        return self.autoencoder.downsample * 2
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        d = self.downsample
+        if height % d or width % d:
+            raise ValueError(f"image size {height}x{width} must be a multiple of {d}")
+        return height // d, width // d
+
+    def tokens(self, images: jax.Array) -> jax.Array:
+        return icd.pack(self.autoencoder.encode(images))
+
+    def images(self, tokens: jax.Array, height: int, width: int) -> jax.Array:
+        d = self.autoencoder.downsample
+        return self.autoencoder.decode(icd.unpack(tokens, height // d, width // d))
+
+    def prepare(self, model: Decomposer, batch: dict) -> tuple[flux.Flux, flow.Batch]:
+        """Pipeline batch -> (transformer, ICD token batch); runs inside jit."""
+        comp = batch["composite"]
+        grid = self.grid(comp.shape[1], comp.shape[2])
+        layers = {name: self.tokens(batch[LAYER_IMAGES[name]]) for name in self.spec.layers}
+        txt, vec = model.conditioning(batch)
+        txt_ids = jnp.zeros((txt.shape[1], 3), jnp.float32)
+        return model.transformer, flow.Batch(layers=layers, txt=txt, txt_ids=txt_ids, y=vec, grid=grid)
+
+    def trainable(self):
+        """The variable filter the optimizer updates."""
+        return nnx.LoRAParam if self.config.lora.enabled else nnx.Param
+
+
+def flux_params(model_cfg) -> flux.FluxParams:
+    base = flux.PRESETS[model_cfg.preset].to_dict() if model_cfg.get("preset") else {}
+    overrides = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(model_cfg.get("params", {})).items()}
+    return flux.FluxParams.from_dict({**base, **overrides})
+
+
+def build_autoencoder(cfg):
+    if cfg.kind == "pixel":
+        return PixelAutoencoder(cfg.factor)
+    if cfg.kind == "flux":
+        from dd_jax.models import autoencoder  # the Flux VAE (converted folder)
+
+        return autoencoder.load(cfg.path)
+    raise ValueError(f"autoencoder.kind {cfg.kind!r}: choose 'pixel' or 'flux'")
+
+
+def layer_spec(cfg) -> icd.LayerSpec:
+    return icd.LayerSpec(condition="z", targets=tuple(cfg.targets), lpec=cfg.lpec, cloned=tuple(cfg.cloned),
+                         offset=cfg.offset, condition_t0=cfg.condition_t0)
+
+
+def build(config, *, seed: int | None = None, load_base: bool = True) -> System:
+    """Builds the system from a config (see configs/base.py for the fields)."""
+    mc = config.model
+    rngs = nnx.Rngs(config.train.seed if seed is None else seed)
+    param_dtype = jnp.dtype(mc.param_dtype)
+    compute = jnp.dtype(mc.compute_dtype) if mc.get("compute_dtype") else None
+    if mc.get("checkpoint") and load_base:
+        transformer = flux.load(mc.checkpoint, param_dtype, compute_dtype=compute, attention_impl=mc.attention)
+    else:
+        transformer = flux.Flux(flux_params(mc), rngs=rngs, param_dtype=param_dtype, dtype=compute,
+                                attention_impl=mc.attention)
+    if config.lora.enabled:
+        targets = tuple(config.lora.targets) + (lora.MODULATION_TARGETS if config.lora.modulation else ())
+        lora.apply_lora(transformer, config.lora.rank, config.lora.alpha, targets, rngs=rngs)
+    tc = config.text
+    if tc.kind == "task":
+        p = transformer.params
+        conditioner = TaskConditioner(len(blend.TASKS) + 1, tc.length, p.context_in_dim, p.vec_in_dim, rngs=rngs)
+    elif tc.kind == "precomputed":
+        conditioner = None
+    else:
+        raise ValueError(f"text.kind {tc.kind!r}: choose 'task' or 'precomputed'")
+    guidance = config.train.guidance if transformer.params.guidance_embed else None
+    return System(Decomposer(transformer, conditioner), build_autoencoder(config.autoencoder),
+                  layer_spec(config.icd), guidance, config)
+
+
+def decompose(system: System, composite: jax.Array, task: jax.Array, key: jax.Array, steps: int,
+              guidance: float | None = None, extra: dict | None = None) -> dict[str, jax.Array]:
+    """Samples the target layers of composites [B, H, W, 3] in [-1, 1] -> {name: images [B, H, W, 3]}."""
+    h_img, w_img = composite.shape[1:3]
+    grid = system.grid(h_img, w_img)
+    batch = {"task": task, **(extra or {})}
+    txt, vec = system.model.conditioning(batch)
+    g = guidance if guidance is not None else system.guidance
+    tokens = sampling.sample(system.model.transformer, system.spec, system.tokens(composite), txt, vec, key,
+                             grid, steps, g)
+    return {name: system.images(t, h_img, w_img) for name, t in tokens.items()}
+
+
+def count_params(module: nnx.Module, filt=nnx.Param) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(module, filt))))

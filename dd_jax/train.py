@@ -1,0 +1,334 @@
+"""Training: `python -m dd_jax.train --config configs/xray.py --workdir DIR [--config.train.steps=100]`.
+
+One jitted flow-matching step per batch (ICD layout, loss on the noisy
+layers), AdamW on the trainable partition (LoRA parameters, or everything
+when training from scratch). The workdir holds
+
+    config.json            the resolved config (what `decompose` rebuilds from)
+    checkpoints/<step>/    orbax: trainable params + optimizer state, data iterator state
+    export/                trainable params only, a dd_jax model folder (at the end)
+    metrics.jsonl          every step's loss, and the logged scalars
+    tb/                    TensorBoard event files (scalars, preview images)
+    previews/step_N.png    composite | predicted layers | truth
+
+A run resumes from the newest checkpoint in its workdir. SIGTERM/SIGINT save
+a checkpoint before exiting; a non-finite loss stops the run with a message
+and keeps the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from dd_jax import flow, system as system_lib
+from dd_jax.data import blend, pipeline
+from dd_jax.models import store
+
+ARRAY_KEYS = ("composite", "background", "foreground", "task", "txt", "vec")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def save_config(config, path: str) -> None:
+    with open(path, "w") as f:
+        f.write(config.to_json_best_effort(indent=1))
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def device_batch(batch: dict) -> dict:
+    return {k: jnp.asarray(v) for k, v in batch.items() if k in ARRAY_KEYS}
+
+
+class _Stop:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class Checkpoints:
+    """Orbax CheckpointManager over (trainable state, optimizer state, data iterator state)."""
+
+    def __init__(self, directory: str, keep: int):
+        import orbax.checkpoint as ocp
+
+        self.ocp = ocp
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(directory), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            item_names=("state", "data"))
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_state: dict) -> None:
+        self.manager.save(step, args=self.ocp.args.Composite(state=self.ocp.args.StandardSave(state),
+                                                             data=self.ocp.args.JsonSave(data_state)))
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, abstract_state):
+        target = self.ocp.utils.to_shape_dtype_struct(abstract_state)
+        out = self.manager.restore(step, args=self.ocp.args.Composite(
+            state=self.ocp.args.StandardRestore(target), data=self.ocp.args.JsonRestore()))
+        return out.state, out.data
+
+    def close(self):
+        self.manager.close()
+
+
+def export(system: system_lib.System, out_dir: str) -> str:
+    """Writes the trainable parameters + config as a dd_jax model folder (no optimizer state)."""
+    state = nnx.state(system.model, system.trainable())
+    flat = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
+    return store.write_flat(out_dir, flat, model="decomposer", config=json.loads(system.config.to_json_best_effort()),
+                            dtype=str(next(iter(flat.values())).dtype), overwrite=True)
+
+
+def load_trained(path: str, config=None, load_base: bool = True) -> system_lib.System:
+    """A trained system from an export folder, or a run workdir (its export, else newest checkpoint)."""
+    path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, store.META_FILE)):
+        meta = store.read_meta(path)
+        config = config or ml_collections.ConfigDict(meta["config"])
+        system = system_lib.build(config, load_base=load_base)
+        state = nnx.state(system.model, system.trainable())
+        variables = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
+        for _, arrays in store.read_groups(path):
+            for name, arr in arrays.items():
+                if name not in variables:
+                    raise KeyError(f"{path}: parameter {name!r} is not in the model the config builds")
+                variables[name].set_value(jnp.asarray(arr, variables[name].get_value().dtype))
+        nnx.update(system.model, state)
+        return system
+    if os.path.isdir(os.path.join(path, "export")):
+        return load_trained(os.path.join(path, "export"), config, load_base)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path}: neither a trained model folder nor a training workdir")
+    config = config or load_config(os.path.join(path, "config.json"))
+    system = system_lib.build(config, load_base=load_base)
+    ckpts = Checkpoints(os.path.join(path, "checkpoints"), keep=1000)
+    step = ckpts.latest()
+    if step is None:
+        raise FileNotFoundError(f"{path}: no checkpoint yet")
+    optimizer = _optimizer(system)
+    state, _ = ckpts.restore(step, {"params": nnx.state(system.model, system.trainable()),
+                                    "opt": nnx.state(optimizer, nnx.OptState)})
+    nnx.update(system.model, state["params"])
+    ckpts.close()
+    return system
+
+
+def _optimizer(system: system_lib.System) -> nnx.Optimizer:
+    t = system.config.train
+    return flow.make_optimizer(system.model, t.learning_rate, wrt=system.trainable(), weight_decay=t.weight_decay,
+                               warmup_steps=t.warmup_steps, clip_norm=t.clip_norm,
+                               decay_steps=t.steps if t.decay else None)
+
+
+def _make_step(system: system_lib.System):
+    t = system.config.train
+    return flow.make_train_step(system.spec, wrt=system.trainable(), guidance=system.guidance,
+                                prepare=system.prepare, t_sampling=t.t_sampling, shift=t.t_shift)
+
+
+def _preview(system, batch, key, steps, path, writer, step):
+    """Image grid: composite | predicted layers | true layers (first 4 examples)."""
+    from PIL import Image
+
+    n = min(4, batch["composite"].shape[0])
+    small = {k: v[:n] for k, v in device_batch(batch).items()}
+    pred = system_lib.decompose(system, small["composite"], small["task"], key, steps)
+    cols = [small["composite"]] + [pred[name] for name in system.spec.targets] \
+        + [small[system_lib.LAYER_IMAGES[name]] for name in system.spec.targets]
+    rows = [np.concatenate([np.asarray(c[i]) for c in cols], axis=1) for i in range(n)]
+    grid = np.clip((np.concatenate(rows, axis=0) + 1) * 127.5, 0, 255).astype(np.uint8)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(grid).save(path)
+    if writer is not None:
+        writer.add_image("preview", grid, step, dataformats="HWC")
+
+
+def _tb_writer(workdir: str):
+    if jax.process_index() != 0:
+        return None
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:  # pragma: no cover - tensorboardX is a dependency
+        return None
+    return SummaryWriter(os.path.join(workdir, "tb"))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict:
+    """Runs (or resumes) training; returns a summary. `stop_after` ends early (tests)."""
+    os.makedirs(workdir, exist_ok=True)
+    cfg_path = os.path.join(workdir, "config.json")
+    if jax.process_index() == 0:
+        save_config(config, cfg_path)
+    t = config.train
+    system = system_lib.build(config)
+    optimizer = _optimizer(system)
+    step_fn = _make_step(system)
+    n_proc = jax.process_count()
+    if config.data.batch_size % n_proc:
+        raise ValueError(f"data.batch_size {config.data.batch_size} is not divisible by {n_proc} processes")
+    ds = pipeline.make_pipeline(config.data.dir, config.data.tasks, "train", config.data.height, config.data.width,
+                                config.data.batch_size // n_proc, seed=config.data.seed,
+                                worker_count=config.data.worker_count)
+    data_it = iter(ds)
+    ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), t.keep_checkpoints)
+    start = 0
+    latest = ckpts.latest()
+
+    def train_state():
+        return {"params": nnx.state(system.model, system.trainable()), "opt": nnx.state(optimizer, nnx.OptState)}
+
+    if latest is not None:
+        state, data_state = ckpts.restore(latest, train_state())
+        nnx.update(system.model, state["params"])
+        nnx.update(optimizer, state["opt"])
+        data_it.set_state(data_state)
+        start = latest
+        print(f"resumed from step {start} ({workdir})", file=sys.stderr)
+    n_train = system_lib.count_params(system.model, system.trainable())
+    print(f"training {n_train / 1e6:.2f}M parameters ({'LoRA' if config.lora.enabled else 'all'}) for "
+          f"{t.steps} steps, batch {config.data.batch_size}, {config.data.height}x{config.data.width}, "
+          f"tasks {config.data.tasks}", file=sys.stderr)
+
+    writer = _tb_writer(workdir)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    base_key = jax.random.key(t.seed)
+    pending: list[tuple[int, jax.Array, jax.Array]] = []
+    preview_batch = None
+    t_last, step_last = time.time(), start
+    summary = {"start_step": start, "steps": t.steps}
+
+    def flush(step: int) -> bool:
+        """Writes the buffered per-step losses; False if any is not finite."""
+        nonlocal t_last, step_last, pending
+        if not pending:
+            return True
+        losses = [(s, float(l), float(g)) for s, l, g in pending]
+        pending = []
+        if jax.process_index() == 0:
+            with open(metrics_path, "a") as f:
+                for s, l, g in losses:
+                    f.write(json.dumps({"step": s, "loss": l, "grad_norm": g}) + "\n")
+        bad = [(s, l) for s, l, _ in losses if not math.isfinite(l)]
+        if bad:
+            raise NonFiniteLoss(f"loss is {bad[0][1]} at step {bad[0][0]}: stopping. The last good checkpoint "
+                                f"(step {ckpts.latest()}) is kept in {workdir}/checkpoints; lower "
+                                f"train.learning_rate or check the data.")
+        now = time.time()
+        rate = (step - step_last) / max(now - t_last, 1e-9)
+        lr = flow.learning_rate_at(step, t.learning_rate, t.warmup_steps, t.steps if t.decay else None)
+        mean_loss = float(np.mean([l for _, l, _ in losses]))
+        scalars = {"loss": mean_loss, "grad_norm": losses[-1][2], "lr": lr, "steps_per_sec": rate,
+                   "examples_per_sec": rate * config.data.batch_size}
+        if writer is not None:
+            for k, v in scalars.items():
+                writer.add_scalar(k, v, step)
+            writer.flush()
+        eta = (t.steps - step) / max(rate, 1e-9)
+        print(f"step {step}/{t.steps}  loss {mean_loss:.4f}  grad_norm {losses[-1][2]:.3f}  lr {lr:.2e}  "
+              f"{rate:.2f} steps/s  eta {time.strftime('%H:%M:%S', time.gmtime(eta))}", file=sys.stderr, flush=True)
+        t_last, step_last = now, step
+        summary["last_loss"] = mean_loss
+        return True
+
+    def save(step: int):
+        flush(step)  # raises before saving if a loss went bad
+        ckpts.save(step, train_state(), data_it.get_state())
+
+    step = start
+    try:
+        with _Stop() as stop:
+            while step < t.steps:
+                batch = next(data_it)
+                if preview_batch is None:
+                    preview_batch = batch
+                loss, gnorm = step_fn(system.model, optimizer, device_batch(batch), jax.random.fold_in(base_key, step))
+                step += 1
+                pending.append((step, loss, gnorm))
+                if step % t.log_every == 0:
+                    flush(step)
+                if step % t.checkpoint_every == 0 or step == t.steps:
+                    save(step)
+                if t.preview_every and step % t.preview_every == 0 and jax.process_index() == 0:
+                    _preview(system, preview_batch, jax.random.key(0), config.sample.steps,
+                             os.path.join(workdir, "previews", f"step_{step}.png"), writer, step)
+                if stop.signal or (stop_after is not None and step >= stop_after):
+                    if ckpts.latest() != step:
+                        save(step)
+                    why = stop.signal or "stop_after"
+                    print(f"{why}: saved a checkpoint at step {step}; rerun the same command to resume",
+                          file=sys.stderr)
+                    summary["interrupted"] = why
+                    break
+    finally:
+        ckpts.close()
+        if writer is not None:
+            writer.close()
+    summary["step"] = step
+    if step >= t.steps and jax.process_index() == 0:
+        summary["export"] = export(system, os.path.join(workdir, "export"))
+    return summary
+
+
+def main(argv):
+    from absl import flags
+
+    from absl import logging
+
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    FLAGS = flags.FLAGS
+    try:
+        train(FLAGS.config, FLAGS.workdir)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "a config file, e.g. configs/tiny.py", lock_config=True)
+    flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs); reruns resume from it")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)
