@@ -16,6 +16,13 @@ and turns the wrapped layers back into plain `nnx.Linear`.
 Fused projections (BFL's `qkv`, `linear1`) carry one LoRA over the fused
 output; it splits exactly into per-projection adapters for export (A shared,
 B sliced by output columns).
+
+Scanned models (`Flux(scan_layers=True)`) hold stacked Linears (kernel
+[layers, in, out]); their adapters are stacked too (A [layers, in, r], B
+[layers, r, out]), and targets are matched against the per-block path
+(`double_blocks.<i>.img_attn.qkv`): a pattern must select all of a stack's
+layers or none. Adapters carry the logical axis names of their base kernel
+(A: (in, "lora_rank"), B: ("lora_rank", out)), so they shard like it.
 """
 
 from __future__ import annotations
@@ -56,9 +63,15 @@ class LoRALinear(nnx.Module):
         self.scale = alpha / rank
         # A: Kaiming-uniform over fan-in (as peft's default); B: zeros, so the start is the base model.
         bound = 1.0 / (self.in_features ** 0.5)
-        self.lora_a = nnx.LoRAParam(jax.random.uniform(rngs.params(), (self.in_features, rank), param_dtype,
-                                                       -bound, bound))
-        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, self.out_features), param_dtype))
+        lead = tuple(base.kernel.shape[:-2])  # (layers,) for a stacked Linear
+        names = base.kernel.get_metadata().get("out_sharding")
+        meta_a = meta_b = {}
+        if names:
+            meta_a = {"out_sharding": tuple(names[:-1]) + ("lora_rank",), "eager_sharding": False}
+            meta_b = {"out_sharding": tuple(names[:-2]) + ("lora_rank", names[-1]), "eager_sharding": False}
+        self.lora_a = nnx.LoRAParam(jax.random.uniform(rngs.params(), lead + (self.in_features, rank), param_dtype,
+                                                       -bound, bound), **meta_a)
+        self.lora_b = nnx.LoRAParam(jnp.zeros(lead + (rank, self.out_features), param_dtype), **meta_b)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.dtype or x.dtype
@@ -70,7 +83,7 @@ class LoRALinear(nnx.Module):
         return y + (self.scale * delta).astype(dtype)
 
     def delta_kernel(self) -> jax.Array:
-        """The update as a dense [in, out] matrix, in float32."""
+        """The update as a dense [(layers,) in, out] matrix, in float32."""
         return self.scale * (self.lora_a[...].astype(jnp.float32) @ self.lora_b[...].astype(jnp.float32))
 
 
@@ -80,6 +93,17 @@ def _path_str(path: Sequence) -> str:
 
 def _matches(path: str, patterns: Iterable[str]) -> bool:
     return any(re.fullmatch(p, path) for p in patterns)
+
+
+def _selected(path: Sequence, node: nnx.Linear, patterns: Sequence[str]) -> bool:
+    """Whether the targets select this Linear; a stacked one is matched per layer."""
+    if len(node.kernel.shape) == 2:
+        return _matches(_path_str(path), patterns)
+    hits = [_matches(_path_str((path[0], i) + tuple(path[1:])), patterns) for i in range(node.kernel.shape[0])]
+    if any(hits) and not all(hits):
+        raise ValueError(f"LoRA targets select only some layers of the stacked {_path_str(path)}; "
+                         "use the unscanned layout (scan_layers=False) for per-block targets")
+    return all(hits)
 
 
 def _replace(model: nnx.Module, path: tuple, new) -> None:
@@ -99,7 +123,7 @@ def apply_lora(model: nnx.Module, rank: int, alpha: float | None = None,
     alpha = float(rank if alpha is None else alpha)
     rngs = rngs or nnx.Rngs(0)
     found = [(path, node) for path, node in nnx.iter_graph(model)
-             if isinstance(node, nnx.Linear) and _matches(_path_str(path), targets)]
+             if isinstance(node, nnx.Linear) and _selected(path, node, targets)]
     if not found:
         raise ValueError(f"no Linear layer matches the LoRA targets {list(targets)}")
     for path, node in found:
@@ -119,7 +143,7 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
         linear = nnx.eval_shape(lambda: nnx.Linear(node.in_features, node.out_features,
                                                    use_bias=node.bias is not None, dtype=node.dtype,
                                                    param_dtype=kernel.dtype, rngs=nnx.Rngs(0)))
-        linear.kernel = nnx.Param(merged)
+        linear.kernel = nnx.Param(merged, **node.kernel.get_metadata())
         if node.bias is not None:
             linear.bias = node.bias
         _replace(model, tuple(path), linear)

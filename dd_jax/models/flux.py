@@ -10,12 +10,20 @@ checkpoint maps 1:1 and a diffusers checkpoint through one table
 with `img` already packed 2x2 into tokens. The extra keyword `cond_mask`
 ([L_img] or [B, L_img] bool) modulates the masked image tokens (a clean
 condition image) as timestep 0, OminiControl-style.
+
+Two parameter layouts, chosen at construction: the default keeps one module
+per block (`double_blocks.N....`, BFL's paths); `scan_layers=True` stacks the
+blocks (`double_blocks.img_attn.qkv.kernel` is [depth, in, out], logical axis
+"layers") and runs them with `nnx.scan`, so the step compiles one block
+instead of 57. `load` fills either layout from the same converted checkpoint
+(`stacked_sources` says which stored per-block arrays make a stacked one).
+`remat` names a rematerialisation policy (`REMAT_POLICIES`) applied per block.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -76,27 +84,86 @@ PRESETS: dict[str, FluxParams] = {
 PRESETS["flux-kontext-dev"] = PRESETS["flux-dev"]  # same architecture; conditions via ids (1, row, col)
 
 
+_OFFLOADED = ("qkv", "attn_out", "mlp_hidden")
+# Per-block rematerialisation: what the backward pass keeps from the forward.
+REMAT_POLICIES: dict[str, Callable[[], Any] | None] = {
+    "none": None,  # no remat: every intermediate is kept (fastest, most memory)
+    "full": lambda: jax.checkpoint_policies.nothing_saveable,  # keep only block inputs
+    "dots": lambda: jax.checkpoint_policies.dots_saveable,  # keep every matmul output
+    "dots_no_batch": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # projections, not attention
+    "attn": lambda: jax.checkpoint_policies.save_only_these_names("qkv", "attn_out"),  # recompute the MLPs
+    "offload": lambda: jax.checkpoint_policies.save_and_offload_only_these_names(  # to host memory
+        names_which_can_be_saved=[], names_which_can_be_offloaded=list(_OFFLOADED),
+        offload_src="device", offload_dst="pinned_host"),
+}
+STACKED = ("double_blocks", "single_blocks")
+LAYERS_AXIS = "layers"
+
+
+def _stack(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
+    """`n` modules as one, every variable stacked on a leading "layers" axis."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+    def create(r):
+        return make(r)
+
+    return create(rngs)
+
+
 class Flux(nnx.Module):
     def __init__(self, params: FluxParams, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None,
-                 attention_impl: str = "xla"):
+                 attention_impl: str = "xla", scan_layers: bool = False, remat: str = "none"):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
+        if attention_impl not in layers.ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention implementation {attention_impl!r}; "
+                             f"choose from {layers.ATTENTION_IMPLEMENTATIONS}")
         self.params = params
+        self.scan_layers = bool(scan_layers)
+        self.remat = remat
+        self.activation_sharding = None  # set by dd_jax.sharding.shard_model
         prec = Precision(param_dtype=jnp.dtype(param_dtype), dtype=jnp.dtype(dtype or param_dtype))
         self.dtype = prec.dtype
         h = params.hidden_size
-        self.img_in = layers.linear(params.in_channels, h, prec, rngs)
+        self.img_in = layers.linear(params.in_channels, h, prec, rngs, axes=("input", "embed"))
         self.time_in = layers.MLPEmbedder(256, h, prec, rngs)
         self.vector_in = layers.MLPEmbedder(params.vec_in_dim, h, prec, rngs)
         self.guidance_in = layers.MLPEmbedder(256, h, prec, rngs) if params.guidance_embed else None
-        self.txt_in = layers.linear(params.context_in_dim, h, prec, rngs)
-        self.double_blocks = nnx.List([
-            layers.DoubleStreamBlock(h, params.num_heads, params.mlp_ratio, params.qkv_bias, prec, rngs, attention_impl)
-            for _ in range(params.depth)
-        ])
-        self.single_blocks = nnx.List([
-            layers.SingleStreamBlock(h, params.num_heads, params.mlp_ratio, prec, rngs, attention_impl)
-            for _ in range(params.depth_single_blocks)
-        ])
+        self.txt_in = layers.linear(params.context_in_dim, h, prec, rngs, axes=("input", "embed"))
+        double = lambda r: layers.DoubleStreamBlock(h, params.num_heads, params.mlp_ratio, params.qkv_bias, prec, r,
+                                                    attention_impl)
+        single = lambda r: layers.SingleStreamBlock(h, params.num_heads, params.mlp_ratio, prec, r, attention_impl)
+        if self.scan_layers:
+            self.double_blocks = _stack(double, params.depth, rngs)
+            self.single_blocks = _stack(single, params.depth_single_blocks, rngs)
+        else:
+            self.double_blocks = nnx.List([double(rngs) for _ in range(params.depth)])
+            self.single_blocks = nnx.List([single(rngs) for _ in range(params.depth_single_blocks)])
         self.final_layer = layers.LastLayer(h, params.out_channels, prec, rngs)
+
+    def _remat(self, fn):
+        policy = REMAT_POLICIES[self.remat]
+        return fn if policy is None else nnx.remat(fn, policy=policy(), prevent_cse=not self.scan_layers)
+
+    def _run_blocks(self, img, txt, vec, pe, vec_cond, img_mask, seq_mask):
+        double = self._remat(lambda blk, carry, *a: blk(*carry, *a))
+        single = self._remat(lambda blk, x, *a: blk(x, *a))
+        if self.scan_layers:
+            scan = lambda f: nnx.scan(f, in_axes=(0, nnx.Carry, None, None, None, None), out_axes=nnx.Carry,
+                                      transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+            img, txt = scan(double)(self.double_blocks, (img, txt), vec, pe, vec_cond, img_mask)
+        else:
+            for block in self.double_blocks:
+                img, txt = double(block, (img, txt), vec, pe, vec_cond, img_mask)
+        n_txt = txt.shape[1]
+        x = jnp.concatenate([txt, img], axis=1)
+        if self.scan_layers:
+            x = scan(single)(self.single_blocks, x, vec, pe, vec_cond, seq_mask)
+        else:
+            for block in self.single_blocks:
+                x = single(block, x, vec, pe, vec_cond, seq_mask)
+        return x[:, n_txt:]
 
     def _vec(self, timesteps: Array, y: Array, guidance: Array | None) -> Array:
         vec = self.time_in(layers.timestep_embedding(timesteps, 256).astype(self.dtype))
@@ -114,8 +181,8 @@ class Flux(nnx.Module):
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (batch,))
         if guidance is not None:
             guidance = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (batch,))
-        img = self.img_in(img.astype(self.dtype))
-        txt = self.txt_in(txt.astype(self.dtype))
+        img = layers.constrain(self.img_in(img.astype(self.dtype)), layers.ACT_EMBED, self.activation_sharding)
+        txt = layers.constrain(self.txt_in(txt.astype(self.dtype)), layers.ACT_EMBED, self.activation_sharding)
         vec = self._vec(timesteps, y, guidance)
         vec_cond = img_mask = seq_mask = None
         if cond_mask is not None:
@@ -127,32 +194,83 @@ class Flux(nnx.Module):
                                jnp.broadcast_to(img_ids, (batch,) + img_ids.shape[-2:])], axis=1)
         pe = layers.embed_nd(ids, self.params.axes_dim, self.params.theta)
 
-        for block in self.double_blocks:
-            img, txt = block(img, txt, vec, pe, vec_cond, img_mask)
-        n_txt = txt.shape[1]
-        x = jnp.concatenate([txt, img], axis=1)
-        for block in self.single_blocks:
-            x = block(x, vec, pe, vec_cond, seq_mask)
-        img = x[:, n_txt:]
+        img = self._run_blocks(img, txt, vec, pe, vec_cond, img_mask, seq_mask)
         return self.final_layer(img, vec, vec_cond, img_mask)
 
 
-def abstract(params: FluxParams, *, param_dtype=jnp.float32, dtype=None, attention_impl: str = "xla") -> Flux:
+def abstract(params: FluxParams, *, param_dtype=jnp.float32, dtype=None, attention_impl: str = "xla",
+             scan_layers: bool = False, remat: str = "none") -> Flux:
     """The model's structure, shapes and dtypes, with no memory allocated."""
     return nnx.eval_shape(lambda: Flux(params, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype,
-                                       attention_impl=attention_impl))
+                                       attention_impl=attention_impl, scan_layers=scan_layers, remat=remat))
 
 
-def load(path: str, dtype=None, *, compute_dtype=None, attention_impl: str = "xla", shardings=None) -> Flux:
-    """Loads a converted checkpoint (`scripts/convert_flux.py` output).
+def _flat_paths(module: nnx.Module) -> list[tuple[str, tuple[int, ...]]]:
+    _, state = nnx.split(module)
+    return [(".".join(map(str, p)), tuple(v.get_value().shape)) for p, v in nnx.to_flat_state(state)]
+
+
+def stacked_sources(module: Flux) -> dict[str, list[str]]:
+    """For a scanned model: stacked variable path -> the per-block paths it stacks, in order."""
+    if not module.scan_layers:
+        return {}
+    out = {}
+    for path, shape in _flat_paths(module):
+        head, _, rest = path.partition(".")
+        if head in STACKED:
+            out[path] = [f"{head}.{i}.{rest}" for i in range(shape[0])]
+    return out
+
+
+def stack_flat(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-block flat arrays (`double_blocks.3.x`) -> stacked ones (`double_blocks.x`, [depth, ...])."""
+    import numpy as np
+
+    groups: dict[str, dict[int, Any]] = {}
+    out = {}
+    for path, arr in flat.items():
+        parts = path.split(".")
+        if parts[0] in STACKED and len(parts) > 2 and parts[1].isdigit():
+            groups.setdefault(".".join([parts[0]] + parts[2:]), {})[int(parts[1])] = arr
+        else:
+            out[path] = arr
+    for path, layers_ in groups.items():
+        if sorted(layers_) != list(range(len(layers_))):
+            raise KeyError(f"{path}: blocks {sorted(layers_)} are not 0..{len(layers_) - 1}")
+        stack = jnp.stack if isinstance(next(iter(layers_.values())), jax.Array) else np.stack
+        out[path] = stack([layers_[i] for i in range(len(layers_))])
+    return out
+
+
+def unstack_flat(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of `stack_flat`: BFL per-block paths again (for saving a scanned model)."""
+    out = {}
+    for path, arr in flat.items():
+        head, _, rest = path.partition(".")
+        if head in STACKED and rest and not rest.split(".")[0].isdigit():
+            for i in range(arr.shape[0]):
+                out[f"{head}.{i}.{rest}"] = arr[i]
+        else:
+            out[path] = arr
+    return out
+
+
+def load(path: str, dtype=None, *, compute_dtype=None, attention_impl: str = "xla", shardings=None,
+         scan_layers: bool = False, remat: str = "none") -> Flux:
+    """Loads a converted checkpoint (`scripts/convert_flux.py` output) into either layout.
 
     `dtype` is the parameter dtype (default: as stored); `compute_dtype`
-    defaults to the parameter dtype.
+    defaults to the parameter dtype. `shardings` (flat path -> Sharding, or a
+    function of the abstract module returning that, e.g.
+    `lambda m: dd_jax.sharding.flat_shardings(m, mesh, rules)`) places every
+    array on devices as it is read.
     """
     meta = store.read_meta(path)
     if meta["model"] != "flux":
         raise ValueError(f"{path} holds a {meta['model']!r} model, not a Flux transformer")
     params = FluxParams.from_dict(meta["config"])
     module = abstract(params, param_dtype=jnp.dtype(dtype or meta["dtype"]), dtype=compute_dtype,
-                      attention_impl=attention_impl)
-    return store.load_module(path, module, shardings=shardings)
+                      attention_impl=attention_impl, scan_layers=scan_layers, remat=remat)
+    if callable(shardings):
+        shardings = shardings(module)
+    return store.load_module(path, module, shardings=shardings, stacked=stacked_sources(module))

@@ -10,6 +10,16 @@ Per-token modulation (OminiControl-style conditioning): a block can receive a
 second conditioning vector `vec_cond` and a boolean token mask; masked tokens
 (the clean condition image) are modulated with `vec_cond` (the embedding of
 timestep 0) while the others use `vec`.
+
+Sharding is data: every parameter carries logical axis names in its
+`out_sharding` metadata (e.g. a double block's `img_mlp.0.kernel` is
+("embed", "mlp")), with eager sharding off so that building a model never
+needs a mesh; `dd_jax.sharding` maps the names to mesh axes. Activations are
+constrained at block boundaries and on q/k/v through an optional
+`activation_sharding` object (anything with `constrain(x, names)`, set by
+`dd_jax.sharding.shard_model`; None = no constraints). `checkpoint_name`
+tags ("qkv", "attn_out", "mlp_hidden") let the remat policies of
+`dd_jax.models.flux` save or offload exactly those activations.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 
@@ -61,19 +72,90 @@ def apply_rope(x: Array, pe: Array) -> Array:
     return out.reshape(x.shape).astype(x.dtype)
 
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash", "auto")
+ACT_HEADS = ("activation_batch", "activation_length", "activation_heads", None)
+ACT_EMBED = ("activation_batch", "activation_length", "activation_embed")
 
 
-def attention(q: Array, k: Array, v: Array, pe: Array, *, implementation: str | None = "xla") -> Array:
+def constrain(x: Array, names: tuple, sharding=None) -> Array:
+    """Sharding constraint by logical names; a no-op without an activation-sharding object."""
+    return x if sharding is None else sharding.constrain(x, names)
+
+
+def resolve_attention(implementation: str | None, dtype=None, platform: str | None = None) -> str:
+    """The kernel an implementation name means on this platform ("auto": cuDNN on NVIDIA with
+    16-bit inputs, splash on TPU, XLA otherwise); a clear error where the kernel cannot run."""
+    impl = implementation or "xla"
+    if impl not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}; choose from {ATTENTION_IMPLEMENTATIONS}")
+    platform = platform or jax.default_backend()
+    half = dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if impl == "auto":
+        return "cudnn" if platform in ("gpu", "cuda") and half else "splash" if platform == "tpu" else "xla"
+    if impl == "cudnn":
+        if platform not in ("gpu", "cuda"):
+            raise ValueError(f"attention 'cudnn' needs an NVIDIA GPU; this backend is {platform!r} (use 'xla')")
+        if dtype is not None and not half:
+            raise ValueError(f"attention 'cudnn' needs bfloat16/float16 activations, got {jnp.dtype(dtype).name}")
+    return impl
+
+
+def _splash_attention(q: Array, k: Array, v: Array, sharding=None) -> Array:
+    """Pallas splash attention (TPU; interpret mode elsewhere). [B, L, H, D] -> [B, L, H, D].
+
+    The length is padded to the block size; padded tokens form their own
+    segment, so real tokens never attend to them. Under a mesh the kernel runs
+    per shard (batch and heads sharded as the activation rules say).
+    """
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    b, n, h, d = q.shape
+    block = 512 if n >= 1024 else 128
+    padded = -(-n // block) * block
+    interpret = jax.default_backend() != "tpu"
+    q = q * jnp.asarray(d ** -0.5, q.dtype)
+    seg = jnp.zeros((padded,), jnp.int32).at[n:].set(1)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - n), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    q, k, v = pad(q), pad(k), pad(v)
+
+    spec = sharding.spec(ACT_HEADS) if sharding is not None else None
+    heads_shards = 1
+    if spec is not None:
+        heads_axes = spec[2] if len(spec) > 2 else None
+        for a in (heads_axes if isinstance(heads_axes, tuple) else (heads_axes,) if heads_axes else ()):
+            heads_shards *= sharding.mesh.shape[a]
+    sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    kernel = sa.make_splash_mha(sa.MultiHeadMask([sa.FullMask((padded, padded))] * (h // heads_shards)),
+                                head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+
+    def run(q, k, v):
+        return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=sa.SegmentIds(q=seg, kv=seg)))(q, k, v)
+
+    if spec is not None:  # [B, H, L, D] inside: batch and heads sharded, length whole
+        p = jax.sharding.PartitionSpec(spec[0], spec[2], None, None)
+        run = jax.shard_map(run, mesh=sharding.mesh, in_specs=(p, p, p), out_specs=p, check_vma=False)
+    return run(q, k, v).transpose(0, 2, 1, 3)[:, :n]
+
+
+def attention(q: Array, k: Array, v: Array, pe: Array, *, implementation: str | None = "xla",
+              sharding=None) -> Array:
     """Self-attention with RoPE. q, k, v: [B, L, H, D] -> [B, L, H*D].
 
     The single place where attention is computed; `implementation` selects
-    the kernel ("xla" everywhere; "cudnn" flash attention on NVIDIA GPUs).
+    the kernel: "xla" (everywhere), "cudnn" (flash attention on NVIDIA GPUs,
+    16-bit inputs), "splash" (Pallas splash attention on TPU; interpret mode
+    on other backends, for tests), "auto" (see `resolve_attention`).
     """
-    if implementation not in ATTENTION_IMPLEMENTATIONS + (None,):
-        raise ValueError(f"attention implementation {implementation!r}; choose from {ATTENTION_IMPLEMENTATIONS}")
+    impl = resolve_attention(implementation, q.dtype)
     q, k = apply_rope(q, pe), apply_rope(k, pe)
-    out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    q, k, v = (constrain(x, ACT_HEADS, sharding) for x in (q, k, v))
+    q, k, v = checkpoint_name(q, "qkv"), checkpoint_name(k, "qkv"), checkpoint_name(v, "qkv")
+    if impl == "splash":
+        out = _splash_attention(q, k, v, sharding)
+    else:
+        out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
+    out = checkpoint_name(constrain(out, ACT_HEADS, sharding), "attn_out")
     return out.reshape(*out.shape[:2], -1)
 
 
@@ -93,14 +175,22 @@ class Precision:
     dtype: jnp.dtype = jnp.float32
 
 
-def linear(din: int, dout: int, prec: Precision, rngs: nnx.Rngs, bias: bool = True) -> nnx.Linear:
-    return nnx.Linear(din, dout, use_bias=bias, dtype=prec.dtype, param_dtype=prec.param_dtype, rngs=rngs)
+def axes_metadata(names: tuple) -> dict:
+    """Variable metadata holding logical axis names (eager sharding off: no mesh needed to build)."""
+    return {"out_sharding": tuple(names), "eager_sharding": False}
+
+
+def linear(din: int, dout: int, prec: Precision, rngs: nnx.Rngs, bias: bool = True,
+           axes: tuple = (None, None)) -> nnx.Linear:
+    """nnx.Linear whose kernel has logical axes `axes` = (in, out) and bias (out,)."""
+    return nnx.Linear(din, dout, use_bias=bias, dtype=prec.dtype, param_dtype=prec.param_dtype, rngs=rngs,
+                      kernel_metadata=axes_metadata(axes), bias_metadata=axes_metadata(axes[1:]))
 
 
 class MLPEmbedder(nnx.Module):
     def __init__(self, in_dim: int, hidden_dim: int, prec: Precision, rngs: nnx.Rngs):
-        self.in_layer = linear(in_dim, hidden_dim, prec, rngs)
-        self.out_layer = linear(hidden_dim, hidden_dim, prec, rngs)
+        self.in_layer = linear(in_dim, hidden_dim, prec, rngs, axes=("input", "mlp"))
+        self.out_layer = linear(hidden_dim, hidden_dim, prec, rngs, axes=("mlp", "embed"))
 
     def __call__(self, x: Array) -> Array:
         return self.out_layer(nnx.silu(self.in_layer(x)))
@@ -110,7 +200,7 @@ class RMSNorm(nnx.Module):
     """RMSNorm with a learned `scale`, computed in float32 (eps 1e-6)."""
 
     def __init__(self, dim: int, prec: Precision):
-        self.scale = nnx.Param(jnp.ones((dim,), prec.param_dtype))
+        self.scale = nnx.Param(jnp.ones((dim,), prec.param_dtype), **axes_metadata(("norm",)))
 
     def __call__(self, x: Array) -> Array:
         xf = x.astype(jnp.float32)
@@ -132,9 +222,9 @@ class SelfAttention(nnx.Module):
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool, prec: Precision, rngs: nnx.Rngs):
         self.num_heads = num_heads
-        self.qkv = linear(dim, dim * 3, prec, rngs, bias=qkv_bias)
+        self.qkv = linear(dim, dim * 3, prec, rngs, bias=qkv_bias, axes=("embed", "qkv"))
         self.norm = QKNorm(dim // num_heads, prec)
-        self.proj = linear(dim, dim, prec, rngs)
+        self.proj = linear(dim, dim, prec, rngs, axes=("heads", "embed"))
 
     def qkv_heads(self, x: Array) -> tuple[Array, Array, Array]:
         return split_qkv(self.qkv(x), self.num_heads, self.norm)
@@ -163,7 +253,7 @@ class ModulationOut(NamedTuple):
 class Modulation(nnx.Module):
     def __init__(self, dim: int, double: bool, prec: Precision, rngs: nnx.Rngs):
         self.multiplier = 6 if double else 3
-        self.lin = linear(dim, self.multiplier * dim, prec, rngs)
+        self.lin = linear(dim, self.multiplier * dim, prec, rngs, axes=("embed", "mod"))
 
     def __call__(self, vec: Array) -> list[ModulationOut]:
         out = jnp.split(self.lin(nnx.silu(vec))[:, None, :], self.multiplier, axis=-1)
@@ -184,11 +274,12 @@ def modulate(x: Array, m: ModulationOut) -> Array:
 
 def mlp_layers(dim: int, hidden: int, prec: Precision, rngs: nnx.Rngs) -> nnx.List:
     """BFL's Sequential(Linear, GELU, Linear): entries 0 and 2 hold the weights."""
-    return nnx.List([linear(dim, hidden, prec, rngs), None, linear(hidden, dim, prec, rngs)])
+    return nnx.List([linear(dim, hidden, prec, rngs, axes=("embed", "mlp")), None,
+                     linear(hidden, dim, prec, rngs, axes=("mlp", "embed"))])
 
 
 def mlp(layers: nnx.List, x: Array) -> Array:
-    return layers[2](jax.nn.gelu(layers[0](x), approximate=True))
+    return layers[2](jax.nn.gelu(checkpoint_name(layers[0](x), "mlp_hidden"), approximate=True))
 
 
 class DoubleStreamBlock(nnx.Module):
@@ -197,6 +288,7 @@ class DoubleStreamBlock(nnx.Module):
         mlp_hidden = int(hidden_size * mlp_ratio)
         self.num_heads = num_heads
         self.attention_impl = attention_impl
+        self.activation_sharding = None  # set by dd_jax.sharding.shard_model
         self.img_mod = Modulation(hidden_size, True, prec, rngs)
         self.img_attn = SelfAttention(hidden_size, num_heads, qkv_bias, prec, rngs)
         self.img_mlp = mlp_layers(hidden_size, mlp_hidden, prec, rngs)
@@ -206,6 +298,8 @@ class DoubleStreamBlock(nnx.Module):
 
     def __call__(self, img: Array, txt: Array, vec: Array, pe: Array, vec_cond: Array | None = None,
                  img_cond_mask: Array | None = None) -> tuple[Array, Array]:
+        sh = self.activation_sharding
+        img, txt = constrain(img, ACT_EMBED, sh), constrain(txt, ACT_EMBED, sh)
         img_mod1, img_mod2 = modulations(self.img_mod, vec, vec_cond, img_cond_mask)
         txt_mod1, txt_mod2 = self.txt_mod(vec)
         img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, img_mod1))
@@ -213,14 +307,14 @@ class DoubleStreamBlock(nnx.Module):
         q = jnp.concatenate([txt_q, img_q], axis=1)
         k = jnp.concatenate([txt_k, img_k], axis=1)
         v = jnp.concatenate([txt_v, img_v], axis=1)
-        attn = attention(q, k, v, pe, implementation=self.attention_impl)
+        attn = attention(q, k, v, pe, implementation=self.attention_impl, sharding=sh)
         n_txt = txt.shape[1]
         txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
         img = img + img_mod1.gate * self.img_attn.proj(img_attn)
         img = img + img_mod2.gate * mlp(self.img_mlp, modulate(img, img_mod2))
         txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
         txt = txt + txt_mod2.gate * mlp(self.txt_mlp, modulate(txt, txt_mod2))
-        return img, txt
+        return constrain(img, ACT_EMBED, sh), constrain(txt, ACT_EMBED, sh)
 
 
 class SingleStreamBlock(nnx.Module):
@@ -231,28 +325,33 @@ class SingleStreamBlock(nnx.Module):
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.attention_impl = attention_impl
+        self.activation_sharding = None  # set by dd_jax.sharding.shard_model
         self.mlp_hidden = int(hidden_size * mlp_ratio)
-        self.linear1 = linear(hidden_size, hidden_size * 3 + self.mlp_hidden, prec, rngs)
-        self.linear2 = linear(hidden_size + self.mlp_hidden, hidden_size, prec, rngs)
+        self.linear1 = linear(hidden_size, hidden_size * 3 + self.mlp_hidden, prec, rngs, axes=("embed", "single_in"))
+        self.linear2 = linear(hidden_size + self.mlp_hidden, hidden_size, prec, rngs, axes=("single_out", "embed"))
         self.norm = QKNorm(hidden_size // num_heads, prec)
         self.modulation = Modulation(hidden_size, False, prec, rngs)
 
     def __call__(self, x: Array, vec: Array, pe: Array, vec_cond: Array | None = None,
                  cond_mask: Array | None = None) -> Array:
+        sh = self.activation_sharding
+        x = constrain(x, ACT_EMBED, sh)
         (mod,) = modulations(self.modulation, vec, vec_cond, cond_mask)
         h = self.linear1(modulate(x, mod))
         qkv, mlp = h[..., : 3 * self.hidden_size], h[..., 3 * self.hidden_size :]
         q, k, v = split_qkv(qkv, self.num_heads, self.norm)
-        attn = attention(q, k, v, pe, implementation=self.attention_impl)
+        attn = attention(q, k, v, pe, implementation=self.attention_impl, sharding=sh)
+        mlp = checkpoint_name(mlp, "mlp_hidden")
         out = self.linear2(jnp.concatenate([attn, jax.nn.gelu(mlp, approximate=True)], axis=-1))
-        return x + mod.gate * out
+        return constrain(x + mod.gate * out, ACT_EMBED, sh)
 
 
 class LastLayer(nnx.Module):
     def __init__(self, hidden_size: int, out_channels: int, prec: Precision, rngs: nnx.Rngs):
-        self.linear = linear(hidden_size, out_channels, prec, rngs)
+        self.linear = linear(hidden_size, out_channels, prec, rngs, axes=("embed", "output"))
         # BFL's `adaLN_modulation` is Sequential(SiLU, Linear): the Linear is entry 1.
-        self.adaLN_modulation = nnx.List([None, linear(hidden_size, 2 * hidden_size, prec, rngs)])
+        self.adaLN_modulation = nnx.List([None, linear(hidden_size, 2 * hidden_size, prec, rngs,
+                                                       axes=("embed", "mod"))])
 
     def _shift_scale(self, vec: Array) -> tuple[Array, Array]:
         shift, scale = jnp.split(self.adaLN_modulation[1](nnx.silu(vec)), 2, axis=-1)

@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -185,32 +185,77 @@ def read_groups(model_dir: str, targets: Mapping[str, jax.ShapeDtypeStruct] | No
         ckptr.close()
 
 
-def load_module(model_dir: str, abstract_module, *, shardings: Mapping[str, Any] | None = None):
+def _place(arr, sharding):
+    """Host array -> device array, directly into `sharding` (multi-host safe: each process fills its shards)."""
+    if sharding is None:
+        return jnp.asarray(arr)
+    arr = np.asarray(arr)
+    return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
+
+
+def _stacked_order(groups: Iterable[str], per_layer: Mapping[str, tuple[str, int]]) -> list[str]:
+    """Reads groups so that each stacked array completes as early as possible (stored per module,
+    one stacked module's layers are read back to back and then leave host memory)."""
+    def key(group):
+        hits = [per_layer[k] for k in per_layer if k.rsplit(".", 1)[0] == group or k.startswith(group + ".")]
+        return (min((h[0] for h in hits), default=""), min((h[1] for h in hits), default=-1))
+
+    return sorted(groups, key=key)
+
+
+def load_module(model_dir: str, abstract_module, *, shardings: Mapping[str, Any] | None = None,
+                stacked: Mapping[str, Sequence[str]] | None = None):
     """Fills an abstract NNX module (from `nnx.eval_shape`) with stored weights.
 
     Each parameter is restored in the dtype of the abstract module's variable
     (so the caller picks the dtype by how it builds the module), group by
     group. `shardings` (flat path -> jax.sharding.Sharding) places arrays
-    directly on devices. Every variable must be stored, and nothing extra.
+    directly on devices. `stacked` (model path -> stored per-layer paths)
+    fills a variable with a leading layer axis from stored per-layer arrays
+    (a scanned model from per-block groups). Every variable must be stored,
+    and nothing extra.
     """
     from flax import nnx
 
     graphdef, state = nnx.split(abstract_module)
     variables = {".".join(map(str, path)): var for path, var in nnx.to_flat_state(state)}
-    targets = {}
+    stacked = dict(stacked or {})
+    per_layer = {src: (name, i) for name, srcs in stacked.items() for i, src in enumerate(srcs)}
+    targets, buffers, counts = {}, {}, {}
     for name, var in variables.items():
         abstract = var.get_value()
         sharding = (shardings or {}).get(name)
-        targets[name] = jax.ShapeDtypeStruct(abstract.shape, abstract.dtype, sharding=sharding)
+        if name in stacked:
+            if len(stacked[name]) != abstract.shape[0]:
+                raise ValueError(f"{name}: {len(stacked[name])} sources for {abstract.shape[0]} layers")
+            for src in stacked[name]:
+                targets[src] = jax.ShapeDtypeStruct(abstract.shape[1:], abstract.dtype)
+        else:
+            targets[name] = jax.ShapeDtypeStruct(abstract.shape, abstract.dtype, sharding=sharding)
     filled = set()
-    for _, arrays in read_groups(model_dir, targets):
-        for name, arr in arrays.items():
-            if tuple(arr.shape) != tuple(targets[name].shape):
-                raise ValueError(f"{model_dir}: {name} stored with shape {tuple(arr.shape)}, "
-                                 f"the model expects {tuple(targets[name].shape)}")
-            sharding = targets[name].sharding
-            variables[name].set_value(jax.device_put(arr, sharding) if sharding is not None else jnp.asarray(arr))
-            filled.add(name)
+    order = _stacked_order(read_meta(model_dir)["groups"], per_layer) if stacked else None
+    for _, arrays in read_groups(model_dir, targets, groups=order):
+        for src, arr in arrays.items():
+            if tuple(arr.shape) != tuple(targets[src].shape):
+                raise ValueError(f"{model_dir}: {src} stored with shape {tuple(arr.shape)}, "
+                                 f"the model expects {tuple(targets[src].shape)}")
+            if src in per_layer:
+                name, i = per_layer[src]
+                abstract = variables[name].get_value()
+                buf = buffers.setdefault(name, np.empty(abstract.shape, abstract.dtype))
+                buf[i] = np.asarray(arr)
+                counts[name] = counts.get(name, 0) + 1
+                if counts[name] < len(stacked[name]):
+                    continue
+                arr, src = buffers.pop(name), name
+            if src in stacked:
+                value = _place(arr, (shardings or {}).get(src))
+            else:
+                sharding = targets[src].sharding
+                value = jax.device_put(arr, sharding) if sharding is not None else jnp.asarray(arr)
+            variables[src].set_value(value)
+            filled.add(src)
+        del arrays
     missing = sorted(set(variables) - filled)
     if missing:
         raise KeyError(f"{model_dir}: parameter(s) missing from the checkpoint: {missing[:8]}"
