@@ -1,0 +1,378 @@
+"""Metric tables: `python -m dd_jax.evaluate --data DIR --output REPORT_DIR [--checkpoint RUN]`.
+
+Decomposes every composite of a built test split (``python -m dd_jax.data.build``)
+and compares the predicted layers with the stored ones:
+
+* background: RMSE (0-255), SSIM, LPIPS, FID (the paper's Table 1), plus PSNR
+  and RMSEw (RMSE inside the foreground's mask: alpha > 0);
+* foreground: the same four against the 3-channel rendering of the layer
+  alone that the data pipeline yields as ``foreground`` (Table 3);
+* the identity baseline (return the composite itself) is a row of every
+  table, and each subtask reports the ratio of the model's background RMSE
+  to the identity's; the summary gives the mean of these ratios;
+* LOGO datasets (``--tasks logo/high`` ...) also get the LOGO papers'
+  protocol: background RMSE (0-255), RMSEw inside the watermark mask, PSNR
+  and the pytorch_ssim (zero-padded) SSIM.
+
+It writes ``REPORT_DIR/metrics.json`` (settings, per-subtask means and the
+per-image values), ``REPORT_DIR/report.md`` (the tables) and
+``REPORT_DIR/cases.png`` (the worst and best case of each subtask by
+background RMSE: composite | background model / truth | foreground model /
+truth). Without ``--lpips-weights`` / ``--fid-weights`` (converted with
+``scripts/convert_metrics_weights.py``) those columns read "n/a (no weights)".
+
+Images are compared at the stored size of the data. When that differs from
+the model's working size, the model runs on the resized composite and its
+background is brought back as ``decompose`` does (the predicted change is
+upsampled and added to the full-size composite); ``--at-working-size``
+instead resizes the stored layers to the working size. Batches have a fixed
+shape (the last one padded), so one compilation serves every subtask.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dd_jax import metrics
+from dd_jax.data import blend, pipeline
+from dd_jax.decompose import DEFAULT_MODEL, load_config_file, resize
+
+NA = "n/a (no weights)"
+LOGO_LABELS = {"logo/high": "LOGO-H", "logo/mid": "LOGO-L", "logo/gray": "LOGO-Gray"}
+PIXEL_METRICS = ("rmse", "ssim", "psnr", "rmse_w", "ssim_zero_pad")
+PSNR_CAP = 100.0  # dB, for identical images (infinite PSNR)
+LAYERS = ("background", "foreground")
+METHODS = ("identity", "model")
+
+
+# ------------------------------------------------------------------ data
+def resolve_tasks(data_dir: str, tasks) -> list[str]:
+    """`all` / a list of subtasks, `logo`, `logo/<config>` -> dataset keys present under data_dir."""
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    out = []
+    for t in tasks:
+        if t == "all":
+            out += pipeline.resolve_tasks(data_dir, "all") + _logo_configs(data_dir)
+        elif t == "logo":
+            out += _logo_configs(data_dir) or ["logo"]
+        else:
+            out.append(t)
+    return list(dict.fromkeys(out))
+
+
+def _logo_configs(data_dir: str) -> list[str]:
+    root = os.path.join(data_dir, "logo")
+    if not os.path.isdir(root):
+        return []
+    return [f"logo/{c}" for c in sorted(os.listdir(root)) if pipeline._versions(os.path.join(root, c))]
+
+
+def label(dataset: str) -> str:
+    """Table header of a dataset ('alphablend/xray' -> 'xray', 'logo/high' -> 'LOGO-H')."""
+    if dataset.startswith("logo/"):
+        return LOGO_LABELS.get(dataset, dataset)
+    return dataset.split("/", 1)[-1]
+
+
+def load_examples(data_dir: str, task: str, split: str, limit: int | None, size: tuple[int, int] | None):
+    """The first `limit` examples of a split as [0, 1] arrays: (dataset name, eval size, list of dicts).
+
+    `size` None: the stored size (of the first record; others are fitted to it).
+    """
+    src, name = pipeline.open_source(data_dir, task, split)
+    n = len(src) if limit is None else min(limit, len(src))
+    if n == 0:
+        return name, size, []
+    if size is None:
+        size = tuple(np.asarray(src[0]["composite"]).shape[:2])
+    prep = pipeline.Prepare(size[0], size[1], random_crop=False, include_rgba=True)
+    rng = np.random.default_rng(0)  # unused with centred crops
+    out = []
+    for i in range(n):
+        ex = prep.random_map(dict(src[i]), rng)
+        out.append({"index": i, "task": int(ex["task"]),
+                    **{k: pipeline.to_unit(ex[k]).astype(np.float32)
+                       for k in ("composite", "background", "foreground", "foreground_rgba")}})
+    return name, size, out
+
+
+# ------------------------------------------------------------------ metric networks
+class Networks:
+    """Optional LPIPS / FID networks; None where no weight file was given."""
+
+    def __init__(self, lpips_weights: str | None = None, fid_weights: str | None = None):
+        self.lpips_path, self.fid_path = lpips_weights, fid_weights
+        self.lpips = self.inception = None
+        if lpips_weights:
+            from dd_jax.metrics import lpips
+
+            self.lpips = lpips.load(lpips_weights)
+        if fid_weights:
+            from dd_jax.metrics import fid
+
+            self.inception = fid.load_inception(fid_weights)
+
+    def lpips_distance(self, a, b) -> np.ndarray:
+        from dd_jax.metrics import lpips
+
+        return np.asarray(lpips.distance(self.lpips, a, b, batch_size=a.shape[0]))
+
+    def fid_features(self, images) -> np.ndarray:
+        from dd_jax.metrics import fid
+
+        return np.asarray(fid.features(self.inception, images, batch_size=images.shape[0]))
+
+
+def fid_score(real: np.ndarray, fake: np.ndarray) -> float | None:
+    from dd_jax.metrics.frechet import frechet_distance, gaussian_statistics
+
+    if len(real) < 2 or len(fake) < 2:
+        return None
+    mu1, s1 = gaussian_statistics(real)
+    mu2, s2 = gaussian_statistics(fake)
+    return float(frechet_distance(mu1, s1, mu2, s2))
+
+
+@jax.jit
+def pixel_metrics(pred, truth, mask):
+    """Per-image RMSE, SSIM, PSNR (capped), RMSEw inside `mask`, zero-padded SSIM of [0, 1] images."""
+    return {"rmse": metrics.rmse(pred, truth), "ssim": metrics.ssim(pred, truth),
+            "psnr": jnp.minimum(metrics.psnr(pred, truth), PSNR_CAP),
+            "rmse_w": metrics.rmse_masked(pred, truth, mask),
+            "ssim_zero_pad": metrics.ssim(pred, truth, zero_pad=True)}
+
+
+# ------------------------------------------------------------------ accumulation
+class TaskResult:
+    """Per-image values and FID features of one dataset, gathered batch by batch."""
+
+    def __init__(self, dataset: str, size: tuple[int, int]):
+        self.dataset, self.size = dataset, size
+        self.values: dict[str, list] = collections.defaultdict(list)  # "layer/method/metric" -> [(K?, n)]
+        self.features: dict[str, list] = collections.defaultdict(list)
+        self.indices: list[int] = []
+        self.cases: dict[str, tuple[float, int, list]] = {}
+
+    def add(self, key: str, values) -> None:
+        self.values[key].append(np.asarray(values, np.float64))
+
+    def per_image(self) -> dict[str, list[float]]:
+        """Mean over samples of every value, per image."""
+        out = {}
+        for key, chunks in self.values.items():
+            arr = np.concatenate([c.reshape(-1, c.shape[-1]).mean(0) if c.ndim > 1 else c for c in chunks])
+            out[key] = arr
+        return out
+
+    def note_case(self, score: float, index: int, tiles: list) -> None:
+        if "worst" not in self.cases or score > self.cases["worst"][0]:
+            self.cases["worst"] = (score, index, tiles)
+        if "best" not in self.cases or score < self.cases["best"][0]:
+            self.cases["best"] = (score, index, tiles)
+
+
+def evaluate_task(system, examples: list[dict], result: TaskResult, nets: Networks, *, steps: int,
+                  seed: int, batch_size: int, num_samples: int, guidance, key_offset: int, progress=None) -> int:
+    """Runs the model over `examples` and fills `result`; returns the number of batches run."""
+    from dd_jax import system as system_lib
+
+    height, width = system.config.data.height, system.config.data.width
+    has_fg = "x" in system.spec.targets
+    n_batches = 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        n = len(chunk)
+        padded = chunk + [chunk[-1]] * (batch_size - n)
+        get = lambda k: np.stack([e[k] for e in padded])  # noqa: E731
+        comp, bg, fg = get("composite"), get("background"), get("foreground")
+        mask = (get("foreground_rgba")[..., 3:] > 0.5 / 255.0).astype(np.float32)
+        tasks = np.array([e["task"] for e in padded], np.int32)
+        same_size = comp.shape[1:3] == (height, width)
+        comp_in = comp if same_size else np.stack([resize(c, height, width) for c in comp])
+        result.indices += [e["index"] for e in chunk]
+
+        def record(layer, method, pred, truth):
+            vals = pixel_metrics(jnp.asarray(pred), jnp.asarray(truth), jnp.asarray(mask))
+            for m in PIXEL_METRICS:
+                yield f"{layer}/{method}/{m}", np.asarray(vals[m])[:n]
+            if nets.lpips is not None:
+                yield f"{layer}/{method}/lpips", nets.lpips_distance(pred, truth)[:n]
+
+        # identity baseline: the composite as both layers
+        for layer, truth in (("background", bg), ("foreground", fg)):
+            for k, v in record(layer, "identity", comp, truth):
+                result.add(k, v)
+        if nets.inception is not None:
+            for name, imgs in (("background/truth", bg), ("foreground/truth", fg), ("composite", comp)):
+                result.features[name].append(nets.fid_features(imgs)[:n])
+
+        per_sample = collections.defaultdict(list)
+        for k in range(num_samples):
+            key = jax.random.fold_in(jax.random.key(seed), (key_offset + n_batches) * num_samples + k)
+            layers = system_lib.decompose(system, jnp.asarray(comp_in * 2 - 1), jnp.asarray(tasks), key, steps,
+                                          guidance)
+            layers = {name: np.clip((np.asarray(v, np.float32) + 1) / 2, 0, 1) for name, v in layers.items()}
+            y = layers["y"]
+            if not same_size:  # detail transfer, as dd_jax.decompose
+                y = np.clip(comp + np.stack([resize(d, *comp.shape[1:3]) for d in y - comp_in]), 0, 1)
+            x = None
+            if has_fg:
+                x = layers["x"] if same_size else np.stack([resize(d, *comp.shape[1:3]) for d in layers["x"]])
+            for kk, v in record("background", "model", y, bg):
+                per_sample[kk].append(v)
+            if x is not None:
+                for kk, v in record("foreground", "model", x, fg):
+                    per_sample[kk].append(v)
+            if nets.inception is not None:
+                result.features["background/model"].append(nets.fid_features(y)[:n])
+                if x is not None:
+                    result.features["foreground/model"].append(nets.fid_features(x)[:n])
+            if k == 0:
+                scores = per_sample["background/model/rmse"][0]
+                for i in range(n):
+                    tiles = [comp[i], y[i], bg[i], None if x is None else x[i], fg[i]]
+                    result.note_case(float(scores[i]), chunk[i]["index"], tiles)
+        for kk, vs in per_sample.items():
+            result.add(kk, np.stack(vs))  # (K, n)
+        n_batches += 1
+        if progress:
+            progress(min(start + batch_size, len(examples)), len(examples))
+    return n_batches
+
+
+def summarize(result: TaskResult, nets: Networks, has_fg: bool) -> dict:
+    """Means over images (and samples) of one dataset; LPIPS / FID as NA without weights."""
+    per = result.per_image()
+    out = {"dataset": result.dataset, "label": label(result.dataset), "n": len(result.indices),
+           "eval_size": list(result.size)}
+    for layer in LAYERS:
+        out[layer] = {}
+        for method in METHODS:
+            if layer == "foreground" and method == "model" and not has_fg:
+                out[layer][method] = None
+                continue
+            row = {m: float(np.mean(per[f"{layer}/{method}/{m}"])) for m in PIXEL_METRICS}
+            row["lpips"] = float(np.mean(per[f"{layer}/{method}/lpips"])) if nets.lpips is not None else NA
+            if nets.inception is not None:
+                real = np.concatenate(result.features[f"{layer}/truth"])
+                fake_key = "composite" if method == "identity" else f"{layer}/model"
+                row["fid"] = fid_score(real, np.concatenate(result.features[fake_key]))
+            else:
+                row["fid"] = NA
+            out[layer][method] = row
+    ident = out["background"]["identity"]["rmse"]
+    out["background"]["rmse_ratio"] = out["background"]["model"]["rmse"] / ident if ident > 0 else None
+    out["per_image"] = {"index": list(result.indices), **{k: [round(float(x), 5) for x in v] for k, v in per.items()}}
+    out["cases"] = {k: {"index": v[1], "background_rmse": round(v[0], 4)} for k, v in result.cases.items()}
+    return out
+
+
+def overall(tasks: dict) -> dict:
+    ratios = {t: r["background"]["rmse_ratio"] for t, r in tasks.items() if r["background"]["rmse_ratio"] is not None}
+    return {"mean_background_rmse_ratio": float(np.mean(list(ratios.values()))) if ratios else None,
+            "background_rmse_ratios": ratios,
+            "model_below_identity_in_every_subtask": bool(ratios) and all(r < 1 for r in ratios.values())}
+
+
+# ------------------------------------------------------------------ driver
+def run(data_dir: str, output: str, checkpoint: str | None = None, *, tasks="all", split: str = "test",
+        config_file: str | None = None, steps: int | None = None, seed: int = 0, num_samples: int = 1,
+        batch_size: int = 8, limit: int | None = None, guidance: float | None = None,
+        lpips_weights: str | None = None, fid_weights: str | None = None, at_working_size: bool = False,
+        nets: Networks | None = None, log=lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
+    """Evaluates a trained model (export folder or training workdir); writes and returns the report.
+
+    `nets` replaces the LPIPS / FID networks loaded from the weight files.
+    """
+    from dd_jax import train
+    from dd_jax.metrics import report as report_lib
+
+    checkpoint = checkpoint or DEFAULT_MODEL
+    config = load_config_file(config_file) if config_file else None
+    system = train.load_trained(checkpoint, config)
+    cfg = system.config
+    steps = steps or cfg.sample.steps
+    working = (int(cfg.data.height), int(cfg.data.width))
+    nets = nets or Networks(lpips_weights, fid_weights)
+    names = resolve_tasks(data_dir, tasks)
+    if not names:
+        raise ValueError(f"no datasets found under {data_dir!r}")
+    log(f"evaluating {checkpoint} on {', '.join(names)} ({split}), working size {working[0]}x{working[1]}, "
+        f"{steps} steps, {num_samples} sample(s), batch {batch_size}")
+    t0, results, batches = time.time(), {}, 0
+    has_fg = "x" in system.spec.targets
+    cases = {}
+    for task in names:
+        dataset, size, examples = load_examples(data_dir, task, split, limit, working if at_working_size else None)
+        if not examples:
+            log(f"  {dataset}: no examples in split {split!r}, skipped")
+            continue
+        res = TaskResult(dataset, size)
+        prog = lambda i, n, d=dataset: log(f"  {d}: {i}/{n} ({time.time() - t0:.1f}s)")  # noqa: E731
+        batches += evaluate_task(system, examples, res, nets, steps=steps, seed=seed, batch_size=batch_size,
+                                 num_samples=num_samples, guidance=guidance, key_offset=batches, progress=prog)
+        results[label(dataset)] = summarize(res, nets, has_fg)
+        cases[label(dataset)] = res.cases
+    report = {
+        "checkpoint": os.path.abspath(checkpoint), "data": os.path.abspath(data_dir), "split": split,
+        "steps": steps, "seed": seed, "num_samples": num_samples, "batch_size": batch_size, "limit": limit,
+        "guidance": guidance, "working_size": list(working), "at_working_size": at_working_size,
+        "targets": list(system.spec.targets), "lpec": bool(cfg.icd.lpec),
+        "lpips_weights": nets.lpips_path, "fid_weights": nets.fid_path, "psnr_cap_db": PSNR_CAP,
+        "seconds": round(time.time() - t0, 1), "tasks": results, "summary": overall(results),
+    }
+    report_lib.write(report, cases, output)
+    log(f"wrote {output}/metrics.json, report.md, cases.png ({time.time() - t0:.1f}s)")
+    return report
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dd_jax.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="the --out folder of python -m dd_jax.data.build")
+    ap.add_argument("--output", required=True, help="report folder")
+    ap.add_argument("--checkpoint", default=None, help="export folder or training workdir (default: shipped model)")
+    ap.add_argument("--config", default=None, help="config file overriding the checkpoint's")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--tasks", nargs="+", default=["all"],
+                    help="subtasks, logo, logo/<high|mid|gray>, or all (default)")
+    ap.add_argument("--steps", type=int, default=None, help="Euler steps (default: the config's sample.steps)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num-samples", type=int, default=1, help="samples per image (metrics are averaged)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--limit", type=int, default=None, help="first N examples per subtask")
+    ap.add_argument("--guidance", type=float, default=None)
+    ap.add_argument("--lpips-weights", default=None, help="converted LPIPS file (.safetensors)")
+    ap.add_argument("--fid-weights", default=None, help="converted FID InceptionV3 file (.safetensors)")
+    ap.add_argument("--at-working-size", action="store_true",
+                    help="compare at the model's working size instead of the stored size")
+    args = ap.parse_args(argv)
+    if args.num_samples < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        ap.error("--num-samples, --batch-size and --limit must be >= 1")
+    try:
+        report = run(args.data, args.output, args.checkpoint, tasks=args.tasks, split=args.split,
+                     config_file=args.config, steps=args.steps, seed=args.seed, num_samples=args.num_samples,
+                     batch_size=args.batch_size, limit=args.limit, guidance=args.guidance,
+                     lpips_weights=args.lpips_weights, fid_weights=args.fid_weights,
+                     at_working_size=args.at_working_size)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    s = report["summary"]
+    if s["mean_background_rmse_ratio"] is not None:
+        print(f"mean background RMSE ratio (model / identity): {s['mean_background_rmse_ratio']:.3f}",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
