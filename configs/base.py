@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     lo.enabled = True
     lo.rank = 128
     lo.alpha = 128.0
-    lo.targets = list(__import__("dd_jax.lora", fromlist=["x"]).DEFAULT_TARGETS)
+    lo.targets = tuple(__import__("dd_jax.lora", fromlist=["x"]).DEFAULT_TARGETS)
     lo.modulation = False
 
     c.autoencoder = ae = ml_collections.ConfigDict()
@@ -35,9 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
     tx.length = 8  # learned task tokens ("task" only)
 
     c.icd = ic = ml_collections.ConfigDict()
-    ic.targets = ["x", "y"]  # noisy layers after the condition z: foreground x, background y
+    ic.targets = ("x", "y")  # noisy layers after the condition z: foreground x, background y
     ic.lpec = True  # Layer Position Encoding Cloning: z and y share RoPE ids
-    ic.cloned = ["y"]
+    ic.cloned = ("y",)
     ic.offset = "index"  # x ids: "index" (1, r, c) as Kontext | "spatial" (0, r, c + w) as OminiControl
     ic.condition_t0 = False  # modulate condition tokens as t = 0 (OminiControl)
 

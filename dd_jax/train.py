@@ -96,7 +96,7 @@ class Checkpoints:
         self.manager.wait_until_finished()
 
     def restore(self, step: int, abstract_state):
-        target = self.ocp.utils.to_shape_dtype_struct(abstract_state)
+        target = jax.tree.map(self.ocp.utils.to_shape_dtype_struct, abstract_state)
         out = self.manager.restore(step, args=self.ocp.args.Composite(
             state=self.ocp.args.StandardRestore(target), data=self.ocp.args.JsonRestore()))
         return out.state, out.data

@@ -1,0 +1,113 @@
+"""The training program: resume after SIGKILL, SIGTERM saves, NaN stops, export and reload."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import train_helpers as th
+from dd_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return th.make_dataset(tmp_path_factory.mktemp("data"))
+
+
+def _cli(workdir, c):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen([sys.executable, "-m", "dd_jax.train", f"--workdir={workdir}"] + th.config_args(c),
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_resume_after_sigkill_logs_the_uninterrupted_losses(data_dir, tmp_path):
+    c = th.small_config(data_dir, steps=120, checkpoint_every=8)
+    full = tmp_path / "full"
+    train.train(c, str(full))  # uninterrupted reference, in process
+    ref = th.losses(str(full))
+    assert sorted(ref) == list(range(1, 121))
+
+    run = tmp_path / "killed"
+    proc = _cli(run, c)
+    deadline = time.time() + 300
+    while not os.path.isdir(run / "checkpoints" / "8") and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    logged = th.losses(str(run))
+    assert max(logged) < 120, "the run finished before it could be killed"
+    assert train.Checkpoints(str(run / "checkpoints"), 3).latest() >= 8
+
+    proc = _cli(run, c)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert "resumed from step" in out
+    resumed = th.losses(str(run))
+    assert sorted(resumed) == list(range(1, 121))
+    for step in range(1, 121):
+        assert resumed[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), step
+
+
+def test_sigterm_saves_and_the_run_continues(data_dir, tmp_path, monkeypatch):
+    c = th.small_config(data_dir, steps=10)
+    calls = []
+    real = train.device_batch
+
+    def batch_then_sigterm(b):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(b)
+
+    monkeypatch.setattr(train, "device_batch", batch_then_sigterm)
+    summary = train.train(c, str(tmp_path))
+    assert summary["interrupted"] == "SIGTERM" and summary["step"] == 3
+    assert train.Checkpoints(str(tmp_path / "checkpoints"), 3).latest() == 3
+    assert "export" not in summary
+    monkeypatch.setattr(train, "device_batch", real)
+    summary = train.train(c, str(tmp_path))
+    assert summary["start_step"] == 3 and summary["step"] == 10 and "export" in summary
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    c = th.small_config(data_dir, steps=20, checkpoint_every=4, log_every=5)
+    calls = []
+    real = train.device_batch
+
+    def poisoned(b):
+        calls.append(1)
+        out = real(b)
+        if len(calls) == 6:
+            out["composite"] = out["composite"] * jnp.nan
+        return out
+
+    monkeypatch.setattr(train, "device_batch", poisoned)
+    with pytest.raises(train.NonFiniteLoss, match="step 6"):
+        train.train(c, str(tmp_path))
+    assert train.Checkpoints(str(tmp_path / "checkpoints"), 3).latest() == 4
+    logged = th.losses(str(tmp_path))
+    assert math.isnan(logged[6]) and all(math.isfinite(logged[s]) for s in range(1, 6))
+
+
+def test_export_reloads_the_trained_model(data_dir, tmp_path):
+    c = th.small_config(data_dir, steps=4)
+    summary = train.train(c, str(tmp_path))
+    exported = train.load_trained(summary["export"])
+    os.rename(summary["export"], str(tmp_path / "moved"))
+    from_checkpoint = train.load_trained(str(tmp_path))  # a workdir without export: its newest checkpoint
+    a = from_checkpoint.model.transformer.img_in.kernel[...]
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(exported.model.transformer.img_in.kernel[...]))
+    np.testing.assert_array_equal(np.asarray(from_checkpoint.model.conditioner.tokens[...]),
+                                  np.asarray(exported.model.conditioner.tokens[...]))
+    fresh = train.system_lib.build(c)
+    assert not np.array_equal(np.asarray(a), np.asarray(fresh.model.transformer.img_in.kernel[...]))
