@@ -83,26 +83,32 @@ def label(dataset: str) -> str:
     return dataset.split("/", 1)[-1]
 
 
-def load_examples(data_dir: str, task: str, split: str, limit: int | None, size: tuple[int, int] | None):
-    """The first `limit` examples of a split as [0, 1] arrays: (dataset name, eval size, list of dicts).
+class Examples:
+    """The first `limit` examples of a split, read and prepared on access as [0, 1] arrays.
 
-    `size` None: the stored size (of the first record; others are fitted to it).
+    `size` None: compare at the stored size (of the first record; others are fitted to it).
     """
-    src, name = pipeline.open_source(data_dir, task, split)
-    n = len(src) if limit is None else min(limit, len(src))
-    if n == 0:
-        return name, size, []
-    if size is None:
-        size = tuple(np.asarray(src[0]["composite"]).shape[:2])
-    prep = pipeline.Prepare(size[0], size[1], random_crop=False, include_rgba=True)
-    rng = np.random.default_rng(0)  # unused with centred crops
-    out = []
-    for i in range(n):
-        ex = prep.random_map(dict(src[i]), rng)
-        out.append({"index": i, "task": int(ex["task"]),
-                    **{k: pipeline.to_unit(ex[k]).astype(np.float32)
-                       for k in ("composite", "background", "foreground", "foreground_rgba")}})
-    return name, size, out
+
+    def __init__(self, data_dir: str, task: str, split: str, limit: int | None = None,
+                 size: tuple[int, int] | None = None):
+        self.source, self.dataset = pipeline.open_source(data_dir, task, split)
+        self.n = len(self.source) if limit is None else min(limit, len(self.source))
+        if size is None and self.n:
+            size = tuple(np.asarray(self.source[0]["composite"]).shape[:2])
+        self.size = size
+        self.prepare = pipeline.Prepare(size[0], size[1], random_crop=False, include_rgba=True) if self.n else None
+        self.rng = np.random.default_rng(0)  # unused with centred crops
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        ex = self.prepare.random_map(dict(self.source[i]), self.rng)
+        return {"index": i, "task": int(ex["task"]),
+                **{k: pipeline.to_unit(ex[k]).astype(np.float32)
+                   for k in ("composite", "background", "foreground", "foreground_rgba")}}
 
 
 # ------------------------------------------------------------------ metric networks
@@ -180,7 +186,7 @@ class TaskResult:
             self.cases["best"] = (score, index, tiles)
 
 
-def evaluate_task(system, examples: list[dict], result: TaskResult, nets: Networks, *, steps: int,
+def evaluate_task(system, examples: Examples, result: TaskResult, nets: Networks, *, steps: int,
                   seed: int, batch_size: int, num_samples: int, guidance, key_offset: int, progress=None) -> int:
     """Runs the model over `examples` and fills `result`; returns the number of batches run."""
     from dd_jax import system as system_lib
@@ -189,7 +195,7 @@ def evaluate_task(system, examples: list[dict], result: TaskResult, nets: Networ
     has_fg = "x" in system.spec.targets
     n_batches = 0
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
+        chunk = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
         n = len(chunk)
         padded = chunk + [chunk[-1]] * (batch_size - n)
         get = lambda k: np.stack([e[k] for e in padded])  # noqa: E731
@@ -284,11 +290,19 @@ def overall(tasks: dict) -> dict:
 
 
 # ------------------------------------------------------------------ driver
+def display_path(path: str) -> str:
+    """`path` relative to the working directory when inside it (reports travel), else absolute."""
+    p = os.path.abspath(path)
+    rel = os.path.relpath(p)
+    return p if rel.startswith("..") else rel
+
+
 def run(data_dir: str, output: str, checkpoint: str | None = None, *, tasks="all", split: str = "test",
         config_file: str | None = None, steps: int | None = None, seed: int = 0, num_samples: int = 1,
         batch_size: int = 8, limit: int | None = None, guidance: float | None = None,
         lpips_weights: str | None = None, fid_weights: str | None = None, at_working_size: bool = False,
-        nets: Networks | None = None, log=lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
+        nets: Networks | None = None, command: str | None = None,
+        log=lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
     """Evaluates a trained model (export folder or training workdir); writes and returns the report.
 
     `nets` replaces the LPIPS / FID networks loaded from the weight files.
@@ -312,8 +326,9 @@ def run(data_dir: str, output: str, checkpoint: str | None = None, *, tasks="all
     has_fg = "x" in system.spec.targets
     cases = {}
     for task in names:
-        dataset, size, examples = load_examples(data_dir, task, split, limit, working if at_working_size else None)
-        if not examples:
+        examples = Examples(data_dir, task, split, limit, working if at_working_size else None)
+        dataset, size = examples.dataset, examples.size
+        if not len(examples):
             log(f"  {dataset}: no examples in split {split!r}, skipped")
             continue
         res = TaskResult(dataset, size)
@@ -323,7 +338,8 @@ def run(data_dir: str, output: str, checkpoint: str | None = None, *, tasks="all
         results[label(dataset)] = summarize(res, nets, has_fg)
         cases[label(dataset)] = res.cases
     report = {
-        "checkpoint": os.path.abspath(checkpoint), "data": os.path.abspath(data_dir), "split": split,
+        "command": command, "checkpoint": display_path(checkpoint), "data": display_path(data_dir),
+        "split": split,
         "steps": steps, "seed": seed, "num_samples": num_samples, "batch_size": batch_size, "limit": limit,
         "guidance": guidance, "working_size": list(working), "at_working_size": at_working_size,
         "targets": list(system.spec.targets), "lpec": bool(cfg.icd.lpec),
@@ -363,7 +379,8 @@ def main(argv=None) -> int:
                      config_file=args.config, steps=args.steps, seed=args.seed, num_samples=args.num_samples,
                      batch_size=args.batch_size, limit=args.limit, guidance=args.guidance,
                      lpips_weights=args.lpips_weights, fid_weights=args.fid_weights,
-                     at_working_size=args.at_working_size)
+                     at_working_size=args.at_working_size,
+                     command=" ".join(["python -m dd_jax.evaluate"] + list(sys.argv[1:] if argv is None else argv)))
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

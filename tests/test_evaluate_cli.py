@@ -167,6 +167,16 @@ def test_logo_protocol_cli(setup, tmp_path):
     assert ident["rmse_w"] > ident["rmse"]  # the error lives inside the mark
     md = (out / "report.md").read_text()
     assert "## LOGO protocol (background)" in md and "| LOGO-H | Model |" in md
+    assert "- command: `python -m dd_jax.evaluate --checkpoint" in md
+    small = quiet(evaluate.run, data, str(tmp_path / "small"), model, tasks=["logo/high"], batch_size=2, steps=1,
+                  at_working_size=True)
+    assert small["tasks"]["LOGO-H"]["eval_size"] == [SIZE, SIZE]
+
+
+def test_json_keeps_per_image_lists_on_one_line():
+    d = {"a": [1, 2.5, None], "b": {"c": [], "d": ["x, y", "z"], "e": [[1, 2], [3]]}, "f": "n/a (no weights)"}
+    text = report_lib.to_json(d)
+    assert json.loads(text) == d and '"a": [1, 2.5, null]' in text
 
 
 def test_cli_errors(tmp_path):

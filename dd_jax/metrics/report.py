@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -112,6 +113,7 @@ def markdown(report: dict) -> str:
     w = report["working_size"]
     lines = [
         f"# Evaluation of `{os.path.basename(report['checkpoint'].rstrip('/'))}`", "",
+        *([f"- command: `{report['command']}`"] if report.get("command") else []),
         f"- checkpoint: `{report['checkpoint']}` (ICD targets {', '.join(report['targets'])}, "
         f"LPEC {'on' if report['lpec'] else 'off'})",
         f"- data: `{report['data']}`, split `{report['split']}`"
@@ -168,12 +170,20 @@ def case_grid(cases: dict, tasks: list[str], tile: int = 64, label_width: int = 
     return canvas
 
 
+_SCALAR_LIST = re.compile(r"\[\n\s*((?:[^\[\]{}\n]+,\n\s*)*[^\[\]{}\n]+)\n\s*\]")
+
+
+def to_json(report: dict) -> str:
+    """Indented JSON with lists of scalars (the per-image values) on one line."""
+    text = json.dumps(report, indent=1)
+    return _SCALAR_LIST.sub(lambda m: "[" + re.sub(r",\n\s*", ", ", m.group(1)) + "]", text) + "\n"
+
+
 def write(report: dict, cases: dict, output: str) -> None:
     """metrics.json, report.md and cases.png in `output`."""
     os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, "metrics.json"), "w") as f:
-        json.dump(report, f, indent=1)
-        f.write("\n")
+        f.write(to_json(report))
     with open(os.path.join(output, "report.md"), "w") as f:
         f.write(markdown(report))
     sizes = [max(r["eval_size"]) for r in report["tasks"].values()] or [64]
