@@ -179,11 +179,13 @@ class TaskResult:
             out[key] = arr
         return out
 
-    def note_case(self, score: float, index: int, tiles: list) -> None:
+    def note_case(self, score: float, index: int, tiles: list, identity: float) -> None:
+        """Keeps the worst and best image by `score` (the model's background RMSE)."""
+        case = (score, index, tiles, identity)
         if "worst" not in self.cases or score > self.cases["worst"][0]:
-            self.cases["worst"] = (score, index, tiles)
+            self.cases["worst"] = case
         if "best" not in self.cases or score < self.cases["best"][0]:
-            self.cases["best"] = (score, index, tiles)
+            self.cases["best"] = case
 
 
 def evaluate_task(system, examples: Examples, result: TaskResult, nets: Networks, *, steps: int,
@@ -217,6 +219,7 @@ def evaluate_task(system, examples: Examples, result: TaskResult, nets: Networks
         for layer, truth in (("background", bg), ("foreground", fg)):
             for k, v in record(layer, "identity", comp, truth):
                 result.add(k, v)
+        ident_rmse = result.values["background/identity/rmse"][-1]
         if nets.inception is not None:
             for name, imgs in (("background/truth", bg), ("foreground/truth", fg), ("composite", comp)):
                 result.features[name].append(nets.fid_features(imgs)[:n])
@@ -246,7 +249,7 @@ def evaluate_task(system, examples: Examples, result: TaskResult, nets: Networks
                 scores = per_sample["background/model/rmse"][0]
                 for i in range(n):
                     tiles = [comp[i], y[i], bg[i], None if x is None else x[i], fg[i]]
-                    result.note_case(float(scores[i]), chunk[i]["index"], tiles)
+                    result.note_case(float(scores[i]), chunk[i]["index"], tiles, float(ident_rmse[i]))
         for kk, vs in per_sample.items():
             result.add(kk, np.stack(vs))  # (K, n)
         n_batches += 1
@@ -278,7 +281,8 @@ def summarize(result: TaskResult, nets: Networks, has_fg: bool) -> dict:
     ident = out["background"]["identity"]["rmse"]
     out["background"]["rmse_ratio"] = out["background"]["model"]["rmse"] / ident if ident > 0 else None
     out["per_image"] = {"index": list(result.indices), **{k: [round(float(x), 5) for x in v] for k, v in per.items()}}
-    out["cases"] = {k: {"index": v[1], "background_rmse": round(v[0], 4)} for k, v in result.cases.items()}
+    out["cases"] = {k: {"index": v[1], "background_rmse": round(v[0], 4), "identity_rmse": round(v[3], 4)}
+                    for k, v in result.cases.items()}
     return out
 
 

@@ -131,7 +131,7 @@ def markdown(report: dict) -> str:
     lines += ["## Table 3: foreground", ""] + paper_table(report, "foreground", FOREGROUND_ORDER)
     lines += logo_table(report)
     lines += ["## Worst and best cases", "",
-              "By the model's background RMSE (first sample); columns: " + " | ".join(COLUMNS) + ".", "",
+              "By the model's background RMSE (first sample; the identity baseline's RMSE beside it); columns: " + " | ".join(COLUMNS) + ".", "",
               "![worst and best cases](cases.png)", ""]
     return "\n".join(lines)
 
@@ -160,11 +160,12 @@ def case_grid(cases: dict, tasks: list[str], tile: int = 64, label_width: int = 
         for k, word in enumerate(name.split(" ", 1)):
             draw.text((x + 1, 2 + 12 * k), word, fill="black", font=font)
     for i, (t, which) in enumerate(rows):
-        score, index, tiles = cases[t][which]
+        score, index, tiles, identity = cases[t][which]
         y = head + i * (tile + 2)
         draw.text((4, y + 4), t, fill="black", font=font)
-        draw.text((4, y + 18), f"{which} (#{index})", fill="black", font=font)
-        draw.text((4, y + 32), f"bg RMSE {score:.1f}", fill="black", font=font)
+        draw.text((4, y + 17), f"{which} (#{index})", fill="black", font=font)
+        draw.text((4, y + 30), f"bg RMSE {score:.1f}", fill="black", font=font)
+        draw.text((4, y + 43), f"identity {identity:.1f}", fill="black", font=font)
         for j, img in enumerate(tiles):
             canvas.paste(Image.fromarray(_tile(img, tile)), (label_width + j * (tile + 2), y))
     return canvas
