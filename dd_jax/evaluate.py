@@ -166,7 +166,7 @@ class TaskResult:
         self.values: dict[str, list] = collections.defaultdict(list)  # "layer/method/metric" -> [(K?, n)]
         self.features: dict[str, list] = collections.defaultdict(list)
         self.indices: list[int] = []
-        self.cases: dict[str, tuple[float, int, list]] = {}
+        self.cases: dict[str, tuple] = {}  # worst / best: (score, index, tiles, identity score)
 
     def add(self, key: str, values) -> None:
         self.values[key].append(np.asarray(values, np.float64))

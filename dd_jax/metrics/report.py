@@ -124,7 +124,11 @@ def markdown(report: dict) -> str:
         f"- LPIPS weights: {report['lpips_weights'] or NA}; FID weights: {report['fid_weights'] or NA}",
         "- RMSE on 0-255 per image, SSIM of Wang et al. (Gaussian 11, sigma 1.5), means over images. The "
         "foreground is compared as the 3-channel rendering of the layer alone (the data pipeline's "
-        "`foreground`). The identity baseline returns the composite as both layers.", "",
+        "`foreground`). The identity baseline returns the composite as both layers.",
+        *(["- FID per subtask between the true and the predicted layers (InceptionV3 pool features, images "
+           "resized to 299x299); with fewer images than the 2048 feature dimensions it is a biased, "
+           "small-sample estimate, comparable only between rows of the same table."]
+          if report["fid_weights"] else []), "",
         "## Summary", ""]
     lines += summary_table(report) + [""]
     lines += ["## Table 1: background", ""] + paper_table(report, "background", BACKGROUND_ORDER)
