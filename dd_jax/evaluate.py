@@ -83,6 +83,16 @@ def label(dataset: str) -> str:
     return dataset.split("/", 1)[-1]
 
 
+def dataset_metadata(version_dir: str) -> dict:
+    """The build settings a dataset stored (seed, size, ...; AlphaBlend builds), or {}."""
+    try:
+        with open(os.path.join(version_dir, "metadata.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return {k: meta[k] for k in ("seed", "height", "width", "backgrounds", "foregrounds") if k in meta}
+
+
 class Examples:
     """The first `limit` examples of a split, read and prepared on access as [0, 1] arrays.
 
@@ -92,6 +102,7 @@ class Examples:
     def __init__(self, data_dir: str, task: str, split: str, limit: int | None = None,
                  size: tuple[int, int] | None = None):
         self.source, self.dataset = pipeline.open_source(data_dir, task, split)
+        self.metadata = dataset_metadata(pipeline.find_dataset_dir(data_dir, task)[0])
         self.n = len(self.source) if limit is None else min(limit, len(self.source))
         if size is None and self.n:
             size = tuple(np.asarray(self.source[0]["composite"]).shape[:2])
@@ -340,6 +351,7 @@ def run(data_dir: str, output: str, checkpoint: str | None = None, *, tasks="all
         batches += evaluate_task(system, examples, res, nets, steps=steps, seed=seed, batch_size=batch_size,
                                  num_samples=num_samples, guidance=guidance, key_offset=batches, progress=prog)
         results[label(dataset)] = summarize(res, nets, has_fg)
+        results[label(dataset)]["build"] = examples.metadata
         cases[label(dataset)] = res.cases
     report = {
         "command": command, "checkpoint": display_path(checkpoint), "data": display_path(data_dir),

@@ -91,6 +91,7 @@ def test_report_without_weights(setup):
                 assert r[layer][method]["lpips"] == evaluate.NA and r[layer][method]["fid"] == evaluate.NA
         assert r["background"]["rmse_ratio"] == pytest.approx(r["background"]["model"]["rmse"] / ident["rmse"])
         assert set(r["cases"]) == {"best", "worst"}
+        assert r["build"]["seed"] == 1234 and r["build"]["height"] == SIZE
     s = rep["summary"]
     assert s["mean_background_rmse_ratio"] == pytest.approx(np.mean([rep["tasks"][t]["background"]["rmse_ratio"]
                                                                      for t in TASKS]))
@@ -101,6 +102,7 @@ def test_report_without_weights(setup):
     row = next(line for line in md.splitlines() if line.startswith("| Model |"))
     assert row.count(evaluate.NA) == 4  # LPIPS and FID of two subtasks
     assert "Mean of the per-subtask background RMSE ratios" in md
+    assert "- data build seeds: 1234 (all subtasks)" in md
     with Image.open(os.path.join(out, "cases.png")) as im:
         assert im.size[1] > 4 * SIZE  # worst + best of two subtasks
 

@@ -111,6 +111,13 @@ def logo_table(report: dict) -> list[str]:
 def markdown(report: dict) -> str:
     sizes = sorted({tuple(r["eval_size"]) for r in report["tasks"].values()})
     w = report["working_size"]
+    by_seed: dict = {}
+    for t in ordered(report["tasks"], BACKGROUND_ORDER):
+        seed = report["tasks"][t].get("build", {}).get("seed")
+        if seed is not None:
+            by_seed.setdefault(seed, []).append(t)
+    seeds = [f"{s} ({'all subtasks' if len(ts) == len(report['tasks']) else ', '.join(ts)})"
+             for s, ts in by_seed.items()]
     lines = [
         f"# Evaluation of `{os.path.basename(report['checkpoint'].rstrip('/'))}`", "",
         *([f"- command: `{report['command']}`"] if report.get("command") else []),
@@ -118,6 +125,7 @@ def markdown(report: dict) -> str:
         f"LPEC {'on' if report['lpec'] else 'off'})",
         f"- data: `{report['data']}`, split `{report['split']}`"
         + (f", first {report['limit']} per subtask" if report["limit"] else ""),
+        *([f"- data build seeds: {', '.join(seeds)}"] if seeds else []),
         f"- compared at {', '.join(f'{h}x{ww}' for h, ww in sizes)}; model working size {w[0]}x{w[1]}",
         f"- {report['steps']} Euler steps, {report['num_samples']} sample(s) per image (metrics averaged), "
         f"seed {report['seed']}, batch {report['batch_size']}",
