@@ -16,7 +16,9 @@ def get_config() -> ml_collections.ConfigDict:
     m.checkpoint = ""  # converted transformer folder (scripts/convert_flux.py); "" = from scratch
     m.param_dtype = "bfloat16"
     m.compute_dtype = "bfloat16"
-    m.attention = "xla"  # "xla" | "cudnn"
+    m.attention = "xla"  # "xla" | "cudnn" | "splash" | "auto" (dd_jax.models.layers)
+    m.scan_layers = False  # stack blocks and run them with nnx.scan (one compiled block)
+    m.remat = "none"  # per-block rematerialisation policy (dd_jax.models.flux.REMAT_POLICIES)
 
     c.lora = lo = ml_collections.ConfigDict()
     lo.enabled = True
@@ -28,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.autoencoder = ae = ml_collections.ConfigDict()
     ae.kind = "flux"  # "flux" (converted VAE folder) | "pixel" (space-to-depth, no weights)
     ae.path = ""
+    ae.preset = "flux"  # architecture when built without weights (ahead-of-time compilation, tests)
     ae.factor = 8  # pixel autoencoder only
 
     c.text = tx = ml_collections.ConfigDict()

@@ -101,16 +101,15 @@ def sample_noise(key: jax.Array, spec: icd.LayerSpec, batch: Batch, t_sampling: 
 
 def make_train_step(spec: icd.LayerSpec, wrt: Any = nnx.LoRAParam, guidance: float | None = None,
                     prepare: Callable | None = None, t_sampling: str = "uniform", shift: bool = False,
-                    **t_kwargs):
+                    jit: bool = True, **t_kwargs):
     """A jitted step `(model, optimizer, batch, key) -> (loss, grad_norm)` updating only `wrt`.
 
     `prepare(model, batch) -> (transformer, Batch)` turns what the input
     pipeline gives into ICD tokens inside the jitted step (encode images,
     look up conditioning); by default `model` is the transformer and `batch`
-    already a `Batch`.
+    already a `Batch`. `jit=False` returns the plain function (for AOT lowering).
     """
 
-    @nnx.jit
     def step(model, optimizer: nnx.Optimizer, batch, key: jax.Array):
         def loss_fn(m):
             transformer, b = prepare(m, batch) if prepare is not None else (m, batch)
@@ -122,7 +121,7 @@ def make_train_step(spec: icd.LayerSpec, wrt: Any = nnx.LoRAParam, guidance: flo
         optimizer.update(model, grads)
         return loss, optax.global_norm(grads)
 
-    return step
+    return nnx.jit(step) if jit else step
 
 
 def make_optimizer(model: nnx.Module, learning_rate: float = 1e-4, wrt: Any = nnx.LoRAParam,

@@ -49,11 +49,17 @@ class TaskConditioner(nnx.Module):
 
 
 class Decomposer(nnx.Module):
-    """The trainable part: the transformer and (optionally) learned conditioning."""
+    """Everything jitted code touches: the transformer, learned conditioning (optional), the Flux VAE (optional).
 
-    def __init__(self, transformer: flux.Flux, conditioner: TaskConditioner | None):
+    The VAE lives here (rather than being closed over) so its weights are
+    arguments of the compiled step, not constants baked into it; it is never
+    trained (see `System.trainable`).
+    """
+
+    def __init__(self, transformer: flux.Flux, conditioner: TaskConditioner | None, vae: nnx.Module | None = None):
         self.transformer = transformer
         self.conditioner = conditioner
+        self.vae = vae
 
     def conditioning(self, batch: dict) -> tuple[jax.Array, jax.Array]:
         if self.conditioner is not None:
@@ -66,10 +72,14 @@ class Decomposer(nnx.Module):
 @dataclasses.dataclass
 class System:
     model: Decomposer
-    autoencoder: Any
+    pixel_autoencoder: PixelAutoencoder | None  # the weightless alternative to model.vae
     spec: icd.LayerSpec
     guidance: float | None
     config: Any
+
+    @property
+    def autoencoder(self):
+        return self.model.vae if self.model.vae is not None else self.pixel_autoencoder
 
     @property
     def downsample(self) -> int:
@@ -82,8 +92,9 @@ class System:
             raise ValueError(f"image size {height}x{width} must be a multiple of {d}")
         return height // d, width // d
 
-    def tokens(self, images: jax.Array) -> jax.Array:
-        return icd.pack(self.autoencoder.encode(images))
+    def tokens(self, images: jax.Array, model: Decomposer | None = None) -> jax.Array:
+        vae = (model or self.model).vae
+        return icd.pack((vae if vae is not None else self.pixel_autoencoder).encode(images))
 
     def images(self, tokens: jax.Array, height: int, width: int) -> jax.Array:
         d = self.autoencoder.downsample
@@ -93,14 +104,14 @@ class System:
         """Pipeline batch -> (transformer, ICD token batch); runs inside jit."""
         comp = batch["composite"]
         grid = self.grid(comp.shape[1], comp.shape[2])
-        layers = {name: self.tokens(batch[LAYER_IMAGES[name]]) for name in self.spec.layers}
+        layers = {name: self.tokens(batch[LAYER_IMAGES[name]], model) for name in self.spec.layers}
         txt, vec = model.conditioning(batch)
         txt_ids = jnp.zeros((txt.shape[1], 3), jnp.float32)
         return model.transformer, flow.Batch(layers=layers, txt=txt, txt_ids=txt_ids, y=vec, grid=grid)
 
     def trainable(self):
-        """The variable filter the optimizer updates."""
-        return nnx.LoRAParam if self.config.lora.enabled else nnx.Param
+        """The variable filter the optimizer updates (never the VAE)."""
+        return nnx.LoRAParam if self.config.lora.enabled else nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vae")))
 
 
 def flux_params(model_cfg) -> flux.FluxParams:
@@ -109,32 +120,23 @@ def flux_params(model_cfg) -> flux.FluxParams:
     return flux.FluxParams.from_dict({**base, **overrides})
 
 
-def build_autoencoder(cfg):
-    if cfg.kind == "pixel":
-        return PixelAutoencoder(cfg.factor)
-    if cfg.kind == "flux":
-        from dd_jax.models import autoencoder  # the Flux VAE (converted folder)
-
-        return autoencoder.load(cfg.path)
-    raise ValueError(f"autoencoder.kind {cfg.kind!r}: choose 'pixel' or 'flux'")
-
-
 def layer_spec(cfg) -> icd.LayerSpec:
     return icd.LayerSpec(condition="z", targets=tuple(cfg.targets), lpec=cfg.lpec, cloned=tuple(cfg.cloned),
                          offset=cfg.offset, condition_t0=cfg.condition_t0)
 
 
-def build(config, *, seed: int | None = None, load_base: bool = True) -> System:
-    """Builds the system from a config (see configs/base.py for the fields)."""
-    mc = config.model
+def build_model(config, *, seed: int | None = None, load_weights: bool = True) -> Decomposer:
+    """The model a config describes. `load_weights=False` initialises every part randomly
+    (use under `nnx.eval_shape` for abstract shapes, e.g. ahead-of-time compilation)."""
+    mc, ac = config.model, config.autoencoder
     rngs = nnx.Rngs(config.train.seed if seed is None else seed)
     param_dtype = jnp.dtype(mc.param_dtype)
     compute = jnp.dtype(mc.compute_dtype) if mc.get("compute_dtype") else None
-    if mc.get("checkpoint") and load_base:
-        transformer = flux.load(mc.checkpoint, param_dtype, compute_dtype=compute, attention_impl=mc.attention)
+    layout = dict(attention_impl=mc.attention, scan_layers=mc.get("scan_layers", False), remat=mc.get("remat", "none"))
+    if mc.get("checkpoint") and load_weights:
+        transformer = flux.load(mc.checkpoint, param_dtype, compute_dtype=compute, **layout)
     else:
-        transformer = flux.Flux(flux_params(mc), rngs=rngs, param_dtype=param_dtype, dtype=compute,
-                                attention_impl=mc.attention)
+        transformer = flux.Flux(flux_params(mc), rngs=rngs, param_dtype=param_dtype, dtype=compute, **layout)
     if config.lora.enabled:
         targets = tuple(config.lora.targets) + (lora.MODULATION_TARGETS if config.lora.modulation else ())
         lora.apply_lora(transformer, config.lora.rank, config.lora.alpha, targets, rngs=rngs)
@@ -146,9 +148,33 @@ def build(config, *, seed: int | None = None, load_base: bool = True) -> System:
         conditioner = None
     else:
         raise ValueError(f"text.kind {tc.kind!r}: choose 'task' or 'precomputed'")
-    guidance = config.train.guidance if transformer.params.guidance_embed else None
-    return System(Decomposer(transformer, conditioner), build_autoencoder(config.autoencoder),
-                  layer_spec(config.icd), guidance, config)
+    vae = None
+    if ac.kind == "flux":
+        from dd_jax.models import autoencoder  # the Flux VAE (a converted folder)
+
+        if load_weights:
+            if not ac.path:
+                raise ValueError("autoencoder.kind 'flux' needs autoencoder.path (a converted vae folder)")
+            vae = autoencoder.load(ac.path, param_dtype, compute_dtype=compute)
+        else:
+            vae = autoencoder.AutoEncoder(autoencoder.PRESETS[ac.get("preset", "flux")], rngs=rngs,
+                                          param_dtype=param_dtype, dtype=compute)
+    elif ac.kind != "pixel":
+        raise ValueError(f"autoencoder.kind {ac.kind!r}: choose 'pixel' or 'flux'")
+    return Decomposer(transformer, conditioner, vae)
+
+
+def wrap(model: Decomposer, config) -> System:
+    """The System around a (possibly abstract) model."""
+    ac = config.autoencoder
+    pixel = PixelAutoencoder(ac.factor) if ac.kind == "pixel" else None
+    guidance = config.train.guidance if model.transformer.params.guidance_embed else None
+    return System(model, pixel, layer_spec(config.icd), guidance, config)
+
+
+def build(config, *, seed: int | None = None, load_weights: bool = True) -> System:
+    """Builds the system from a config (see configs/base.py for the fields)."""
+    return wrap(build_model(config, seed=seed, load_weights=load_weights), config)
 
 
 def decompose(system: System, composite: jax.Array, task: jax.Array, key: jax.Array, steps: int,

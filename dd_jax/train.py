@@ -113,13 +113,13 @@ def export(system: system_lib.System, out_dir: str) -> str:
                             dtype=str(next(iter(flat.values())).dtype), overwrite=True)
 
 
-def load_trained(path: str, config=None, load_base: bool = True) -> system_lib.System:
+def load_trained(path: str, config=None, load_weights: bool = True) -> system_lib.System:
     """A trained system from an export folder, or a run workdir (its export, else newest checkpoint)."""
     path = os.fspath(path)
     if os.path.isfile(os.path.join(path, store.META_FILE)):
         meta = store.read_meta(path)
         config = config or ml_collections.ConfigDict(meta["config"])
-        system = system_lib.build(config, load_base=load_base)
+        system = system_lib.build(config, load_weights=load_weights)
         state = nnx.state(system.model, system.trainable())
         variables = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
         for _, arrays in store.read_groups(path):
@@ -130,11 +130,11 @@ def load_trained(path: str, config=None, load_base: bool = True) -> system_lib.S
         nnx.update(system.model, state)
         return system
     if os.path.isdir(os.path.join(path, "export")):
-        return load_trained(os.path.join(path, "export"), config, load_base)
+        return load_trained(os.path.join(path, "export"), config, load_weights)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path}: neither a trained model folder nor a training workdir")
     config = config or load_config(os.path.join(path, "config.json"))
-    system = system_lib.build(config, load_base=load_base)
+    system = system_lib.build(config, load_weights=load_weights)
     ckpts = Checkpoints(os.path.join(path, "checkpoints"), keep=1000)
     step = ckpts.latest()
     if step is None:

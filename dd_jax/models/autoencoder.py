@@ -248,6 +248,11 @@ class AutoEncoder(nnx.Module):
         lc = params.latent_channels
         self.post_quant_conv = conv(lc, lc, 1, prec, rngs) if params.use_post_quant_conv else None
 
+    @property
+    def downsample(self) -> int:
+        """Image pixels per latent pixel (8 for Flux)."""
+        return self.params.downsample_factor
+
     def moments(self, images: Array) -> tuple[Array, Array]:
         """Raw posterior (mean, logvar), NHWC float32, before scale and shift."""
         h = self.encoder(jnp.asarray(images).astype(self.dtype))
