@@ -64,11 +64,11 @@ class LoRALinear(nnx.Module):
         # A: Kaiming-uniform over fan-in (as peft's default); B: zeros, so the start is the base model.
         bound = 1.0 / (self.in_features ** 0.5)
         lead = tuple(base.kernel.shape[:-2])  # (layers,) for a stacked Linear
-        names = base.kernel.get_metadata().get("out_sharding")
+        names = base.kernel.get_metadata().get("logical_axes")
         meta_a = meta_b = {}
         if names:
-            meta_a = {"out_sharding": tuple(names[:-1]) + ("lora_rank",), "eager_sharding": False}
-            meta_b = {"out_sharding": tuple(names[:-2]) + ("lora_rank", names[-1]), "eager_sharding": False}
+            meta_a = {"logical_axes": tuple(names[:-1]) + ("lora_rank",)}
+            meta_b = {"logical_axes": tuple(names[:-2]) + ("lora_rank", names[-1])}
         self.lora_a = nnx.LoRAParam(jax.random.uniform(rngs.params(), lead + (self.in_features, rank), param_dtype,
                                                        -bound, bound), **meta_a)
         self.lora_b = nnx.LoRAParam(jnp.zeros(lead + (rank, self.out_features), param_dtype), **meta_b)

@@ -62,7 +62,7 @@ def test_scanned_layout_paths_axes_and_same_outputs():
     s = _scanned_copy(m)
     kernel = s.double_blocks.img_mlp[0].kernel
     assert kernel.shape == (P.depth, P.hidden_size, 4 * P.hidden_size)
-    assert kernel.get_metadata()["out_sharding"] == ("layers", "embed", "mlp")
+    assert kernel.get_metadata()["logical_axes"] == ("layers", "embed", "mlp")
     assert set(_flat(s)) == set(flux.stack_flat(_flat(m)))
     sources = flux.stacked_sources(s)
     assert sources["single_blocks.linear1.kernel"] == [f"single_blocks.{i}.linear1.kernel" for i in range(2)]
@@ -131,7 +131,7 @@ def test_stacked_lora_gradients_match_unscanned(remat):
         layer.lora_b[...] = 0.1 * jax.random.normal(k, layer.lora_b.shape)
     s = _scanned_copy(m, remat=remat)
     assert s.double_blocks.img_attn.qkv.lora_a.shape == (P.depth, P.hidden_size, 4)
-    assert s.double_blocks.img_attn.qkv.lora_b.get_metadata()["out_sharding"] == ("layers", "lora_rank", "qkv")
+    assert s.double_blocks.img_attn.qkv.lora_b.get_metadata()["logical_axes"] == ("layers", "lora_rank", "qkv")
     x = _inputs(seed=4)
     lu, gu = _loss_and_lora_grads(m, x)
     ls, gs = _loss_and_lora_grads(s, x)
@@ -159,7 +159,7 @@ def test_stacked_lora_targets_and_merge():
     before = _fwd(s, x)
     lora.merge_lora(s)
     assert not lora.lora_layers(s)
-    assert s.double_blocks.img_attn.qkv.kernel.get_metadata()["out_sharding"] == ("layers", "embed", "qkv")
+    assert s.double_blocks.img_attn.qkv.kernel.get_metadata()["logical_axes"] == ("layers", "embed", "qkv")
     np.testing.assert_allclose(_fwd(s, x), before, atol=1e-5, rtol=0)
 
 

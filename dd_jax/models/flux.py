@@ -98,13 +98,15 @@ REMAT_POLICIES: dict[str, Callable[[], Any] | None] = {
 }
 STACKED = ("double_blocks", "single_blocks")
 LAYERS_AXIS = "layers"
+# vmap/scan insert (remove) the "layers" name in the logical axes of stacked variables
+_LAYERS_METADATA = {nnx.PARTITION_NAME: LAYERS_AXIS, layers.LOGICAL_AXES: LAYERS_AXIS}
 
 
 def _stack(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
     """`n` modules as one, every variable stacked on a leading "layers" axis."""
 
     @nnx.split_rngs(splits=n)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_LAYERS_METADATA)
     def create(r):
         return make(r)
 
@@ -151,7 +153,7 @@ class Flux(nnx.Module):
         single = self._remat(lambda blk, x, *a: blk(x, *a))
         if self.scan_layers:
             scan = lambda f: nnx.scan(f, in_axes=(0, nnx.Carry, None, None, None, None), out_axes=nnx.Carry,
-                                      transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+                                      transform_metadata=_LAYERS_METADATA)
             img, txt = scan(double)(self.double_blocks, (img, txt), vec, pe, vec_cond, img_mask)
         else:
             for block in self.double_blocks:

@@ -12,9 +12,11 @@ second conditioning vector `vec_cond` and a boolean token mask; masked tokens
 timestep 0) while the others use `vec`.
 
 Sharding is data: every parameter carries logical axis names in its
-`out_sharding` metadata (e.g. a double block's `img_mlp.0.kernel` is
-("embed", "mlp")), with eager sharding off so that building a model never
-needs a mesh; `dd_jax.sharding` maps the names to mesh axes. Activations are
+`logical_axes` metadata (e.g. a double block's `img_mlp.0.kernel` is
+("embed", "mlp")); `dd_jax.sharding` maps the names to mesh axes. (Not flax's
+`out_sharding`: flax reads that as mesh axis names whenever a mesh is set,
+e.g. in `nnx.eval_shape` under `jax.set_mesh`, and the rules come from the
+config only later.) Activations are
 constrained at block boundaries and on q/k/v through an optional
 `activation_sharding` object (anything with `constrain(x, names)`, set by
 `dd_jax.sharding.shard_model`; None = no constraints). `checkpoint_name`
@@ -118,7 +120,7 @@ def _splash_attention(q: Array, k: Array, v: Array, sharding=None) -> Array:
     pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - n), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
     q, k, v = pad(q), pad(k), pad(v)
 
-    spec = sharding.spec(ACT_HEADS) if sharding is not None else None
+    spec = sharding.spec(ACT_HEADS, (b, padded, h, d)) if sharding is not None else None
     heads_shards = 1
     if spec is not None:
         heads_axes = spec[2] if len(spec) > 2 else None
@@ -175,9 +177,12 @@ class Precision:
     dtype: jnp.dtype = jnp.float32
 
 
+LOGICAL_AXES = "logical_axes"  # the Variable metadata key of logical axis names
+
+
 def axes_metadata(names: tuple) -> dict:
-    """Variable metadata holding logical axis names (eager sharding off: no mesh needed to build)."""
-    return {"out_sharding": tuple(names), "eager_sharding": False}
+    """Variable metadata holding logical axis names."""
+    return {LOGICAL_AXES: tuple(names)}
 
 
 def linear(din: int, dout: int, prec: Precision, rngs: nnx.Rngs, bias: bool = True,
