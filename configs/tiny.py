@@ -24,11 +24,12 @@ def get_config():
     c.data.tasks = "all"
     c.data.height = c.data.width = 64
     c.data.batch_size = 8
-    c.train.steps = 5000
+    c.train.steps = 4000
     c.train.learning_rate = 1e-3
     c.train.warmup_steps = 200
     c.train.decay = True
-    c.train.t_sampling = "logit_normal"
+    c.train.t_sampling = "uniform"
+    c.train.prediction = "x0"
     c.train.t_shift = False
     c.train.log_every = 50
     c.train.checkpoint_every = 500

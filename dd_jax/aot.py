@@ -56,7 +56,8 @@ def compile_train_step(config, batch_size: int | None = None, txt_len: int = 512
     system = system_lib.wrap(model, config)
     t = config.train
     body = flow.make_train_step(system.spec, wrt=system.trainable(), guidance=system.guidance, prepare=system.prepare,
-                                t_sampling=t.t_sampling, shift=t.t_shift, jit=False)
+                                t_sampling=t.t_sampling, shift=t.t_shift, jit=False,
+                                prediction=t.get("prediction", "velocity"))
     graphdef, state = nnx.split((model, optimizer))
 
     def pure(state, batch, key):

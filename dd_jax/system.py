@@ -186,7 +186,7 @@ def decompose(system: System, composite: jax.Array, task: jax.Array, key: jax.Ar
     txt, vec = system.model.conditioning(batch)
     g = guidance if guidance is not None else system.guidance
     tokens = sampling.sample(system.model.transformer, system.spec, system.tokens(composite), txt, vec, key,
-                             grid, steps, g)
+                             grid, steps, g, prediction=system.config.train.get("prediction", "velocity"))
     return {name: system.images(t, h_img, w_img) for name, t in tokens.items()}
 
 

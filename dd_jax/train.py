@@ -157,7 +157,8 @@ def _optimizer(system: system_lib.System) -> nnx.Optimizer:
 def _make_step(system: system_lib.System):
     t = system.config.train
     return flow.make_train_step(system.spec, wrt=system.trainable(), guidance=system.guidance,
-                                prepare=system.prepare, t_sampling=t.t_sampling, shift=t.t_shift)
+                                prepare=system.prepare, t_sampling=t.t_sampling, shift=t.t_shift,
+                                prediction=t.get("prediction", "velocity"))
 
 
 def _preview(system, batch, key, steps, path, writer, step):
