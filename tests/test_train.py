@@ -31,30 +31,30 @@ def _cli(workdir, c):
 
 
 def test_resume_after_sigkill_logs_the_uninterrupted_losses(data_dir, tmp_path):
-    c = th.small_config(data_dir, steps=120, checkpoint_every=8)
+    c = th.small_config(data_dir, steps=100, checkpoint_every=30, log_every=5)
     full = tmp_path / "full"
     train.train(c, str(full))  # uninterrupted reference, in process
     ref = th.losses(str(full))
-    assert sorted(ref) == list(range(1, 121))
+    assert sorted(ref) == list(range(1, 101))
 
     run = tmp_path / "killed"
     proc = _cli(run, c)
     deadline = time.time() + 300
-    while not os.path.isdir(run / "checkpoints" / "8") and proc.poll() is None and time.time() < deadline:
+    while not os.path.isdir(run / "checkpoints" / "30") and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     logged = th.losses(str(run))
-    assert max(logged) < 120, "the run finished before it could be killed"
-    assert train.Checkpoints(str(run / "checkpoints"), 3).latest() >= 8
+    assert max(logged) < 100, "the run finished before it could be killed"
+    assert train.Checkpoints(str(run / "checkpoints"), 3).latest() >= 30
 
     proc = _cli(run, c)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     assert "resumed from step" in out
     resumed = th.losses(str(run))
-    assert sorted(resumed) == list(range(1, 121))
-    for step in range(1, 121):
+    assert sorted(resumed) == list(range(1, 101))
+    for step in range(1, 101):
         assert resumed[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), step
 
 
