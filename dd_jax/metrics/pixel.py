@@ -20,7 +20,8 @@ import jax.numpy as jnp
 __all__ = ["rmse", "rmse_masked", "psnr", "mse"]
 
 
-def _as_batch(a, b):
+def as_image_batch(a, b):
+    """Two float32 NHWC batches of the same shape (a single HWC image becomes a batch of one)."""
     a = jnp.asarray(a, jnp.float32)
     b = jnp.asarray(b, jnp.float32)
     if a.shape != b.shape:
@@ -34,7 +35,7 @@ def _as_batch(a, b):
 
 def mse(a, b):
     """Per-image mean squared error of float images (their own scale)."""
-    a, b = _as_batch(a, b)
+    a, b = as_image_batch(a, b)
     return jnp.mean(jnp.square(a - b), axis=(1, 2, 3))
 
 
@@ -51,7 +52,7 @@ def rmse_masked(a, b, mask):
     weighted by ``mask**2`` and divided by ``C * sum(mask)`` (so a binary mask
     gives the mean over the masked pixels and all channels).
     """
-    a, b = _as_batch(a, b)
+    a, b = as_image_batch(a, b)
     m = jnp.asarray(mask, jnp.float32)
     n, h, w, channels = a.shape
     if m.ndim == 2 or (m.ndim == 3 and m.shape == (h, w, 1)):

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dd_jax.metrics.pixel import as_image_batch
+
 __all__ = ["ssim", "gaussian_window"]
 
 
@@ -68,14 +70,7 @@ def ssim(
     columns and channels), or the SSIM map if ``return_map``. A single HWC
     image is treated as a batch of one.
     """
-    a = jnp.asarray(a, jnp.float32)
-    b = jnp.asarray(b, jnp.float32)
-    if a.shape != b.shape:
-        raise ValueError(f"image shapes differ: {a.shape} vs {b.shape}")
-    if a.ndim == 3:
-        a, b = a[None], b[None]
-    if a.ndim != 4:
-        raise ValueError(f"expected NHWC (or HWC) images, got shape {a.shape}")
+    a, b = as_image_batch(a, b)
     if not zero_pad and min(a.shape[1], a.shape[2]) < filter_size:
         raise ValueError(f"images of {a.shape[1]}x{a.shape[2]} are smaller than the "
                          f"{filter_size}-tap window (use zero_pad=True)")

@@ -307,9 +307,5 @@ def load(path: str, dtype=None, *, compute_dtype=None, shardings=None) -> AutoEn
     `dtype` is the parameter dtype (default: as stored); `compute_dtype`
     defaults to the parameter dtype.
     """
-    meta = store.read_meta(path)
-    if meta["model"] != "autoencoder":
-        raise ValueError(f"{path} holds a {meta['model']!r} model, not an autoencoder")
-    params = AutoEncoderParams.from_dict(meta["config"])
-    module = abstract(params, param_dtype=jnp.dtype(dtype or meta["dtype"]), dtype=compute_dtype)
-    return store.load_module(path, module, shardings=shardings)
+    return store.load_model(path, "autoencoder", lambda cfg, pd: abstract(AutoEncoderParams.from_dict(cfg), param_dtype=pd, dtype=compute_dtype),
+                            dtype, shardings=shardings)

@@ -261,3 +261,16 @@ def load_module(model_dir: str, abstract_module, *, shardings: Mapping[str, Any]
         raise KeyError(f"{model_dir}: parameter(s) missing from the checkpoint: {missing[:8]}"
                        + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
     return nnx.merge(graphdef, state)
+
+
+def load_model(path: str, model: str, build: Callable[[dict, Any], Any], dtype=None, *, shardings=None):
+    """Loads a converted component folder holding `model` ("flux", "autoencoder", "t5", "clip", ...).
+
+    `build(config_dict, param_dtype)` returns the abstract module (from
+    `nnx.eval_shape`); `dtype` is the parameter dtype (default: as stored).
+    """
+    meta = read_meta(path)
+    if meta["model"] != model:
+        raise ValueError(f"{path} holds a {meta['model']!r} model, not {model!r}")
+    module = build(meta["config"], jnp.dtype(dtype or meta["dtype"]))
+    return load_module(path, module, shardings=shardings)

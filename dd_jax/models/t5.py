@@ -206,9 +206,5 @@ def load(path: str, dtype=None, *, compute_dtype=None, shardings=None) -> T5Enco
     `dtype` is the parameter dtype (default: as stored); `compute_dtype`
     defaults to the parameter dtype.
     """
-    meta = store.read_meta(path)
-    if meta["model"] != "t5":
-        raise ValueError(f"{path} holds a {meta['model']!r} model, not a T5 encoder")
-    cfg = T5Config.from_dict(meta["config"])
-    module = abstract(cfg, param_dtype=jnp.dtype(dtype or meta["dtype"]), dtype=compute_dtype)
-    return store.load_module(path, module, shardings=shardings)
+    return store.load_model(path, "t5", lambda cfg, pd: abstract(T5Config.from_dict(cfg), param_dtype=pd, dtype=compute_dtype),
+                            dtype, shardings=shardings)
