@@ -75,12 +75,15 @@ class LoRALinear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.dtype or x.dtype
-        x = x.astype(dtype)
+        lead = x.shape[:-1]
+        # 2-D matmuls: with [batch, tokens, in] inputs the adapter gradients contract over two dims,
+        # which XLA canonicalises by transposing the (large) output cotangent; [batch*tokens, in] does not.
+        x = x.astype(dtype).reshape(-1, x.shape[-1])
         y = x @ self.kernel[...].astype(dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         delta = (x @ self.lora_a[...].astype(dtype)) @ self.lora_b[...].astype(dtype)
-        return y + (self.scale * delta).astype(dtype)
+        return (y + (self.scale * delta).astype(dtype)).reshape(lead + (y.shape[-1],))
 
     def delta_kernel(self) -> jax.Array:
         """The update as a dense [(layers,) in, out] matrix, in float32."""

@@ -48,6 +48,17 @@ def test_splash_matches_xla_forward_and_gradient():
         np.testing.assert_allclose(gs, gx, atol=5e-5, rtol=0)
 
 
+def test_xla_attention_hand_written_backward_matches_autodiff():
+    """The "xla" kernel's custom VJP = autodiff of jax.nn.dot_product_attention."""
+    q, k, v, _ = _qkv(n=40, seed=2)
+    ours = lambda q, k, v: layers.xla_attention(q, k, v)
+    ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    np.testing.assert_allclose(jax.jit(ours)(q, k, v), jax.jit(ref)(q, k, v), atol=1e-6, rtol=0)
+    grads = lambda f: jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.cos(f(q, k, v)) * v), argnums=(0, 1, 2)))(q, k, v)
+    for a, b in zip(grads(ours), grads(ref)):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
+
+
 def test_cudnn_is_refused_on_cpu_with_a_clear_message():
     q, k, v, pe = _qkv(n=8)
     with pytest.raises(ValueError, match="needs an NVIDIA GPU"):

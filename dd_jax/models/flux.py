@@ -144,27 +144,34 @@ class Flux(nnx.Module):
             self.single_blocks = nnx.List([single(rngs) for _ in range(params.depth_single_blocks)])
         self.final_layer = layers.LastLayer(h, params.out_channels, prec, rngs)
 
-    def _remat(self, fn):
+    def _run_stack(self, stack, carry, *args):
+        """Runs blocks over `carry` as pure JAX (lax.scan / jax.checkpoint over split block states).
+
+        Pure functions of the blocks' states rather than nnx.scan / nnx.remat: they work under any
+        outer transform, including plain `jax.grad` of a model merged from split states.
+        """
         policy = REMAT_POLICIES[self.remat]
-        return fn if policy is None else nnx.remat(fn, policy=policy(), prevent_cse=not self.scan_layers)
+        call = (lambda out: out if isinstance(out, tuple) else (out,))
+
+        def apply(graphdef, state, carry):
+            return call(nnx.merge(graphdef, state)(*carry, *args))
+
+        if policy is not None:
+            apply = jax.checkpoint(apply, policy=policy(), prevent_cse=not self.scan_layers, static_argnums=(0,))
+        if self.scan_layers:
+            graphdef, state = nnx.split(stack)
+            carry, _ = jax.lax.scan(lambda c, st: (apply(graphdef, st, c), None), carry, state)
+            return carry
+        for block in stack:
+            graphdef, state = nnx.split(block)
+            carry = apply(graphdef, state, carry)
+        return carry
 
     def _run_blocks(self, img, txt, vec, pe, vec_cond, img_mask, seq_mask):
-        double = self._remat(lambda blk, carry, *a: blk(*carry, *a))
-        single = self._remat(lambda blk, x, *a: blk(x, *a))
-        if self.scan_layers:
-            scan = lambda f: nnx.scan(f, in_axes=(0, nnx.Carry, None, None, None, None), out_axes=nnx.Carry,
-                                      transform_metadata=_LAYERS_METADATA)
-            img, txt = scan(double)(self.double_blocks, (img, txt), vec, pe, vec_cond, img_mask)
-        else:
-            for block in self.double_blocks:
-                img, txt = double(block, (img, txt), vec, pe, vec_cond, img_mask)
+        img, txt = self._run_stack(self.double_blocks, (img, txt), vec, pe, vec_cond, img_mask)
         n_txt = txt.shape[1]
-        x = jnp.concatenate([txt, img], axis=1)
-        if self.scan_layers:
-            x = scan(single)(self.single_blocks, x, vec, pe, vec_cond, seq_mask)
-        else:
-            for block in self.single_blocks:
-                x = single(block, x, vec, pe, vec_cond, seq_mask)
+        (x,) = self._run_stack(self.single_blocks, (jnp.concatenate([txt, img], axis=1),), vec, pe, vec_cond,
+                               seq_mask)
         return x[:, n_txt:]
 
     def _vec(self, timesteps: Array, y: Array, guidance: Array | None) -> Array:

@@ -140,6 +140,42 @@ def _splash_attention(q: Array, k: Array, v: Array, sharding=None) -> Array:
     return run(q, k, v).transpose(0, 2, 1, 3)[:, :n]
 
 
+@jax.custom_vjp
+def xla_attention(q: Array, k: Array, v: Array) -> Array:
+    """Softmax attention in plain XLA ops, [B, L, H, D] -> [B, L, H, D], softmax in float32.
+
+    A hand-written backward (FlashAttention's: the softmax gradient uses rowsum(dO * O) instead
+    of a reduction over the [L, L] probabilities; heads-major layouts so every matmul is a plain
+    batched GEMM) runs about twice as fast as autodiff of the same forward on XLA:CPU.
+    """
+    return _xla_attention_fwd(q, k, v)[0]
+
+
+def _xla_attention_fwd(q, k, v):
+    scale = q.shape[-1] ** -0.5
+    qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, H, L, D]
+    s = jnp.einsum("bhqd,bhkd->bhqk", qt, kt).astype(jnp.float32) * scale
+    p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
+    o = jnp.einsum("bhqk,bhkd->bhqd", p, vt)
+    return jnp.swapaxes(o, 1, 2), (qt, kt, vt, p, o)
+
+
+def _xla_attention_bwd(res, g):
+    qt, kt, vt, p, o = res
+    scale = qt.shape[-1] ** -0.5
+    gt = jnp.swapaxes(g, 1, 2)
+    dv = jnp.einsum("bhqk,bhqd->bhkd", p, gt)
+    dp = jnp.einsum("bhqd,bhkd->bhqk", gt, vt).astype(jnp.float32)
+    delta = jnp.sum(gt.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
+    ds = (p.astype(jnp.float32) * (dp - delta) * scale).astype(qt.dtype)
+    dq = jnp.einsum("bhqk,bhkd->bhqd", ds, kt)
+    dk = jnp.einsum("bhqk,bhqd->bhkd", ds, qt)
+    return tuple(jnp.swapaxes(x, 1, 2) for x in (dq, dk, dv))
+
+
+xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
+
+
 def attention(q: Array, k: Array, v: Array, pe: Array, *, implementation: str | None = "xla",
               sharding=None) -> Array:
     """Self-attention with RoPE. q, k, v: [B, L, H, D] -> [B, L, H*D].
@@ -155,8 +191,10 @@ def attention(q: Array, k: Array, v: Array, pe: Array, *, implementation: str | 
     q, k, v = checkpoint_name(q, "qkv"), checkpoint_name(k, "qkv"), checkpoint_name(v, "qkv")
     if impl == "splash":
         out = _splash_attention(q, k, v, sharding)
+    elif impl == "cudnn":
+        out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
     else:
-        out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
+        out = xla_attention(q, k, v)
     out = checkpoint_name(constrain(out, ACT_HEADS, sharding), "attn_out")
     return out.reshape(*out.shape[:2], -1)
 
@@ -343,7 +381,7 @@ class SingleStreamBlock(nnx.Module):
         x = constrain(x, ACT_EMBED, sh)
         (mod,) = modulations(self.modulation, vec, vec_cond, cond_mask)
         h = self.linear1(modulate(x, mod))
-        qkv, mlp = h[..., : 3 * self.hidden_size], h[..., 3 * self.hidden_size :]
+        qkv, mlp = jnp.split(h, [3 * self.hidden_size], axis=-1)  # (its transpose is one concatenate)
         q, k, v = split_qkv(qkv, self.num_heads, self.norm)
         attn = attention(q, k, v, pe, implementation=self.attention_impl, sharding=sh)
         mlp = checkpoint_name(mlp, "mlp_hidden")
