@@ -1,0 +1,411 @@
+"""Train-step and sampling-step benchmark of the Flux MMDiT + LoRA, optionally against diffusers + peft.
+
+    python -m dd_jax.benchmark --against-torch --json        # the mid-size CPU comparison
+    python -m dd_jax.benchmark --preset flux-dev --height 512 --width 512 --txt 512 --dtype bfloat16 \\
+        --lora-rank 128 --scan --remat dots_no_batch --attention auto          # a GPU / TPU run
+    python -m dd_jax.benchmark --preset flux-dev ... --compile-only   # FLOPs + XLA memory analysis, no run
+
+The train step is the ICD LoRA step: `layers` image layers of (H/16)x(W/16)
+tokens each (the first is the clean condition, the others noisy targets),
+`txt` text tokens, one forward + backward w.r.t. the LoRA parameters
+(every attention/MLP projection of every block, rank r) + AdamW. The
+sampling step is one Euler step (a forward + the update of the targets).
+Both are compiled ahead of time; FLOPs per step come from XLA's cost
+analysis, peak memory from the device (GPU/TPU) or the process RSS (CPU)
+and XLA's memory analysis. The FLOP/s reference is the device's peak
+(bf16 dense, from a table) on accelerators, and on CPU the float32 GEMM
+rate measured in the same run (a jitted 2048^3 matmul, best of several).
+
+`--against-torch` builds the same architecture in diffusers
+(FluxTransformer2DModel) with peft LoRA (the same projections, rank and
+alpha; q/k/v as separate adapters as diffusers splits them), runs the same
+shapes on the same threads, and reports our time / PyTorch's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+# Dense bf16 peak FLOP/s per device, by device_kind substring (first match wins).
+PEAK_FLOPS = (
+    ("H20", 148e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("GH200", 989e12),
+    ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("B200", 2250e12),
+    ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5", 197e12), ("TPU v4", 275e12),
+)
+MID = dict(in_channels=64, out_channels=64, vec_in_dim=768, context_in_dim=4096, hidden_size=512, mlp_ratio=4.0,
+           num_heads=4, depth=4, depth_single_blocks=8, axes_dim=(16, 56, 56), theta=10_000, qkv_bias=True,
+           guidance_embed=True)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="mid", help="'mid' (hidden 512, 4+8 blocks) or a flux.PRESETS key")
+    ap.add_argument("--height", type=int, default=256)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=3, help="ICD image layers (condition + targets)")
+    ap.add_argument("--txt", type=int, default=64, help="text tokens")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--dtype", default="float32", help="parameter and compute dtype (float32 | bfloat16)")
+    ap.add_argument("--attention", default="xla", help="xla | cudnn | splash | auto")
+    ap.add_argument("--remat", default="none", help="a flux.REMAT_POLICIES name")
+    ap.add_argument("--scan", action="store_true", help="scanned (stacked) block layout")
+    ap.add_argument("--steps", type=int, default=5, help="timed repetitions (median reported)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--against-torch", action="store_true", help="also run diffusers + peft with the same shapes")
+    ap.add_argument("--compile-only", action="store_true", help="FLOPs and XLA memory analysis only, no run")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    return ap.parse_args(argv)
+
+
+def flux_params(args):
+    from dd_jax.models import flux
+
+    return flux.FluxParams(**MID) if args.preset == "mid" else flux.PRESETS[args.preset]
+
+
+def shapes(args) -> dict:
+    n = (args.height // 16) * (args.width // 16)
+    return {"batch": args.batch, "tokens_per_layer": n, "img_tokens": args.layers * n, "txt_tokens": args.txt,
+            "seq": args.layers * n + args.txt}
+
+
+def host_inputs(args, params, seed=0) -> dict:
+    """The same numbers for both frameworks: noisy ICD image tokens, text, ids, t, targets."""
+    s = shapes(args)
+    rng = np.random.default_rng(seed)
+    f = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+    h, w = args.height // 16, args.width // 16
+    grid = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), -1).reshape(-1, 2)
+    ids = np.concatenate([np.concatenate([np.full((h * w, 1), 0 if i in (0, 2) else 1), grid], 1)
+                          for i in range(args.layers)]).astype(np.float32)  # LPEC: z and y share ids
+    return dict(img=f(s["batch"], s["img_tokens"], params.in_channels), img_ids=ids,
+                txt=f(s["batch"], s["txt_tokens"], params.context_in_dim), txt_ids=np.zeros((s["txt_tokens"], 3),
+                                                                                          np.float32),
+                t=np.full((s["batch"],), 0.5, np.float32), y=f(s["batch"], params.vec_in_dim),
+                guidance=np.full((s["batch"],), 3.5, np.float32),
+                target=f(s["batch"], s["img_tokens"] - s["tokens_per_layer"], params.out_channels))
+
+
+def _timeit(fn, steps: int, warmup: int) -> tuple[float, list[float]]:
+    """(median wall seconds, all wall times); `_timeit.cpu` holds the median process CPU seconds."""
+    for _ in range(warmup):
+        fn()
+    times, cpu = [], []
+    for _ in range(steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    _timeit.cpu = float(np.median(cpu))
+    return float(np.median(times)), times
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def device_peak_flops(device) -> float | None:
+    kind = getattr(device, "device_kind", "")
+    for key, value in PEAK_FLOPS:
+        if key.lower() in kind.lower():
+            return value
+    return None
+
+
+def cpu_gemm_flops(n: int = 2048, repeats: int = 5) -> float:
+    """float32 GEMM FLOP/s of this machine as XLA reaches it (best of `repeats`)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+    mm = jax.jit(lambda a, b: a @ b)
+    mm(a, a).block_until_ready()
+    best = min(_timeit(lambda: mm(a, a).block_until_ready(), repeats, 1)[1])
+    return 2 * n**3 / best
+
+
+# ----------------------------------------------------------------------------- ours
+
+
+def build_model(args, params):
+    """Random weights made on the device in one jitted call (no host copy, no per-op compiles);
+    an abstract model (shapes only) with --compile-only."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dd_jax import lora
+    from dd_jax.models import flux
+
+    dtype = jnp.dtype(args.dtype)
+
+    def make():
+        m = flux.Flux(params, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=dtype, attention_impl=args.attention,
+                      scan_layers=args.scan, remat=args.remat)
+        lora.apply_lora(m, args.lora_rank, args.lora_rank, rngs=nnx.Rngs(1))
+        return m
+
+    if args.compile_only:
+        return nnx.eval_shape(make)
+    graphdef, _ = nnx.split(nnx.eval_shape(make))
+    model = nnx.merge(graphdef, jax.jit(lambda: nnx.split(make())[1])())
+    # B = 0 (the LoRA start) makes the first steps' adapter gradients trivially sparse; use small values
+    for i, (_, layer) in enumerate(lora.lora_layers(model)):
+        layer.lora_b[...] = 0.01 * jax.random.normal(jax.random.key(i), layer.lora_b.shape, layer.lora_b.dtype)
+    return model
+
+
+def make_steps(graphdef, n_cond: int, lr: float = 1e-4):
+    """(train_step, sample_step, init_opt) as pure functions of (lora, rest) states."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    tx = optax.adamw(lr)
+
+    def forward(lora_p, rest, x):
+        model = nnx.merge(graphdef, lora_p, rest)
+        return model(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"], x["y"], x["guidance"])
+
+    def train_step(lora_p, opt_state, rest, x):
+        def loss_fn(lp):
+            pred = forward(lp, rest, x)[:, n_cond:].astype(jnp.float32)
+            return jnp.mean(jnp.square(pred - x["target"]))
+
+        loss, grads = jax.value_and_grad(loss_fn)(lora_p)
+        updates, opt_state = tx.update(grads, opt_state, lora_p)
+        return optax.apply_updates(lora_p, updates), opt_state, loss
+
+    def sample_step(lora_p, rest, x, dt):
+        v = forward(lora_p, rest, x)[:, n_cond:]
+        img = x["img"].at[:, n_cond:].add((dt * v).astype(x["img"].dtype))
+        return img
+
+    return train_step, sample_step, tx.init
+
+
+def run_jax(args, params) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    s = shapes(args)
+    graphdef, lora_p, rest = nnx.split(build_model(args, params), nnx.LoRAParam, ...)
+    train_step, sample_step, init_opt = make_steps(graphdef, s["tokens_per_layer"])
+    host = host_inputs(args, params)
+    dtype = jnp.dtype(args.dtype)
+    x = {k: (v.astype(dtype) if k in ("img", "txt", "y") else v) for k, v in host.items()}
+    if args.compile_only:
+        x = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in x.items()}
+        opt = jax.eval_shape(init_opt, lora_p)
+    else:
+        x = {k: jnp.asarray(v) for k, v in x.items()}
+        opt = jax.jit(init_opt)(lora_p)
+    t0 = time.perf_counter()
+    train = jax.jit(train_step, donate_argnums=(0, 1)).lower(lora_p, opt, rest, x).compile()
+    sample = jax.jit(sample_step).lower(lora_p, rest, x, -0.05).compile()
+    compile_s = time.perf_counter() - t0
+    device = jax.devices()[0]
+    out: dict[str, Any] = {"compile_s": compile_s, "device": getattr(device, "device_kind", device.platform),
+                           "platform": device.platform}
+    for name, c in (("train", train), ("sample", sample)):
+        cost = c.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        out[f"{name}_flops"] = float(cost.get("flops", 0.0)) if cost else None
+        mem = c.memory_analysis()
+        if mem is not None:
+            out[f"{name}_memory"] = {k: int(getattr(mem, k)) for k in (
+                "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+                "host_temp_size_in_bytes") if hasattr(mem, k)}
+            peak = getattr(mem, "peak_memory_in_bytes", None)
+            if peak:
+                out[f"{name}_memory"]["peak_memory_in_bytes"] = int(peak)
+    n_lora = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(lora_p))
+    n_base = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(rest))
+    out.update(lora_params=n_lora, base_params=n_base)
+    if args.compile_only:
+        return out
+
+    state_box = [lora_p, opt]
+
+    def one_train():
+        lp, op, loss = train(state_box[0], state_box[1], rest, x)
+        state_box[0], state_box[1] = lp, op
+        loss.block_until_ready()
+
+    out["train_step_s"], out["train_times"] = _timeit(one_train, args.steps, args.warmup)
+    out["train_step_cpu_s"] = _timeit.cpu
+    out["sample_step_s"], out["sample_times"] = _timeit(
+        lambda: sample(state_box[0], rest, x, -0.05).block_until_ready(), args.steps, args.warmup)
+    out["sample_step_cpu_s"] = _timeit.cpu
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    out["peak_memory_bytes"] = int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats \
+        else peak_rss_bytes()
+    out["peak_memory_source"] = "device" if stats and "peak_bytes_in_use" in stats else "process RSS"
+    return out
+
+
+# ----------------------------------------------------------------------------- PyTorch
+
+TORCH_LORA_TARGETS = (r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|"
+                      r"add_v_proj|to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))"
+                      r"|.*single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out)")
+
+
+def run_torch(args, params) -> dict[str, Any]:
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=params.in_channels, out_channels=params.out_channels, num_layers=params.depth,
+        num_single_layers=params.depth_single_blocks, attention_head_dim=params.hidden_size // params.num_heads,
+        num_attention_heads=params.num_heads, joint_attention_dim=params.context_in_dim,
+        pooled_projection_dim=params.vec_in_dim, guidance_embeds=params.guidance_embed,
+        axes_dims_rope=tuple(params.axes_dim))
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
+                                 target_modules=TORCH_LORA_TARGETS))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
+    host = host_inputs(args, params)
+    n_cond = shapes(args)["tokens_per_layer"]
+    t = {k: torch.from_numpy(v) for k, v in host.items()}
+    for k in ("img", "txt", "y"):
+        t[k] = t[k].to(dtype)
+
+    def forward():
+        return model(hidden_states=t["img"], encoder_hidden_states=t["txt"], pooled_projections=t["y"],
+                     timestep=t["t"], img_ids=t["img_ids"], txt_ids=t["txt_ids"],
+                     guidance=t["guidance"] if params.guidance_embed else None, return_dict=False)[0]
+
+    def train():
+        model.train()
+        pred = forward()[:, n_cond:].float()
+        loss = torch.mean(torch.square(pred - t["target"]))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    def sample():
+        model.eval()
+        with torch.inference_mode():
+            v = forward()[:, n_cond:]
+            img = t["img"].clone()
+            img[:, n_cond:] += -0.05 * v
+        return img
+
+    out = {"threads": torch.get_num_threads(), "lora_params": sum(p.numel() for p in trainable),
+           "base_params": sum(p.numel() for p in model.parameters() if not p.requires_grad)}
+    out["train_step_s"], out["train_times"] = _timeit(train, args.steps, args.warmup)
+    out["train_step_cpu_s"] = _timeit.cpu
+    out["sample_step_s"], out["sample_times"] = _timeit(sample, args.steps, args.warmup)
+    out["sample_step_cpu_s"] = _timeit.cpu
+    out["peak_memory_bytes"] = peak_rss_bytes()
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def benchmark(args) -> dict[str, Any]:
+    import jax
+
+    params = flux_params(args)
+    s = shapes(args)
+    result: dict[str, Any] = {"config": {**vars(args), **s, "params": params.to_dict()},
+                              "jax_version": jax.__version__, "cpu_count": len(os.sched_getaffinity(0))}
+    ours = run_jax(args, params)
+    result["jax"] = ours
+    if args.compile_only:
+        return result
+    device = jax.devices()[0]
+    peak = device_peak_flops(device)
+    if device.platform == "cpu":
+        peak = cpu_gemm_flops()
+        result["peak_flops_source"] = "measured float32 GEMM (XLA, 2048^3)"
+    else:
+        result["peak_flops_source"] = "device table (dense bf16)" if peak else "unknown device"
+    result["peak_flops"] = peak
+    tokens = s["batch"] * s["seq"]
+    for name in ("train", "sample"):
+        secs, flops = ours[f"{name}_step_s"], ours[f"{name}_flops"]
+        ours[f"{name}_tokens_per_s"] = tokens / secs
+        ours[f"{name}_flops_per_s"] = flops / secs if flops else None
+        ours[f"{name}_peak_fraction"] = flops / secs / peak if flops and peak else None
+    result["train_step_peak_fraction"] = ours["train_peak_fraction"]
+    result["sample_step_peak_fraction"] = ours["sample_peak_fraction"]
+    if args.against_torch:
+        theirs = run_torch(args, params)
+        result["torch"] = theirs
+        for name in ("train", "sample"):
+            theirs[f"{name}_flops_per_s"] = ours[f"{name}_flops"] / theirs[f"{name}_step_s"] \
+                if ours[f"{name}_flops"] else None
+            theirs[f"{name}_peak_fraction"] = theirs[f"{name}_flops_per_s"] / peak if peak and \
+                theirs[f"{name}_flops_per_s"] else None
+        result["train_step_ratio"] = ours["train_step_s"] / theirs["train_step_s"]
+        result["sample_step_ratio"] = ours["sample_step_s"] / theirs["sample_step_s"]
+    return result
+
+
+def _gb(x):
+    return f"{x / 2**30:.2f} GiB" if x else "-"
+
+
+def table(r: dict) -> str:
+    c, j, t = r["config"], r["jax"], r.get("torch")
+    head = (f"Flux {c['preset']} (hidden {c['params']['hidden_size']}, {c['params']['depth']}+"
+            f"{c['params']['depth_single_blocks']} blocks), {c['height']}x{c['width']}, ICD {c['layers']} layers "
+            f"({c['img_tokens']} image + {c['txt_tokens']} text tokens), batch {c['batch']}, LoRA r{c['lora_rank']}, "
+            f"{c['dtype']}, {j['device']} ({r['cpu_count']} cores)")
+    if "train_step_s" not in j:
+        return head + f"\n  compile only: train {j['train_flops'] / 1e9:.1f} GFLOP, memory {j.get('train_memory')}"
+    rows = [("", "dd_jax (JAX)") + (("diffusers+peft", "ratio") if t else ())]
+    for name, label in (("train", "train step"), ("sample", "sampling step")):
+        row = [f"{label} [s]", f"{j[f'{name}_step_s']:.3f}"]
+        if t:
+            row += [f"{t[f'{name}_step_s']:.3f}", f"{j[f'{name}_step_s'] / t[f'{name}_step_s']:.2f}x"]
+        rows.append(tuple(row))
+        frac = lambda d: f"{d[f'{name}_peak_fraction'] * 100:.0f}%" if d.get(f"{name}_peak_fraction") else "-"
+        rows.append((f"  {label} GFLOP/s (% of peak)",
+                     f"{j[f'{name}_flops_per_s'] / 1e9:.1f} ({frac(j)})") +
+                    ((f"{t[f'{name}_flops_per_s'] / 1e9:.1f} ({frac(t)})", "") if t else ()))
+    rows.append(("tokens/s (train)", f"{j['train_tokens_per_s']:.0f}") +
+                ((f"{c['batch'] * c['seq'] / t['train_step_s']:.0f}", "") if t else ()))
+    rows.append(("peak memory", _gb(j["peak_memory_bytes"])) + ((_gb(t["peak_memory_bytes"]), "") if t else ()))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(x).ljust(w_) for x, w_ in zip(row, widths)) for row in rows]
+    peak = r.get("peak_flops")
+    foot = (f"FLOPs per step (XLA cost analysis): train {j['train_flops'] / 1e9:.1f} G, sample "
+            f"{j['sample_flops'] / 1e9:.1f} G; peak reference {peak / 1e9:.1f} GFLOP/s ({r['peak_flops_source']})"
+            if peak else "")
+    return "\n".join([head] + lines + [foot])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.against_torch and args.compile_only:
+        print("error: --compile-only runs nothing to compare", file=sys.stderr)
+        return 2
+    result = benchmark(args)
+    print(json.dumps(result, default=str) if args.json else table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
