@@ -9,7 +9,7 @@ and splits the global batch (`--config.data.batch_size` = a multiple of the GPU 
 from configs import gpu_h20
 
 DEVICE_MEMORY_GB = 80
-REMAT = {(512, 512): "dots_no_batch", (512, 1024): "dots_no_batch"}
+REMAT = {(512, 512): "proj", (512, 1024): "proj"}
 
 
 def get_config(task: str = "watermark"):

@@ -17,7 +17,7 @@ import ml_collections
 
 DEVICE_MEMORY_GB = 96
 # per image size: the cheapest-recompute remat policy that fits (docs/memory_plan.md)
-REMAT = {(512, 512): "dots_no_batch", (512, 1024): "dots_no_batch"}
+REMAT = {(512, 512): "proj", (512, 1024): "proj"}
 
 
 def gpu_config(task: str, remat: dict) -> ml_collections.ConfigDict:

@@ -11,8 +11,8 @@
 - Batch: the global batch must be a multiple of data x fsdp (one example per chip at least);
   each host's Grain pipeline reads its own shard (shard index = process index, batch = global /
   process count) and `dd_jax.sharding.shard_batch` assembles the global array.
-- Attention: Pallas splash attention; remat "dots_no_batch" (attention recomputed, projections
-  kept), the scanned block layout (one compiled block of each kind).
+- Attention: Pallas splash attention; remat "proj" (projection outputs kept, attention and
+  elementwise work recomputed; see docs/memory_plan.md), the scanned block layout.
 """
 
 import importlib
@@ -26,7 +26,7 @@ def get_config(task: str = "watermark"):
     c.model.compute_dtype = "bfloat16"
     c.model.attention = "splash"
     c.model.scan_layers = True
-    c.model.remat = "dots_no_batch"
+    c.model.remat = "proj"
     c.text.kind = "precomputed"
     c.data.batch_size = 64  # global; e.g. one per chip on a v5p-128 (64 chips)
     c.data.worker_count = 8  # Grain decode workers per host

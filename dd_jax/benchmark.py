@@ -218,8 +218,17 @@ def run_jax(args, params) -> dict[str, Any]:
     device = jax.devices()[0]
     out: dict[str, Any] = {"compile_s": compile_s, "device": getattr(device, "device_kind", device.platform),
                            "platform": device.platform}
+    flops_of = {"train": train, "sample": sample}
+    if args.scan:  # XLA counts a while loop's body once: count the unscanned program (lowered only)
+        flat = argparse.Namespace(**{**vars(args), "scan": False, "compile_only": True})
+        fg, flp, frest = nnx.split(build_model(flat, params), nnx.LoRAParam, ...)
+        ftrain, fsample, _ = make_steps(fg, s["tokens_per_layer"])
+        flops_of = {"train": jax.jit(ftrain).lower(flp, jax.eval_shape(init_opt, flp), frest, x),
+                    "sample": jax.jit(fsample).lower(flp, frest, x, -0.05)}
+    out["flops_source"] = "XLA cost analysis of the " + ("unscanned program (lowered)" if args.scan
+                                                         else "compiled step")
     for name, c in (("train", train), ("sample", sample)):
-        cost = c.cost_analysis()
+        cost = flops_of[name].cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         out[f"{name}_flops"] = float(cost.get("flops", 0.0)) if cost else None
         mem = c.memory_analysis()

@@ -119,7 +119,8 @@ def _loss_and_lora_grads(model, x):
     return float(value), {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
 
 
-@pytest.mark.parametrize("remat", ["full", "attn", pytest.param("none", marks=pytest.mark.slow),
+@pytest.mark.parametrize("remat", ["full", "proj", pytest.param("attn", marks=pytest.mark.slow),
+                                   pytest.param("none", marks=pytest.mark.slow),
                                    pytest.param("dots_no_batch", marks=pytest.mark.slow),
                                    pytest.param("offload", marks=pytest.mark.slow)])
 def test_stacked_lora_gradients_match_unscanned(remat):

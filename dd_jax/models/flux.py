@@ -90,7 +90,9 @@ REMAT_POLICIES: dict[str, Callable[[], Any] | None] = {
     "none": None,  # no remat: every intermediate is kept (fastest, most memory)
     "full": lambda: jax.checkpoint_policies.nothing_saveable,  # keep only block inputs
     "dots": lambda: jax.checkpoint_policies.dots_saveable,  # keep every matmul output
-    "dots_no_batch": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # projections, not attention
+    "dots_no_batch": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # matmuls but attention's
+    # every projection's output (base + LoRA summed), so LoRA's own matmul outputs are not kept twice
+    "proj": lambda: jax.checkpoint_policies.save_only_these_names("proj"),
     "attn": lambda: jax.checkpoint_policies.save_only_these_names("qkv", "attn_out"),  # recompute the MLPs
     "offload": lambda: jax.checkpoint_policies.save_and_offload_only_these_names(  # to host memory
         names_which_can_be_saved=[], names_which_can_be_offloaded=list(_OFFLOADED),

@@ -20,7 +20,7 @@ config only later.) Activations are
 constrained at block boundaries and on q/k/v through an optional
 `activation_sharding` object (anything with `constrain(x, names)`, set by
 `dd_jax.sharding.shard_model`; None = no constraints). `checkpoint_name`
-tags ("qkv", "attn_out", "mlp_hidden") let the remat policies of
+tags ("proj" on every projection output, "qkv", "attn_out", "mlp_hidden") let the remat policies of
 `dd_jax.models.flux` save or offload exactly those activations.
 """
 
@@ -270,7 +270,7 @@ class SelfAttention(nnx.Module):
         self.proj = linear(dim, dim, prec, rngs, axes=("heads", "embed"))
 
     def qkv_heads(self, x: Array) -> tuple[Array, Array, Array]:
-        return split_qkv(self.qkv(x), self.num_heads, self.norm)
+        return split_qkv(checkpoint_name(self.qkv(x), "proj"), self.num_heads, self.norm)
 
 
 def split_qkv(qkv: Array, num_heads: int, norm: QKNorm) -> tuple[Array, Array, Array]:
@@ -322,7 +322,8 @@ def mlp_layers(dim: int, hidden: int, prec: Precision, rngs: nnx.Rngs) -> nnx.Li
 
 
 def mlp(layers: nnx.List, x: Array) -> Array:
-    return layers[2](jax.nn.gelu(checkpoint_name(layers[0](x), "mlp_hidden"), approximate=True))
+    hidden = checkpoint_name(checkpoint_name(layers[0](x), "proj"), "mlp_hidden")
+    return checkpoint_name(layers[2](jax.nn.gelu(hidden, approximate=True)), "proj")
 
 
 class DoubleStreamBlock(nnx.Module):
@@ -353,9 +354,9 @@ class DoubleStreamBlock(nnx.Module):
         attn = attention(q, k, v, pe, implementation=self.attention_impl, sharding=sh)
         n_txt = txt.shape[1]
         txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
-        img = img + img_mod1.gate * self.img_attn.proj(img_attn)
+        img = img + img_mod1.gate * checkpoint_name(self.img_attn.proj(img_attn), "proj")
         img = img + img_mod2.gate * mlp(self.img_mlp, modulate(img, img_mod2))
-        txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
+        txt = txt + txt_mod1.gate * checkpoint_name(self.txt_attn.proj(txt_attn), "proj")
         txt = txt + txt_mod2.gate * mlp(self.txt_mlp, modulate(txt, txt_mod2))
         return constrain(img, ACT_EMBED, sh), constrain(txt, ACT_EMBED, sh)
 
@@ -380,12 +381,13 @@ class SingleStreamBlock(nnx.Module):
         sh = self.activation_sharding
         x = constrain(x, ACT_EMBED, sh)
         (mod,) = modulations(self.modulation, vec, vec_cond, cond_mask)
-        h = self.linear1(modulate(x, mod))
+        h = checkpoint_name(self.linear1(modulate(x, mod)), "proj")
         qkv, mlp = jnp.split(h, [3 * self.hidden_size], axis=-1)  # (its transpose is one concatenate)
         q, k, v = split_qkv(qkv, self.num_heads, self.norm)
         attn = attention(q, k, v, pe, implementation=self.attention_impl, sharding=sh)
         mlp = checkpoint_name(mlp, "mlp_hidden")
-        out = self.linear2(jnp.concatenate([attn, jax.nn.gelu(mlp, approximate=True)], axis=-1))
+        out = checkpoint_name(self.linear2(jnp.concatenate([attn, jax.nn.gelu(mlp, approximate=True)], axis=-1)),
+                              "proj")
         return constrain(x + mod.gate * out, ACT_EMBED, sh)
 
 
