@@ -63,6 +63,7 @@ def parse_args(argv=None):
     ap.add_argument("--against-torch", action="store_true", help="also run diffusers + peft with the same shapes")
     ap.add_argument("--compile-only", action="store_true", help="FLOPs and XLA memory analysis only, no run")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)  # the child of --against-torch
     return ap.parse_args(argv)
 
 
@@ -329,6 +330,25 @@ def run_torch(args, params) -> dict[str, Any]:
     return out
 
 
+def argv_of(args) -> list[str]:
+    """The command line of `args` for the PyTorch child (same shapes, dtype, rank, repetitions)."""
+    out = []
+    for k in ("preset", "height", "width", "layers", "txt", "batch", "lora_rank", "dtype", "steps", "warmup"):
+        out += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+    return out
+
+
+def torch_in_subprocess(argv: list[str]) -> dict[str, Any]:
+    """Runs the PyTorch side in its own process: its own peak RSS, no JAX runtime beside it."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "dd_jax.benchmark", "--torch-only", *argv], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"the PyTorch benchmark failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -360,7 +380,7 @@ def benchmark(args) -> dict[str, Any]:
     result["train_step_peak_fraction"] = ours["train_peak_fraction"]
     result["sample_step_peak_fraction"] = ours["sample_peak_fraction"]
     if args.against_torch:
-        theirs = run_torch(args, params)
+        theirs = torch_in_subprocess(argv_of(args))
         result["torch"] = theirs
         for name in ("train", "sample"):
             theirs[f"{name}_flops_per_s"] = ours[f"{name}_flops"] / theirs[f"{name}_step_s"] \
@@ -396,7 +416,8 @@ def table(r: dict) -> str:
                     ((f"{t[f'{name}_flops_per_s'] / 1e9:.1f} ({frac(t)})", "") if t else ()))
     rows.append(("tokens/s (train)", f"{j['train_tokens_per_s']:.0f}") +
                 ((f"{c['batch'] * c['seq'] / t['train_step_s']:.0f}", "") if t else ()))
-    rows.append(("peak memory", _gb(j["peak_memory_bytes"])) + ((_gb(t["peak_memory_bytes"]), "") if t else ()))
+    label = "peak memory (process RSS)" if j.get("peak_memory_source") == "process RSS" else "peak device memory"
+    rows.append((label, _gb(j["peak_memory_bytes"])) + ((_gb(t["peak_memory_bytes"]), "") if t else ()))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(x).ljust(w_) for x, w_ in zip(row, widths)) for row in rows]
     peak = r.get("peak_flops")
@@ -411,6 +432,12 @@ def main(argv=None) -> int:
     if args.against_torch and args.compile_only:
         print("error: --compile-only runs nothing to compare", file=sys.stderr)
         return 2
+    if args.torch_only:
+        import types  # the mid preset without importing JAX (its runtime would count in this process's RSS)
+
+        params = types.SimpleNamespace(**MID) if args.preset == "mid" else flux_params(args)
+        print(json.dumps(run_torch(args, params)))
+        return 0
     result = benchmark(args)
     print(json.dumps(result, default=str) if args.json else table(result))
     return 0

@@ -1,0 +1,29 @@
+"""The benchmark runs end to end on a tiny shape (no timing assertions: figures come from scripts)."""
+
+from __future__ import annotations
+
+import json
+
+from dd_jax import benchmark
+
+
+def test_tiny_benchmark_against_torch_json(capsys):
+    assert benchmark.main(["--preset", "tiny", "--height", "32", "--width", "32", "--txt", "8", "--steps", "1",
+                           "--warmup", "0", "--lora-rank", "4", "--against-torch", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("train_step_ratio", "sample_step_ratio", "train_step_peak_fraction", "peak_flops"):
+        assert r[key] > 0, key
+    j, t = r["jax"], r["torch"]
+    assert j["train_flops"] > 2 * j["sample_flops"] * 0.8 > 0  # forward + backward vs forward
+    assert j["lora_params"] > 0 and t["lora_params"] > 0 and t["threads"] >= 1
+    # the same architecture on both sides: base parameter counts agree
+    assert abs(j["base_params"] - t["base_params"]) == 0
+    assert "dd_jax (JAX)" in benchmark.table(r)
+
+
+def test_compile_only_reports_flops_and_memory(capsys):
+    assert benchmark.main(["--preset", "tiny", "--height", "32", "--width", "32", "--txt", "8", "--scan",
+                           "--remat", "proj", "--compile-only", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["jax"]["train_flops"] > 0 and "unscanned" in r["jax"]["flops_source"]
+    assert r["jax"]["train_memory"]["argument_size_in_bytes"] > 0
