@@ -82,8 +82,8 @@ class LoRALinear(nnx.Module):
         y = x @ self.kernel[...].astype(dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
-        delta = (x @ self.lora_a[...].astype(dtype)) @ self.lora_b[...].astype(dtype)
-        return (y + (self.scale * delta).astype(dtype)).reshape(lead + (y.shape[-1],))
+        u = (x @ self.lora_a[...].astype(dtype)) * jnp.asarray(self.scale, dtype)  # scale the thin [T, r] side
+        return (y + u @ self.lora_b[...].astype(dtype)).reshape(lead + (y.shape[-1],))
 
     def delta_kernel(self) -> jax.Array:
         """The update as a dense [(layers,) in, out] matrix, in float32."""
