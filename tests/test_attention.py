@@ -1,4 +1,5 @@
-"""Attention implementations: selection, clear errors, and splash (Pallas, interpret mode on CPU) = XLA.
+"""Attention implementations: selection, clear errors, and splash (Pallas, interpret mode on CPU) = XLA;
+the hand-written gradients (XLA attention, GELU) = autodiff.
 
 cuDNN flash attention needs an NVIDIA GPU: on CPU only its selection logic
 is checked here (scripts/benchmark or a GPU run exercises the kernel).
@@ -76,3 +77,11 @@ def test_flux_with_splash_attention_matches_xla():
     xla = flux.Flux(p, rngs=nnx.Rngs(0), attention_impl="xla")
     splash = flux.Flux(p, rngs=nnx.Rngs(0), attention_impl="splash", scan_layers=False)
     np.testing.assert_allclose(fwd(splash, *args), fwd(xla, *args), atol=2e-5, rtol=0)
+
+
+def test_gelu_recomputed_gradient_matches_autodiff():
+    x = jnp.linspace(-6, 6, 1001, dtype=jnp.float32)
+    np.testing.assert_array_equal(layers.gelu(x), jax.nn.gelu(x, approximate=True))
+    ours = jax.grad(lambda x: jnp.sum(jnp.sin(layers.gelu(x))))(x)
+    ref = jax.grad(lambda x: jnp.sum(jnp.sin(jax.nn.gelu(x, approximate=True))))(x)
+    np.testing.assert_allclose(ours, ref, atol=2e-6, rtol=0)

@@ -204,6 +204,33 @@ def attention(q: Array, k: Array, v: Array, pe: Array, *, implementation: str | 
     return out.reshape(*out.shape[:2], -1)
 
 
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+@jax.custom_vjp
+def gelu(x: Array) -> Array:
+    """GELU, tanh approximation (= jax.nn.gelu(x, approximate=True)).
+
+    Its gradient is recomputed from x alone: autodiff of the tanh formula keeps five
+    intermediates of x's size per call for the backward pass.
+    """
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_fwd(x):
+    return jax.nn.gelu(x, approximate=True), x
+
+
+def _gelu_bwd(x, g):
+    xf = x.astype(jnp.float32)
+    t = jnp.tanh(_GELU_C * (xf + 0.044715 * xf**3))
+    d = 0.5 * (1 + t) + 0.5 * xf * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * xf * xf)
+    return ((g.astype(jnp.float32) * d).astype(g.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
 def layer_norm(x: Array, eps: float = 1e-6) -> Array:
     """LayerNorm without affine parameters, normalised in float32."""
     xf = x.astype(jnp.float32)
@@ -328,7 +355,7 @@ def mlp_layers(dim: int, hidden: int, prec: Precision, rngs: nnx.Rngs) -> nnx.Li
 
 def mlp(layers: nnx.List, x: Array) -> Array:
     hidden = checkpoint_name(checkpoint_name(layers[0](x), "proj"), "mlp_hidden")
-    return checkpoint_name(layers[2](jax.nn.gelu(hidden, approximate=True)), "proj")
+    return checkpoint_name(layers[2](gelu(hidden)), "proj")
 
 
 class DoubleStreamBlock(nnx.Module):
@@ -391,7 +418,7 @@ class SingleStreamBlock(nnx.Module):
         q, k, v = split_qkv(qkv, self.num_heads, self.norm)
         attn = attention(q, k, v, pe, implementation=self.attention_impl, sharding=sh)
         mlp = checkpoint_name(mlp, "mlp_hidden")
-        out = checkpoint_name(self.linear2(jnp.concatenate([attn, jax.nn.gelu(mlp, approximate=True)], axis=-1)),
+        out = checkpoint_name(self.linear2(jnp.concatenate([attn, gelu(mlp)], axis=-1)),
                               "proj")
         return constrain(x + mod.gate * out, ACT_EMBED, sh)
 
