@@ -10,12 +10,14 @@ folder appears under its final name.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
 import sys
 from typing import Callable, Mapping
 
+import ml_dtypes
 import numpy as np
 
 from dd_jax.models import store
@@ -77,10 +79,17 @@ def direct_rules(target: str, shape: tuple[int, ...], source: str) -> dict[str, 
     raise KeyError(f"no conversion rule for parameter {target!r}")
 
 
-def source_dtype(reader, plan: Mapping[str, planlib.Rule]) -> np.dtype:
-    from weights_conversion.convert import _source_dtype
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 
-    return _source_dtype(reader, plan)
+
+def source_dtype(reader, plan: Mapping[str, planlib.Rule]) -> np.dtype:
+    """The checkpoint's dominant dtype over the tensors the plan reads (by element count)."""
+    counts = collections.Counter()
+    for rule in plan.values():
+        for s in rule.sources:
+            info = reader.info(s)
+            counts[info.dtype] += int(np.prod(info.shape))
+    return counts.most_common(1)[0][0]
 
 
 def n_params(plan: Mapping[str, planlib.Rule]) -> int:
@@ -110,8 +119,6 @@ def write_model(reader, plan: Mapping[str, planlib.Rule], output: str, *, model:
     `tokenizer_dir` is copied into the folder as `output/tokenizer` (see
     `copy_tokenizer`) before the folder appears under its final name.
     """
-    from weights_conversion.convert import DTYPES
-
     out_dtype = DTYPES[dtype] if dtype else source_dtype(reader, plan)
     if progress:
         print(f"{label or model}: {n_params(plan) / 1e6:.2f}M parameters -> {out_dtype.name}", file=sys.stderr)

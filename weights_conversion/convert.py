@@ -20,44 +20,24 @@ final name at the end.
 from __future__ import annotations
 
 import argparse
-import collections
 import sys
 import time
 
-import ml_dtypes
-import numpy as np
 
 from dd_jax.models import store
 from weights_conversion import flux as flux_maps
-from weights_conversion import plan as planlib
+from weights_conversion import common
+from weights_conversion.common import DTYPES
 from weights_conversion.safetensors_reader import CheckpointError
-
-DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
-
-
-def _source_dtype(reader, plan) -> np.dtype:
-    counts = collections.Counter()
-    for rule in plan.values():
-        for s in rule.sources:
-            info = reader.info(s)
-            counts[info.dtype] += int(np.prod(info.shape))
-    return counts.most_common(1)[0][0]
-
 
 def convert_transformer(source: str, output: str, dtype: str | None = None, *, overwrite: bool = False,
                         axes_dim=None, progress: bool = True) -> str:
     """Converts a Flux transformer checkpoint; returns OUT. `dtype=None` keeps the source's."""
     reader, params, plan = flux_maps.transformer_plan(source, axes_dim=axes_dim)
-    out_dtype = DTYPES[dtype] if dtype else _source_dtype(reader, plan)
-    if progress:
-        n = sum(int(np.prod(r.shapes[0])) if len(r.shapes) == 1 else sum(int(np.prod(s)) for s in r.shapes)
-                for r in plan.values())
-        print(f"Flux transformer: {params.depth} double + {params.depth_single_blocks} single blocks, "
-              f"hidden {params.hidden_size}, {n / 1e9:.3f}B parameters -> {out_dtype.name}", file=sys.stderr)
-    with store.GroupedWriter(output, model="flux", config=params.to_dict(), dtype=out_dtype.name,
-                             overwrite=overwrite) as writer:
-        planlib.stream(plan, reader, writer, out_dtype, progress=progress)
-        return writer.commit()
+    return common.write_model(reader, plan, output, model="flux", config=params.to_dict(), dtype=dtype,
+                              block_fn=store.default_group, overwrite=overwrite, progress=progress,
+                              label=f"Flux transformer ({params.depth} double + {params.depth_single_blocks} "
+                                    f"single blocks, hidden {params.hidden_size})")
 
 
 def main(argv=None) -> int:

@@ -276,12 +276,6 @@ def load(path: str, dtype=None, *, compute_dtype=None, attention_impl: str = "xl
     `lambda m: dd_jax.sharding.flat_shardings(m, mesh, rules)`) places every
     array on devices as it is read.
     """
-    meta = store.read_meta(path)
-    if meta["model"] != "flux":
-        raise ValueError(f"{path} holds a {meta['model']!r} model, not a Flux transformer")
-    params = FluxParams.from_dict(meta["config"])
-    module = abstract(params, param_dtype=jnp.dtype(dtype or meta["dtype"]), dtype=compute_dtype,
-                      attention_impl=attention_impl, scan_layers=scan_layers, remat=remat)
-    if callable(shardings):
-        shardings = shardings(module)
-    return store.load_module(path, module, shardings=shardings, stacked=stacked_sources(module))
+    build = lambda cfg, pd: abstract(FluxParams.from_dict(cfg), param_dtype=pd, dtype=compute_dtype,
+                                     attention_impl=attention_impl, scan_layers=scan_layers, remat=remat)
+    return store.load_model(path, "flux", build, dtype, shardings=shardings, stacked=stacked_sources)

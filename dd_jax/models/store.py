@@ -263,14 +263,20 @@ def load_module(model_dir: str, abstract_module, *, shardings: Mapping[str, Any]
     return nnx.merge(graphdef, state)
 
 
-def load_model(path: str, model: str, build: Callable[[dict, Any], Any], dtype=None, *, shardings=None):
+def load_model(path: str, model: str, build: Callable[[dict, Any], Any], dtype=None, *, shardings=None,
+               stacked: Callable[[Any], Mapping[str, Sequence[str]]] | None = None):
     """Loads a converted component folder holding `model` ("flux", "autoencoder", "t5", "clip", ...).
 
     `build(config_dict, param_dtype)` returns the abstract module (from
     `nnx.eval_shape`); `dtype` is the parameter dtype (default: as stored).
+    `shardings` is a flat path -> Sharding mapping, or a function of the
+    abstract module returning one; `stacked(module)` gives `load_module`'s
+    stacked-layer map.
     """
     meta = read_meta(path)
     if meta["model"] != model:
         raise ValueError(f"{path} holds a {meta['model']!r} model, not {model!r}")
     module = build(meta["config"], jnp.dtype(dtype or meta["dtype"]))
-    return load_module(path, module, shardings=shardings)
+    if callable(shardings):
+        shardings = shardings(module)
+    return load_module(path, module, shardings=shardings, stacked=stacked(module) if stacked else None)
