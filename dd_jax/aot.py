@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dd_jax import flow, system as system_lib
+from dd_jax import system as system_lib
 
 
 @dataclasses.dataclass
@@ -54,10 +54,7 @@ def compile_train_step(config, batch_size: int | None = None, txt_len: int = 512
 
     model, optimizer = nnx.eval_shape(init)
     system = system_lib.wrap(model, config)
-    t = config.train
-    body = flow.make_train_step(system.spec, wrt=system.trainable(), guidance=system.guidance, prepare=system.prepare,
-                                t_sampling=t.t_sampling, shift=t.t_shift, jit=False,
-                                prediction=t.get("prediction", "velocity"))
+    body = train._make_step(system, jit=False)
     graphdef, state = nnx.split((model, optimizer))
 
     def pure(state, batch, key):

@@ -14,6 +14,13 @@ to Basics: Let Denoising Generative Models Denoise"). Models trained from
 scratch on high-dimensional pixel tokens (the tiny config: 192-d tokens, a
 128-d residual stream) learn this far faster than raw velocity; pretrained
 Flux predicts velocity ("velocity", the default).
+
+`residual` (x0 only) names targets whose output is read as an offset from
+the condition layer, x0_hat = z + out, token by token: the network starts
+from "the layer equals the composite" and learns what the foreground
+changed. A small from-scratch model cannot squeeze a 192-d pixel token
+through a 128-d stream exactly, so without it the composite's fine detail
+is lost; a LoRA on Flux (velocity) never needs it.
 """
 
 from __future__ import annotations
@@ -42,14 +49,30 @@ PREDICTIONS = ("velocity", "x0")
 T_MIN = 0.05  # x0-prediction: the smallest t the velocity conversion divides by
 
 
-def as_velocity(out: jax.Array, x_t: jax.Array, t: jax.Array, prediction: str = "velocity") -> jax.Array:
-    """The velocity a network output stands for (`t` per example)."""
+def as_velocity(out: jax.Array, x_t: jax.Array, t: jax.Array, prediction: str = "velocity",
+                base: jax.Array | None = None) -> jax.Array:
+    """The velocity a network output stands for (`t` per example); `base`: x0 = base + out."""
     if prediction == "velocity":
+        if base is not None:
+            raise ValueError("a residual (base) output needs prediction='x0'")
         return out
     if prediction != "x0":
         raise ValueError(f"prediction {prediction!r}; choose from {PREDICTIONS}")
+    if base is not None:
+        out = out + base
     t = jnp.maximum(jnp.asarray(t, jnp.float32), T_MIN).reshape((-1,) + (1,) * (x_t.ndim - 1))
     return (x_t - out) / t
+
+
+def target_velocities(spec: icd.LayerSpec, out: Mapping[str, jax.Array], xs: Mapping[str, jax.Array],
+                      cond: jax.Array, t: jax.Array, prediction: str = "velocity",
+                      residual: tuple[str, ...] = ()) -> dict[str, jax.Array]:
+    """Per target layer, the velocity the network's output tokens stand for."""
+    unknown = set(residual) - set(spec.targets)
+    if unknown:
+        raise ValueError(f"residual layers {sorted(unknown)} are not targets {spec.targets}")
+    return {n: as_velocity(out[n].astype(jnp.float32), xs[n], t, prediction,
+                           cond.astype(jnp.float32) if n in residual else None) for n in spec.targets}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +87,8 @@ class Batch:
 
 
 def icd_loss(model: Callable, spec: icd.LayerSpec, batch: Batch, t: jax.Array, noise: Mapping[str, jax.Array],
-             guidance: jax.Array | None = None, prediction: str = "velocity") -> jax.Array:
+             guidance: jax.Array | None = None, prediction: str = "velocity",
+             residual: tuple[str, ...] = ()) -> jax.Array:
     """Mean squared velocity error over the noisy target tokens."""
     h, w = batch.grid
     tokens = {spec.condition: batch.layers[spec.condition]}
@@ -74,9 +98,9 @@ def icd_loss(model: Callable, spec: icd.LayerSpec, batch: Batch, t: jax.Array, n
     pred = model(img, jnp.asarray(img_ids), batch.txt, batch.txt_ids, t, batch.y, guidance,
                  cond_mask=jnp.asarray(cond_mask) if spec.condition_t0 else None)
     target = jnp.concatenate([velocity(batch.layers[n], noise[n]) for n in spec.targets], axis=1)
-    pred = icd.targets_of(spec, pred, h * w).astype(jnp.float32)
-    x_t = jnp.concatenate([tokens[n] for n in spec.targets], axis=1)
-    pred = as_velocity(pred, x_t, t, prediction)
+    vs = target_velocities(spec, icd.split_layers(spec, pred, h * w), tokens, batch.layers[spec.condition], t,
+                           prediction, residual)
+    pred = jnp.concatenate([vs[n] for n in spec.targets], axis=1)
     return jnp.mean(jnp.square(pred - target.astype(jnp.float32)))
 
 
@@ -125,7 +149,7 @@ def sample_noise(key: jax.Array, spec: icd.LayerSpec, batch: Batch, t_sampling: 
 
 def make_train_step(spec: icd.LayerSpec, wrt: Any = nnx.LoRAParam, guidance: float | None = None,
                     prepare: Callable | None = None, t_sampling: str = "uniform", shift: bool = False,
-                    jit: bool = True, prediction: str = "velocity", **t_kwargs):
+                    jit: bool = True, prediction: str = "velocity", residual: tuple[str, ...] = (), **t_kwargs):
     """A jitted step `(model, optimizer, batch, key) -> (loss, grad_norm)` updating only `wrt`.
 
     `prepare(model, batch) -> (transformer, Batch)` turns what the input
@@ -139,7 +163,7 @@ def make_train_step(spec: icd.LayerSpec, wrt: Any = nnx.LoRAParam, guidance: flo
             transformer, b = prepare(m, batch) if prepare is not None else (m, batch)
             t, noise = sample_noise(key, spec, b, t_sampling, shift, **t_kwargs)
             g = None if guidance is None else jnp.full(t.shape, guidance, jnp.float32)
-            return icd_loss(transformer, spec, b, t, noise, g, prediction)
+            return icd_loss(transformer, spec, b, t, noise, g, prediction, residual)
 
         loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model)
         optimizer.update(model, grads)

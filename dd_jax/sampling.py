@@ -23,14 +23,16 @@ from dd_jax import flow, icd
 
 def sample(transformer, spec: icd.LayerSpec, cond: jax.Array, txt: jax.Array, vec: jax.Array, key: jax.Array,
            grid: tuple[int, int], steps: int, guidance: float | None = None, shift: bool = True,
-           prediction: str = "velocity") -> dict[str, jax.Array]:
-    """Target-layer tokens {name: [B, h*w, C]} for condition tokens `cond` [B, h*w, C]."""
+           prediction: str = "velocity", residual: tuple[str, ...] = ()) -> dict[str, jax.Array]:
+    """Target-layer tokens {name: [B, h*w, C]} for condition tokens `cond` [B, h*w, C].
+
+    `prediction` and `residual` say how the network's output is read (see `flow`)."""
     return _sample(transformer, spec, cond, txt, vec, key, tuple(grid), int(steps),
-                   None if guidance is None else float(guidance), bool(shift), prediction)
+                   None if guidance is None else float(guidance), bool(shift), prediction, tuple(residual))
 
 
-@functools.partial(nnx.jit, static_argnums=(1, 6, 7, 8, 9, 10))
-def _sample(transformer, spec, cond, txt, vec, key, grid, steps, guidance, shift, prediction):
+@functools.partial(nnx.jit, static_argnums=(1, 6, 7, 8, 9, 10, 11))
+def _sample(transformer, spec, cond, txt, vec, key, grid, steps, guidance, shift, prediction, residual):
     h, w = grid
     n = h * w
     bsz = cond.shape[0]
@@ -46,8 +48,8 @@ def _sample(transformer, spec, cond, txt, vec, key, grid, steps, guidance, shift
         t, t_next = ts[i], ts[i + 1]
         img = jnp.concatenate([cond.astype(jnp.float32)] + [xs[name] for name in spec.targets], axis=1)
         v = transformer(img, img_ids, txt, txt_ids, jnp.full((bsz,), t), vec, g, cond_mask=cond_mask)
-        vs = icd.split_layers(spec, v.astype(jnp.float32), n)
-        vs = {name: flow.as_velocity(vs[name], xs[name], jnp.full((bsz,), t), prediction) for name in spec.targets}
+        vs = flow.target_velocities(spec, icd.split_layers(spec, v, n), xs, cond, jnp.full((bsz,), t), prediction,
+                                    residual)
         return {name: xs[name] + (t_next - t) * vs[name] for name in spec.targets}
 
     return jax.lax.fori_loop(0, steps, body, noise)

@@ -109,6 +109,11 @@ class System:
         txt_ids = jnp.zeros((txt.shape[1], 3), jnp.float32)
         return model.transformer, flow.Batch(layers=layers, txt=txt, txt_ids=txt_ids, y=vec, grid=grid)
 
+    def output_reading(self) -> dict:
+        """How the network's output is read: `prediction` and `residual` (see `flow`)."""
+        t = self.config.train
+        return dict(prediction=t.get("prediction", "velocity"), residual=tuple(t.get("residual", ())))
+
     def trainable(self):
         """The variable filter the optimizer updates (never the VAE)."""
         return nnx.LoRAParam if self.config.lora.enabled else nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vae")))
@@ -186,7 +191,7 @@ def decompose(system: System, composite: jax.Array, task: jax.Array, key: jax.Ar
     txt, vec = system.model.conditioning(batch)
     g = guidance if guidance is not None else system.guidance
     tokens = sampling.sample(system.model.transformer, system.spec, system.tokens(composite), txt, vec, key,
-                             grid, steps, g, prediction=system.config.train.get("prediction", "velocity"))
+                             grid, steps, g, **system.output_reading())
     return {name: system.images(t, h_img, w_img) for name, t in tokens.items()}
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from dd_jax import flow, system as system_lib
-from dd_jax.data import blend, pipeline
+from dd_jax.data import pipeline
 from dd_jax.models import store
 
 ARRAY_KEYS = ("composite", "background", "foreground", "task", "txt", "vec")
@@ -154,11 +154,11 @@ def _optimizer(system: system_lib.System) -> nnx.Optimizer:
                                decay_steps=t.steps if t.decay else None)
 
 
-def _make_step(system: system_lib.System):
+def _make_step(system: system_lib.System, jit: bool = True):
     t = system.config.train
     return flow.make_train_step(system.spec, wrt=system.trainable(), guidance=system.guidance,
-                                prepare=system.prepare, t_sampling=t.t_sampling, shift=t.t_shift,
-                                prediction=t.get("prediction", "velocity"))
+                                prepare=system.prepare, t_sampling=t.t_sampling, shift=t.t_shift, jit=jit,
+                                **system.output_reading())
 
 
 def _preview(system, batch, key, steps, path, writer, step):

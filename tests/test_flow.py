@@ -1,0 +1,101 @@
+"""Flow matching and the Euler sampler: how network outputs are read (velocity, x0, residual)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dd_jax import flow, icd, sampling
+
+
+class Constant(nnx.Module):
+    """A stand-in transformer whose output for the target tokens is fixed per layer."""
+
+    def __init__(self, outputs: jax.Array):
+        self.outputs = nnx.Variable(outputs)  # [B, L_img, C], full image sequence
+
+    def __call__(self, img, img_ids, txt, txt_ids, t, vec, guidance=None, cond_mask=None):
+        return self.outputs[...] + 0.0 * img
+
+
+SPEC = icd.LayerSpec(condition="z", targets=("x", "y"))
+B, H, W, C = 2, 2, 3, 5
+N = H * W
+
+
+def _tokens(seed):
+    return jax.random.normal(jax.random.key(seed), (B, N, C))
+
+
+def _run(outputs, prediction, residual=(), steps=4, cond=None):
+    cond = _tokens(0) if cond is None else cond
+    txt, vec = jnp.zeros((B, 1, 4)), jnp.zeros((B, 4))
+    return cond, sampling.sample(Constant(outputs), SPEC, cond, txt, vec, jax.random.key(1), (H, W), steps,
+                                 prediction=prediction, residual=residual)
+
+
+def test_x0_output_is_what_the_sampler_returns():
+    x0 = {"x": _tokens(2), "y": _tokens(3)}
+    out = jnp.concatenate([jnp.zeros((B, N, C)), x0["x"], x0["y"]], axis=1)
+    _, got = _run(out, "x0")
+    for name in ("x", "y"):
+        np.testing.assert_allclose(got[name], x0[name], atol=1e-5)
+
+
+def test_residual_output_is_an_offset_from_the_composite():
+    # a network that outputs zeros returns the composite for residual layers and zeros for the others
+    cond, got = _run(jnp.zeros((B, 3 * N, C)), "x0", residual=("y",))
+    np.testing.assert_allclose(got["y"], cond, atol=1e-5)
+    np.testing.assert_allclose(got["x"], 0.0, atol=1e-5)
+    delta = _tokens(4)
+    out = jnp.concatenate([jnp.zeros((B, 2 * N, C)), delta], axis=1)
+    cond, got = _run(out, "x0", residual=("y",))
+    np.testing.assert_allclose(got["y"], cond + delta, atol=1e-5)
+
+
+def test_velocity_is_integrated_by_euler():
+    v = _tokens(5)
+    out = jnp.concatenate([jnp.zeros((B, N, C)), v, v], axis=1)
+    steps = 3
+    _, got = _run(out, "velocity", steps=steps)
+    keys = jax.random.split(jax.random.key(1), 2)
+    noise = jax.random.normal(keys[1], (B, N, C), jnp.float32)
+    # x_0 = x_1 - v over the whole [1, 0] interval, whatever the schedule
+    np.testing.assert_allclose(got["y"], noise - v, atol=1e-5)
+
+
+def test_loss_is_zero_for_the_true_output_in_every_reading():
+    key = jax.random.key(7)
+    layers = {"z": _tokens(10), "x": _tokens(11), "y": _tokens(12)}
+    batch = flow.Batch(layers=layers, txt=jnp.zeros((B, 1, 4)), txt_ids=jnp.zeros((1, 3)), y=jnp.zeros((B, 4)),
+                       grid=(H, W))
+    t, noise = flow.sample_noise(key, SPEC, batch)
+    cases = {
+        ("velocity", ()): [flow.velocity(layers[n], noise[n]) for n in ("x", "y")],
+        ("x0", ()): [layers["x"], layers["y"]],
+        ("x0", ("y",)): [layers["x"], layers["y"] - layers["z"]],
+    }
+    for (prediction, residual), targets in cases.items():
+        out = jnp.concatenate([jnp.zeros((B, N, C))] + targets, axis=1)
+        loss = flow.icd_loss(Constant(out), SPEC, batch, t, noise, prediction=prediction, residual=residual)
+        assert float(loss) < 1e-8, (prediction, residual, float(loss))
+        wrong = flow.icd_loss(Constant(out + 0.1), SPEC, batch, t, noise, prediction=prediction, residual=residual)
+        assert float(wrong) > 1e-3
+
+
+def test_bad_readings_are_refused():
+    with pytest.raises(ValueError, match="residual"):
+        flow.as_velocity(jnp.zeros(3), jnp.zeros(3), jnp.ones(1), "velocity", base=jnp.zeros(3))
+    with pytest.raises(ValueError, match="prediction"):
+        flow.as_velocity(jnp.zeros(3), jnp.zeros(3), jnp.ones(1), "eps")
+    with pytest.raises(ValueError, match="not targets"):
+        flow.target_velocities(SPEC, {}, {}, jnp.zeros(3), jnp.ones(1), "x0", residual=("z",))
+
+
+def test_schedule_runs_from_noise_to_data_and_shifts_towards_noise():
+    plain = np.asarray(flow.schedule(8, 1024, shift=False))
+    shifted = np.asarray(flow.schedule(8, 1024, shift=True))
+    for ts in (plain, shifted):
+        assert ts[0] == pytest.approx(1.0) and ts[-1] == 0.0 and np.all(np.diff(ts) < 0)
+    assert np.all(shifted[1:-1] > plain[1:-1])
