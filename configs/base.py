@@ -14,6 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
     m.preset = "flux-dev"  # dd_jax.models.flux.PRESETS key (architecture when training from scratch)
     m.params = ml_collections.ConfigDict()  # FluxParams overrides, e.g. hidden_size
     m.checkpoint = ""  # converted transformer folder (scripts/convert_flux.py); "" = from scratch
+    m.weights = ""  # a converted pipeline folder (convert_flux.py --output): fills checkpoint, autoencoder.path,
+    #                 text.encoders from its transformer/, vae/, t5/+clip/ where those are ""
     m.param_dtype = "bfloat16"
     m.compute_dtype = "bfloat16"
     m.attention = "xla"  # "xla" | "cudnn" | "splash" | "auto" (dd_jax.models.layers)
@@ -36,6 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.text = tx = ml_collections.ConfigDict()
     tx.kind = "precomputed"  # "precomputed" (txt/vec in the batch, e.g. cached T5/CLIP) | "task" (learned)
     tx.length = 8  # learned task tokens ("task" only)
+    tx.cache = ""  # text-embedding cache for decomposition prompts ("" = data.dir/text_cache; training reads that)
+    tx.encoders = ""  # converted T5/CLIP folder for prompts not in the cache ("" = model.weights)
 
     c.icd = ic = ml_collections.ConfigDict()
     ic.targets = ("x", "y")  # noisy layers after the condition z: foreground x, background y
@@ -75,4 +79,5 @@ def get_config() -> ml_collections.ConfigDict:
     s.steps = 28
     s.guidance = 3.5
     s.task = ""  # default task for decomposition ("" = the first of data.tasks)
+    s.prompt = ""  # T5/CLIP prompt for decomposition ("" = the task's, dd_jax.data.text_cache.task_prompt)
     return c

@@ -11,6 +11,11 @@ Without `--checkpoint`, the small model shipped with the package is used
 law) comes from `--task`, or from the file name when it starts with a task
 name (e.g. `watermark_01.png`).
 
+Runs of a real Flux (configs/flux.py, T5/CLIP conditioning) take each task's
+prompt (`dd_jax.data.text_cache.task_prompt`, or `--prompt`) from the run's
+text cache, else encode it with the converted T5/CLIP of `text.encoders` /
+`model.weights`.
+
 Inputs of any size are resized to the model's working size, decomposed in
 fixed-shape batches (the last one padded, so one compilation serves a whole
 folder) and brought back to their original size. For the background, the
@@ -120,7 +125,8 @@ def load_config_file(path: str):
 
 def run(inputs: list[str], output: str, checkpoint: str | None = None, config_file: str | None = None,
         task: str | None = None, steps: int | None = None, seed: int = 0, num_samples: int = 1,
-        batch_size: int = 8, guidance: float | None = None, detail_transfer: bool = True) -> dict:
+        batch_size: int = 8, guidance: float | None = None, detail_transfer: bool = True,
+        prompt: str | None = None) -> dict:
     from dd_jax import system as system_lib, train
 
     if task is not None and task not in blend.TASKS:
@@ -152,9 +158,14 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
         padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # fixed shape: one compilation
         comp = np.stack([resize(img, height, width) for _, _, img in padded])
         tasks = np.array([blend.TASK_INDEX[t] for _, t, _ in padded], np.int32)
+        extra = None
+        if system.model.conditioner is None:  # T5/CLIP conditioning: the prompts' embeddings, once per batch
+            txt, vec = system.prompt_conditioning(tasks, prompt)
+            extra = {"txt": txt, "vec": vec}
         for k in range(num_samples):
             key = jax.random.fold_in(jax.random.key(seed), start * num_samples + k)
-            layers = system_lib.decompose(system, jnp.asarray(comp * 2 - 1), jnp.asarray(tasks), key, steps, guidance)
+            layers = system_lib.decompose(system, jnp.asarray(comp * 2 - 1), jnp.asarray(tasks), key, steps, guidance,
+                                          extra)
             layers = {n: (np.asarray(v, np.float32) + 1) / 2 for n, v in layers.items()}
             for i, (path, t, img) in enumerate(chunk):
                 h, w = img.shape[:2]
@@ -187,12 +198,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--no-detail-transfer", action="store_true", help="plain resize of the background")
+    ap.add_argument("--prompt", default=None, help="text prompt for T5/CLIP-conditioned models (default: the task's)")
     args = ap.parse_args(argv)
     if args.num_samples < 1 or args.batch_size < 1:
         ap.error("--num-samples and --batch-size must be >= 1")
     try:
         out = run(args.input, args.output, args.checkpoint, args.config, args.task, args.steps, args.seed,
-                  args.num_samples, args.batch_size, args.guidance, not args.no_detail_transfer)
+                  args.num_samples, args.batch_size, args.guidance, not args.no_detail_transfer, args.prompt)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,7 +5,12 @@
   loaded from a converted checkpoint, with LoRA adapters when configured;
 - the conditioning: `task` (a small learned text/task embedding, for models
   trained from scratch) or `precomputed` (the batch carries `txt` [B, L, C]
-  and `vec` [B, P], e.g. cached T5/CLIP embeddings);
+  and `vec` [B, P]: T5/CLIP embeddings from the text cache,
+  `dd_jax.data.text_cache`; at decomposition time the task's prompt is read
+  from the cache or encoded with `text.encoders`);
+- real Flux weights: `model.weights` names a converted pipeline folder
+  (`scripts/convert_flux.py --output`) whose transformer/, vae/ and t5/+clip/
+  fill `model.checkpoint`, `autoencoder.path` and `text.encoders` when empty;
 - the autoencoder: `pixel` (space-to-depth, no weights) or `flux` (a
   converted Flux VAE folder);
 - the ICD layer layout (`icd.LayerSpec`) with LPEC settings.
@@ -76,6 +81,7 @@ class System:
     spec: icd.LayerSpec
     guidance: float | None
     config: Any
+    _prompts: Any = dataclasses.field(default=None, repr=False)
 
     @property
     def autoencoder(self):
@@ -114,6 +120,18 @@ class System:
         t = self.config.train
         return dict(prediction=t.get("prediction", "velocity"), residual=tuple(t.get("residual", ())))
 
+    def prompt_conditioning(self, task: jax.Array, prompt: str | None = None) -> tuple[jax.Array, jax.Array]:
+        """txt/vec for `precomputed` models: `prompt` (default: config sample.prompt, else each task's prompt)."""
+        from dd_jax.data import text_cache
+
+        if self._prompts is None:
+            self._prompts = text_cache.PromptConditioning.from_config(self.config)
+        prompt = prompt or self.config.sample.get("prompt", "")
+        tasks = np.asarray(task).reshape(-1)
+        prompts = [prompt or text_cache.task_prompt(blend.TASKS[int(t)]) for t in tasks]
+        txt, vec = self._prompts(prompts)
+        return jnp.asarray(txt), jnp.asarray(vec)
+
     def trainable(self):
         """The variable filter the optimizer updates (never the VAE)."""
         return nnx.LoRAParam if self.config.lora.enabled else nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vae")))
@@ -130,6 +148,26 @@ def layer_spec(cfg) -> icd.LayerSpec:
                          offset=cfg.offset, condition_t0=cfg.condition_t0)
 
 
+def weight_paths(config) -> tuple[str, str]:
+    """(transformer checkpoint, VAE folder): the explicit fields, else model.weights' transformer/ and vae/."""
+    import os
+
+    weights = config.model.get("weights", "")
+    checkpoint, ae_path = config.model.get("checkpoint", ""), config.autoencoder.get("path", "")
+    if weights:
+        if not os.path.isdir(weights):
+            raise FileNotFoundError(f"model.weights {weights!r}: no such folder (the --output of "
+                                    "scripts/convert_flux.py)")
+        needed = [("transformer", checkpoint)] + ([("vae", ae_path)] if config.autoencoder.kind == "flux" else [])
+        for name, value in needed:
+            if not value and not os.path.isdir(os.path.join(weights, name)):
+                raise FileNotFoundError(f"model.weights {weights!r} has no {name}/ (convert it with "
+                                        f"scripts/convert_flux.py --components {name})")
+        checkpoint = checkpoint or os.path.join(weights, "transformer")
+        ae_path = ae_path or os.path.join(weights, "vae")
+    return checkpoint, ae_path
+
+
 def build_model(config, *, seed: int | None = None, load_weights: bool = True) -> Decomposer:
     """The model a config describes. `load_weights=False` initialises every part randomly
     (use under `nnx.eval_shape` for abstract shapes, e.g. ahead-of-time compilation)."""
@@ -138,8 +176,9 @@ def build_model(config, *, seed: int | None = None, load_weights: bool = True) -
     param_dtype = jnp.dtype(mc.param_dtype)
     compute = jnp.dtype(mc.compute_dtype) if mc.get("compute_dtype") else None
     layout = dict(attention_impl=mc.attention, scan_layers=mc.get("scan_layers", False), remat=mc.get("remat", "none"))
-    if mc.get("checkpoint") and load_weights:
-        transformer = flux.load(mc.checkpoint, param_dtype, compute_dtype=compute, **layout)
+    checkpoint, ae_path = weight_paths(config) if load_weights else ("", "")
+    if checkpoint:
+        transformer = flux.load(checkpoint, param_dtype, compute_dtype=compute, **layout)
     else:
         transformer = flux.Flux(flux_params(mc), rngs=rngs, param_dtype=param_dtype, dtype=compute, **layout)
     if config.lora.enabled:
@@ -158,9 +197,10 @@ def build_model(config, *, seed: int | None = None, load_weights: bool = True) -
         from dd_jax.models import autoencoder  # the Flux VAE (a converted folder)
 
         if load_weights:
-            if not ac.path:
-                raise ValueError("autoencoder.kind 'flux' needs autoencoder.path (a converted vae folder)")
-            vae = autoencoder.load(ac.path, param_dtype, compute_dtype=compute)
+            if not ae_path:
+                raise ValueError("autoencoder.kind 'flux' needs autoencoder.path (a converted vae folder) "
+                                 "or model.weights (a converted pipeline folder)")
+            vae = autoencoder.load(ae_path, param_dtype, compute_dtype=compute)
         else:
             vae = autoencoder.AutoEncoder(autoencoder.PRESETS[ac.get("preset", "flux")], rngs=rngs,
                                           param_dtype=param_dtype, dtype=compute)
@@ -188,6 +228,8 @@ def decompose(system: System, composite: jax.Array, task: jax.Array, key: jax.Ar
     h_img, w_img = composite.shape[1:3]
     grid = system.grid(h_img, w_img)
     batch = {"task": task, **(extra or {})}
+    if system.model.conditioner is None and "txt" not in batch:
+        batch["txt"], batch["vec"] = system.prompt_conditioning(task)
     txt, vec = system.model.conditioning(batch)
     g = guidance if guidance is not None else system.guidance
     tokens = sampling.sample(system.model.transformer, system.spec, system.tokens(composite), txt, vec, key,

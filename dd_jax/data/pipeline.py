@@ -20,6 +20,11 @@ rendering -> scale to [-1, 1]. Batches are dicts of numpy arrays, NHWC:
   task_name   str  [B]     ``blend.TASKS[task]``
   dataset     str  [B]     e.g. 'alphablend/xray', 'logo/high'
   key         int64 [B]    the record's index in the (unsharded) mixture
+  txt         float32 [B, L, C]  T5 states of the caption, and
+  vec         float32 [B, P]     CLIP pooled output: only with a text cache
+              (``text_cache``, by default ``<data_dir>/text_cache`` when it
+              exists; ``python -m dd_jax.data.encode_text``) or online
+              encoding (``text_encoders``); see ``dd_jax.data.text_cache``
 
 Determinism: a batch depends only on (datasets, seed, batch_size, shard,
 worker_count). Sharding slices records before shuffling: shard i of n gets
@@ -160,6 +165,28 @@ def _text(x) -> str:
     return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
 
+class AttachText(grain.transforms.Map):
+    """Adds the cached T5 states (``txt``) and CLIP pooled output (``vec``) of the example's caption."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def map(self, element: dict) -> dict:
+        element["txt"], element["vec"] = self.cache[element["caption"]]
+        return element
+
+
+class EncodeText(grain.transforms.Map):
+    """Online alternative to the cache: encodes a batch's captions with T5 + CLIP (memoized per caption)."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+
+    def map(self, batch: dict) -> dict:
+        batch["txt"], batch["vec"] = self.encoder.encode(list(batch["caption"]))
+        return batch
+
+
 class _Tag(grain.transforms.MapWithIndex):
     """Names the record of a per-task source (weighted mixtures): dataset
     name and the key the record has in the size-proportional mixture."""
@@ -189,7 +216,8 @@ def make_pipeline(data_dir: str, tasks, split: str = "train", height: int = 512,
                   worker_count: int = 0, shard_index: int | None = None, shard_count: int | None = None,
                   weights: Sequence[float] | None = None, drop_remainder: bool | None = None,
                   random_crop: bool | None = None, include_rgba: bool = False, read_threads: int = 2,
-                  prefetch_buffer_size: int = 16, worker_buffer_size: int = 2) -> grain.IterDataset:
+                  prefetch_buffer_size: int = 16, worker_buffer_size: int = 2, text_cache: str | None = "auto",
+                  text_encoders: str | None = None) -> grain.IterDataset:
     """The training / evaluation input pipeline (see the module docstring).
 
     Args:
@@ -210,6 +238,13 @@ def make_pipeline(data_dir: str, tasks, split: str = "train", height: int = 512,
       read_threads, prefetch_buffer_size: Grain read threads / element buffer
         (per process; keep them small on small machines).
       worker_buffer_size: batches buffered per worker process.
+      text_cache: a text-embedding cache folder whose rows are attached to every
+        example by caption (``txt``, ``vec``); ``"auto"``: ``<data_dir>/text_cache``
+        if it exists; ``None``: no text embeddings. A caption missing from the
+        cache is an error.
+      text_encoders: encode captions online instead, with the converted T5 + CLIP
+        of this folder (``scripts/convert_flux.py --output``); holds the encoders
+        in the input pipeline's process.
     """
     if height % 16 or width % 16:
         raise ValueError(f"height and width must be multiples of 16, got {height}x{width}")
@@ -243,14 +278,33 @@ def make_pipeline(data_dir: str, tasks, split: str = "train", height: int = 512,
         ds = grain.MapDataset.mix(parts, weights=list(weights))
     random_crop = shuffle if random_crop is None else random_crop
     ds = ds.random_map(Prepare(height, width, random_crop, include_rgba), seed=seed + 1)
+    cache, encoder = _text_source(data_dir, text_cache, text_encoders)
+    if cache is not None:
+        ds = ds.map(AttachText(cache))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                               prefetch_buffer_size=prefetch_buffer_size))
     drop = (num_epochs is None) if drop_remainder is None else drop_remainder
     it = it.batch(batch_size, drop_remainder=drop)
+    if encoder is not None:
+        it = it.map(EncodeText(encoder))
     if worker_count > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
                                                          per_worker_buffer_size=worker_buffer_size))
     return it
+
+
+def _text_source(data_dir: str, cache: str | None, encoders: str | None):
+    """(TextCache or None, TextEncoder or None) for make_pipeline."""
+    from dd_jax.data import text_cache as tc  # pylint: disable=g-import-not-at-top
+
+    if encoders:
+        if cache not in (None, "auto"):
+            raise ValueError("give text_cache or text_encoders, not both")
+        return None, tc.TextEncoder(encoders)
+    if cache == "auto":
+        auto = tc.default_cache_dir(data_dir)
+        return (tc.TextCache(auto) if os.path.isfile(os.path.join(auto, tc.INDEX_FILE)) else None), None
+    return (tc.TextCache(cache) if cache else None), None
 
 
 def to_unit(x: np.ndarray) -> np.ndarray:
