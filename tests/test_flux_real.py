@@ -137,6 +137,13 @@ def test_prompts_and_errors(world, tmp_path):
     text_cache.write_cache(str(cache_dir), ["only this caption"], text_cache.TextEncoder(weights), progress=False)
     with open(cache_dir / "index.json") as f:
         assert json.load(f)["captions"] == ["only this caption"]
+    bf16 = text_cache.write_cache(str(tmp_path / "bf16"), ["only this caption"], text_cache.TextEncoder(weights),
+                                  dtype="bfloat16", progress=False)
+    full, half = text_cache.TextCache(str(cache_dir)), text_cache.TextCache(bf16)
+    for x, y in zip(full["only this caption"], half["only this caption"]):
+        assert y.dtype == np.float32 and not np.array_equal(x, y)
+        np.testing.assert_allclose(y, x, rtol=1e-2, atol=1e-2)
+    assert encode_text.main(["--data", data, "--encoders", str(tmp_path)]) == 2  # no t5/, clip/ there
     ds = pipeline.make_pipeline(data, "xray", "train", th.SIZE, th.SIZE, 2, text_cache=str(cache_dir))
     with pytest.raises(Exception, match="caption not in the text cache"):
         next(iter(ds))
