@@ -67,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
     t.t_sampling = "logit_normal"  # "uniform" | "logit_normal"
     t.t_shift = True  # Flux's resolution shift of training times
     t.prediction = "velocity"  # what the network outputs: "velocity" (Flux) | "x0" (clean layer; from-scratch pixels)
+    t.loss = "velocity"  # "velocity" (flow matching) | "x0" (the same weighted by t^2: clean-layer error)
     t.residual = ()  # x0 only: targets read as an offset from the composite, x0 = z + out (e.g. ("y",))
     t.guidance = 1.0  # guidance-embedding input for guidance-distilled bases (flux-dev)
     t.seed = 0

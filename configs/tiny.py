@@ -30,6 +30,8 @@ def get_config():
     c.train.decay = True
     c.train.t_sampling = "uniform"
     c.train.prediction = "x0"
+    c.train.loss = "x0"
+    c.train.residual = ("y",)  # background = composite + predicted change
     c.train.t_shift = False
     c.train.log_every = 50
     c.train.checkpoint_every = 500

@@ -158,7 +158,7 @@ def _make_step(system: system_lib.System, jit: bool = True):
     t = system.config.train
     return flow.make_train_step(system.spec, wrt=system.trainable(), guidance=system.guidance,
                                 prepare=system.prepare, t_sampling=t.t_sampling, shift=t.t_shift, jit=jit,
-                                **system.output_reading())
+                                loss=t.get("loss", "velocity"), **system.output_reading())
 
 
 def _preview(system, batch, key, steps, path, writer, step):

@@ -99,3 +99,20 @@ def test_schedule_runs_from_noise_to_data_and_shifts_towards_noise():
     for ts in (plain, shifted):
         assert ts[0] == pytest.approx(1.0) and ts[-1] == 0.0 and np.all(np.diff(ts) < 0)
     assert np.all(shifted[1:-1] > plain[1:-1])
+
+
+def test_x0_loss_is_the_clean_layer_error():
+    layers = {"z": _tokens(20), "x": _tokens(21), "y": _tokens(22)}
+    batch = flow.Batch(layers=layers, txt=jnp.zeros((B, 1, 4)), txt_ids=jnp.zeros((1, 3)), y=jnp.zeros((B, 4)),
+                       grid=(H, W))
+    t = jnp.array([0.3, 0.8])
+    _, noise = flow.sample_noise(jax.random.key(3), SPEC, batch)
+    guess = {"x": _tokens(23), "y": _tokens(24)}
+    out = jnp.concatenate([jnp.zeros((B, N, C)), guess["x"], guess["y"] - layers["z"]], axis=1)
+    got = flow.icd_loss(Constant(out), SPEC, batch, t, noise, prediction="x0", residual=("y",), loss="x0")
+    want = np.mean([np.mean(np.square(np.asarray(guess[n]) - np.asarray(layers[n]))) for n in ("x", "y")])
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    plain = flow.icd_loss(Constant(out), SPEC, batch, t, noise, prediction="x0", residual=("y",))
+    assert float(plain) > 2 * float(got)  # the velocity loss divides the same error by t^2
+    with pytest.raises(ValueError, match="loss"):
+        flow.icd_loss(Constant(out), SPEC, batch, t, noise, loss="l1")
