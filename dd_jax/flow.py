@@ -179,9 +179,9 @@ def make_train_step(spec: icd.LayerSpec, wrt: Any = nnx.LoRAParam, guidance: flo
             g = None if guidance is None else jnp.full(t.shape, guidance, jnp.float32)
             return icd_loss(transformer, spec, b, t, noise, g, prediction, residual, loss)
 
-        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model)
+        value, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model)
         optimizer.update(model, grads)
-        return loss, optax.global_norm(grads)
+        return value, optax.global_norm(grads)
 
     return nnx.jit(step) if jit else step
 

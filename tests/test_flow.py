@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from dd_jax import flow, icd, sampling
+from dd_jax.models import flux
 
 
 class Constant(nnx.Module):
@@ -116,3 +117,20 @@ def test_x0_loss_is_the_clean_layer_error():
     assert float(plain) > 2 * float(got)  # the velocity loss divides the same error by t^2
     with pytest.raises(ValueError, match="loss"):
         flow.icd_loss(Constant(out), SPEC, batch, t, noise, loss="l1")
+
+
+def test_train_step_with_every_loss_reading_lowers_the_loss():
+    params = flux.FluxParams.from_dict({**flux.PRESETS["tiny"].to_dict(), "depth": 1, "depth_single_blocks": 1})
+    c = params.in_channels
+    layers = {n: jax.random.normal(jax.random.key(i), (2, 4, c)) for i, n in enumerate(SPEC.layers)}
+    batch = flow.Batch(layers=layers, txt=jnp.zeros((2, 1, params.context_in_dim)), txt_ids=jnp.zeros((1, 3)),
+                       y=jnp.zeros((2, params.vec_in_dim)), grid=(2, 2))
+    for loss in flow.LOSSES:
+        model = flux.Flux(params, rngs=nnx.Rngs(0))
+        opt = flow.make_optimizer(model, 1e-3, wrt=nnx.Param)
+        step = flow.make_train_step(SPEC, wrt=nnx.Param, guidance=None if not params.guidance_embed else 1.0,
+                                    prediction="x0", residual=("y",), loss=loss)
+        first = float(step(model, opt, batch, jax.random.key(0))[0])
+        for _ in range(15):
+            last = float(step(model, opt, batch, jax.random.key(0))[0])
+        assert last < first, (loss, first, last)
