@@ -53,7 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
     d.tasks = "xray"  # a subtask, a list, or "all"
     d.height = 512
     d.width = 512
-    d.batch_size = 1  # global batch
+    d.batch_size = 1  # global batch (a multiple of data.shards and of mesh data x fsdp)
+    d.shards = 0  # Grain shards the global batch is read from, a multiple of the process count (0 = one per
+    #              process); fix it to keep the data order when a run resumes on another number of processes
     d.worker_count = 0
     d.seed = 0
 
@@ -75,6 +77,31 @@ def get_config() -> ml_collections.ConfigDict:
     t.checkpoint_every = 1000
     t.keep_checkpoints = 3
     t.preview_every = 1000
+
+    # Device mesh (dd_jax.sharding.make_mesh): sizes of the data / fsdp / tensor axes over all devices of all
+    # processes, -1 = the rest. Default: everything on fsdp -- the batch is split over every device as in plain
+    # data parallelism, and parameters and optimizer state are sharded on their hidden dim (ZeRO-3 style), which a
+    # flux-dev base (24 GB bf16) plus activations needs on most accelerators; on one device it is no sharding.
+    # Small models that fit every device: data=-1, fsdp=1 (replicated, no parameter all-gathers).
+    # dcn_data / dcn_fsdp: the axes' sizes across slices (multi-slice TPU) or hosts; then data/fsdp/tensor are
+    # sizes within one. rules: logical-axis overrides, e.g. (("activation_length", "tensor"),).
+    c.mesh = ms = ml_collections.ConfigDict()
+    ms.data = 1
+    ms.fsdp = -1
+    ms.tensor = 1
+    ms.dcn_data = 1
+    ms.dcn_fsdp = 1
+    ms.rules = ()
+
+    # Multi-process runs (dd_jax.sharding.maybe_initialize_distributed, before any other JAX call). "auto":
+    # initialise when a launcher says there are several processes (TPU pod, SLURM, Open MPI) or the fields / env
+    # (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) name a coordinator; True / False force it.
+    c.distributed = dt = ml_collections.ConfigDict()
+    dt.enabled = "auto"
+    dt.coordinator_address = ""  # "host:port" of process 0 ("" = environment / auto-detection)
+    dt.num_processes = 0  # 0 = environment / auto-detection
+    dt.process_id = -1  # -1 = environment / auto-detection
+    dt.cpu_collectives = ""  # "gloo" for multi-process CPU runs
 
     c.sample = s = ml_collections.ConfigDict()
     s.steps = 28

@@ -29,7 +29,7 @@ def gpu_config(task: str, remat: dict) -> ml_collections.ConfigDict:
     c.model.remat = remat.get((c.data.height, c.data.width), "full")
     c.text.kind = "precomputed"
     c.data.batch_size = 1
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, rules=()))
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1  # several GPUs: the base sharded over all of them
     return c
 
 

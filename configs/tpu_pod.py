@@ -17,8 +17,6 @@
 
 import importlib
 
-import ml_collections
-
 
 def get_config(task: str = "watermark"):
     c = importlib.import_module(f"configs.{task or 'watermark'}").get_config()
@@ -30,6 +28,6 @@ def get_config(task: str = "watermark"):
     c.text.kind = "precomputed"
     c.data.batch_size = 64  # global; e.g. one per chip on a v5p-128 (64 chips)
     c.data.worker_count = 8  # Grain decode workers per host
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, rules=()))
-    c.distributed = ml_collections.ConfigDict(dict(enabled="auto"))
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1  # --config.mesh.dcn_data=N for N slices
+    c.distributed.enabled = "auto"  # TPU pods: jax.distributed finds the other hosts
     return c

@@ -322,7 +322,7 @@ def maybe_initialize_distributed(config=None) -> bool:
 
     `config` (dict / ConfigDict, e.g. `config.distributed`), fields all optional:
     `enabled` ("auto" | True | False), `coordinator_address` ("host:port"),
-    `num_processes`, `process_id`, `local_device_ids`, `cpu_collectives`
+    `num_processes` (0 = unset), `process_id` (-1 = unset), `local_device_ids`, `cpu_collectives`
     ("gloo" for multi-process CPU runs). The same values can come from the
     environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID);
     with none of them, "auto" initializes only where a launcher says there are
@@ -333,9 +333,15 @@ def maybe_initialize_distributed(config=None) -> bool:
     if jax.distributed.is_initialized():
         return False
     enabled = cfg.get("enabled", "auto")
+    if isinstance(enabled, str):  # a command-line override of the "auto" string field
+        low = enabled.strip().lower()
+        enabled = False if low in ("false", "0", "no", "off") else True if low in ("true", "1", "yes", "on") else low
+    if enabled not in (True, False, "auto"):
+        raise ValueError(f"distributed.enabled must be 'auto', True or False, got {cfg.get('enabled')!r}")
     address = cfg.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    num = cfg.get("num_processes") or _env_int("JAX_NUM_PROCESSES")
-    pid = cfg.get("process_id") if cfg.get("process_id") is not None else _env_int("JAX_PROCESS_ID")
+    num = cfg.get("num_processes") or _env_int("JAX_NUM_PROCESSES")  # 0 / None: environment or auto-detection
+    pid = cfg.get("process_id")
+    pid = pid if pid is not None and int(pid) >= 0 else _env_int("JAX_PROCESS_ID")  # -1 / None: the same
     if enabled is False or (enabled == "auto" and not address and not is_multihost_environment()):
         return False
     collectives = cfg.get("cpu_collectives") or os.environ.get("DD_JAX_CPU_COLLECTIVES")

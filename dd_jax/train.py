@@ -14,6 +14,17 @@ when training from scratch). The workdir holds
 A run resumes from the newest checkpoint in its workdir. SIGTERM/SIGINT save
 a checkpoint before exiting; a non-finite loss stops the run with a message
 and keeps the last good checkpoint.
+
+Sharding (`config.mesh`, `dd_jax.sharding`): the model and optimizer state
+are placed on a (data, fsdp, tensor) mesh over every device of every
+process by their logical axis names, the global batch is split over
+(data, fsdp). Multi-process runs (`config.distributed`, or a launcher's
+environment) start the same command on every host: each process reads its
+own Grain shards of the data (`data.shards`, default one per process) and
+`sharding.shard_batch` assembles the global batch; every process runs the
+steps, checkpoints (orbax writes the sharded state), previews and the
+export gather; process 0 alone writes metrics, TensorBoard, previews and
+the export folder.
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from dd_jax import flow, system as system_lib
+from dd_jax import flow, sharding, system as system_lib
 from dd_jax.data import pipeline
 from dd_jax.models import store
 
@@ -52,8 +63,33 @@ def load_config(path: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def device_batch(batch: dict) -> dict:
-    return {k: jnp.asarray(v) for k, v in batch.items() if k in ARRAY_KEYS}
+def device_batch(batch: dict, mesh=None, rules=None) -> dict:
+    """The model's inputs of a process-local numpy batch; with `mesh`, global arrays split over (data, fsdp)."""
+    arrays = {k: v for k, v in batch.items() if k in ARRAY_KEYS}
+    if mesh is None:
+        return {k: jnp.asarray(v) for k, v in arrays.items()}
+    return sharding.shard_batch(arrays, mesh, rules)
+
+
+def to_host(tree):
+    """Numpy copies of (possibly sharded, multi-process) arrays; every process must call it (a collective
+    when some array spans other processes' devices)."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                        if isinstance(x, jax.Array) and not x.is_fully_addressable else np.asarray(x), tree)
+
+
+def _any_process(flag: bool) -> bool:
+    """True on every process if `flag` is true on any (a stop must be taken by all processes together:
+    a checkpoint save alone would wait forever for the others)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
 class _Stop:
@@ -106,11 +142,32 @@ class Checkpoints:
 
 
 def export(system: system_lib.System, out_dir: str) -> str:
-    """Writes the trainable parameters + config as a dd_jax model folder (no optimizer state)."""
+    """Writes the trainable parameters + config as a dd_jax model folder (no optimizer state).
+
+    Sharded parameters are gathered to the host first; with several processes every process must call
+    this (the gather is a collective) and process 0 writes the folder."""
     state = nnx.state(system.model, system.trainable())
-    flat = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
-    return store.write_flat(out_dir, flat, model="decomposer", config=json.loads(system.config.to_json_best_effort()),
-                            dtype=str(next(iter(flat.values())).dtype), overwrite=True)
+    flat = to_host({".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(state)})
+    out_dir = os.path.abspath(out_dir)
+    meta = dict(model="decomposer", config=json.loads(system.config.to_json_best_effort()),
+                dtype=str(next(iter(flat.values())).dtype), overwrite=True)
+    if jax.process_count() == 1:
+        return store.write_flat(out_dir, flat, **meta)
+    if jax.process_index() != 0:
+        return out_dir
+    import orbax.checkpoint as ocp
+
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    for path, arr in flat.items():
+        groups.setdefault(store.default_group(path), {})[path] = arr
+    with store.GroupedWriter(out_dir, **meta) as w:
+        # host numpy written by this process alone: its orbax must not wait at barriers for the others
+        w._ckptr.close()
+        w._ckptr = ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=jax.process_index(), active_processes={jax.process_index()}))
+        for g, items in groups.items():
+            w.write_group(g, items)
+        return w.commit()
 
 
 def load_trained(path: str, config=None, load_weights: bool = True) -> system_lib.System:
@@ -161,17 +218,26 @@ def _make_step(system: system_lib.System, jit: bool = True):
                                 loss=t.get("loss", "velocity"), **system.output_reading())
 
 
+def _preview_inputs(batch: dict, mesh) -> dict:
+    """The first (up to) 4 examples of a global batch, replicated on the mesh (the same on every process)."""
+    n = min(4, batch["composite"].shape[0])
+    small = to_host({k: v[:n] for k, v in batch.items()})
+    return sharding.shard_batch(small, mesh, replicate=lambda _: True)
+
+
 def _preview(system, batch, key, steps, path, writer, step):
-    """Image grid: composite | predicted layers | true layers (first 4 examples)."""
+    """Image grid: composite | predicted layers | true layers (`batch`: replicated preview inputs).
+    Every process samples (sharded collectives); process 0 writes the file and the TensorBoard image."""
     from PIL import Image
 
-    n = min(4, batch["composite"].shape[0])
-    small = {k: v[:n] for k, v in device_batch(batch).items()}
-    pred = system_lib.decompose(system, small["composite"], small["task"], key, steps)
-    cols = [small["composite"]] + [pred[name] for name in system.spec.targets] \
-        + [small[system_lib.LAYER_IMAGES[name]] for name in system.spec.targets]
-    rows = [np.concatenate([np.asarray(c[i]) for c in cols], axis=1) for i in range(n)]
+    pred = system_lib.decompose(system, batch["composite"], batch["task"], key, steps)
+    cols = to_host([batch["composite"]] + [pred[name] for name in system.spec.targets]
+                   + [batch[system_lib.LAYER_IMAGES[name]] for name in system.spec.targets])
+    n = cols[0].shape[0]
+    rows = [np.concatenate([c[i] for c in cols], axis=1) for i in range(n)]
     grid = np.clip((np.concatenate(rows, axis=0) + 1) * 127.5, 0, 255).astype(np.uint8)
+    if jax.process_index() != 0:
+        return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(grid).save(path)
     if writer is not None:
@@ -188,23 +254,93 @@ def _tb_writer(workdir: str):
     return SummaryWriter(os.path.join(workdir, "tb"))
 
 
+def data_shards(config) -> int:
+    """How many Grain shards the global batch is read from (`data.shards`; 0 = one per process)."""
+    return int(config.data.get("shards", 0) or 0) or jax.process_count()
+
+
+def check_batch(config, mesh) -> None:
+    """The global batch splits evenly over the data shards, the processes and the mesh's batch axes."""
+    b, n_proc, shards = int(config.data.batch_size), jax.process_count(), data_shards(config)
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    if shards % n_proc:
+        raise ValueError(f"data.shards={shards} is not a multiple of the {n_proc} processes: each process reads "
+                         f"the same number of shards")
+    if b % shards:
+        raise ValueError(f"data.batch_size={b} (global) is not divisible by the {shards} data shards "
+                         f"({'data.shards' if config.data.get('shards', 0) else 'one per process'}): "
+                         f"set --config.data.batch_size to a multiple of {shards}")
+    if b % split:
+        raise ValueError(f"data.batch_size={b} (global) cannot be split over the mesh's batch axes: data x fsdp = "
+                         f"{mesh.shape['data']} x {mesh.shape['fsdp']} = {split} devices (mesh {dict(mesh.shape)}); "
+                         f"use a batch that is a multiple of {split}, or put devices on the tensor axis "
+                         f"(e.g. --config.mesh.tensor=... --config.mesh.fsdp=...)")
+
+
+class ProcessData:
+    """This process's share of every global batch: its `data.shards / process count` Grain shards (shard
+    index = process index x that + i), batch `global / data.shards` each, concatenated. With a fixed
+    `data.shards` the global batches do not depend on how many processes read them.
+
+    Checkpointed state: {"shards": S, "iterator": state} -- every shard has consumed the same number of
+    batches, so one Grain iterator state (a position) serves all of them on every process."""
+
+    def __init__(self, config, worker_count: int | None = None):
+        d = config.data
+        worker_count = d.worker_count if worker_count is None else worker_count
+        self.shards = data_shards(config)
+        per_process = self.shards // jax.process_count()
+        self.indices = [jax.process_index() * per_process + i for i in range(per_process)]
+        self.iterators = [iter(pipeline.make_pipeline(
+            d.dir, d.tasks, "train", d.height, d.width, d.batch_size // self.shards, seed=d.seed,
+            worker_count=worker_count, shard_index=i, shard_count=self.shards)) for i in self.indices]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        parts = [next(it) for it in self.iterators]
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
+
+    def get_state(self) -> dict:
+        states = [it.get_state() for it in self.iterators]
+        if len({json.dumps(st, sort_keys=True, default=str) for st in states}) > 1:
+            raise RuntimeError(f"data shards {self.indices} are at different positions: {states}")
+        return {"shards": self.shards, "iterator": states[0]}
+
+    def set_state(self, state: dict) -> None:
+        if "iterator" not in state:  # checkpoints written before data.shards: one shard per process
+            state = {"shards": self.shards, "iterator": state}
+        if int(state["shards"]) != self.shards:
+            raise ValueError(f"the checkpoint was written reading {state['shards']} data shards, this run reads "
+                             f"{self.shards} ({jax.process_count()} processes); resume with "
+                             f"--config.data.shards={state['shards']} (a multiple of the process count)")
+        for it in self.iterators:
+            it.set_state(state["iterator"])
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict:
-    """Runs (or resumes) training; returns a summary. `stop_after` ends early (tests)."""
+    """Runs (or resumes) training; returns a summary. `stop_after` ends early (tests).
+
+    Multi-process runs call `sharding.maybe_initialize_distributed` first (as `main` does)."""
     os.makedirs(workdir, exist_ok=True)
     cfg_path = os.path.join(workdir, "config.json")
     if jax.process_index() == 0:
         save_config(config, cfg_path)
     t = config.train
-    system = system_lib.build(config)
-    optimizer = _optimizer(system)
+    mesh_cfg = config.get("mesh") or {}
+    rules = mesh_cfg.get("rules") or None
+    mesh = sharding.make_mesh(mesh_cfg)
+    check_batch(config, mesh)
+    with jax.set_mesh(mesh):
+        system = system_lib.build(config)
+        sharding.shard_model(system.model, mesh, rules)
+        optimizer = _optimizer(system)
+        sharding.shard_model(optimizer, mesh, rules)
     step_fn = _make_step(system)
-    n_proc = jax.process_count()
-    if config.data.batch_size % n_proc:
-        raise ValueError(f"data.batch_size {config.data.batch_size} is not divisible by {n_proc} processes")
-    ds = pipeline.make_pipeline(config.data.dir, config.data.tasks, "train", config.data.height, config.data.width,
-                                config.data.batch_size // n_proc, seed=config.data.seed,
-                                worker_count=config.data.worker_count)
-    data_it = iter(ds)
+    data_it = ProcessData(config)
     ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), t.keep_checkpoints)
     start = 0
     latest = ckpts.latest()
@@ -222,13 +358,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     n_train = system_lib.count_params(system.model, system.trainable())
     print(f"training {n_train / 1e6:.2f}M parameters ({'LoRA' if config.lora.enabled else 'all'}) for "
           f"{t.steps} steps, batch {config.data.batch_size}, {config.data.height}x{config.data.width}, "
-          f"tasks {config.data.tasks}", file=sys.stderr)
+          f"tasks {config.data.tasks}; mesh {dict(mesh.shape)} over {jax.process_count()} process(es), "
+          f"{data_it.shards} data shard(s)", file=sys.stderr)
 
     writer = _tb_writer(workdir)
+    # previews: the first examples of the data stream (the same ones across resumes)
+    preview_batch = _preview_inputs(device_batch(next(ProcessData(config, worker_count=0)), mesh, rules), mesh) \
+        if t.preview_every else None
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     base_key = jax.random.key(t.seed)
     pending: list[tuple[int, jax.Array, jax.Array]] = []
-    preview_batch = None
     t_last, step_last = time.time(), start
     summary = {"start_step": start, "steps": t.steps}
 
@@ -273,23 +412,24 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     try:
         with _Stop() as stop:
             while step < t.steps:
-                batch = next(data_it)
-                if preview_batch is None:
-                    preview_batch = batch
-                loss, gnorm = step_fn(system.model, optimizer, device_batch(batch), jax.random.fold_in(base_key, step))
+                batch = device_batch(next(data_it), mesh, rules)
+                with jax.set_mesh(mesh):
+                    loss, gnorm = step_fn(system.model, optimizer, batch, jax.random.fold_in(base_key, step))
                 step += 1
                 pending.append((step, loss, gnorm))
                 if step % t.log_every == 0:
                     flush(step)
                 if step % t.checkpoint_every == 0 or step == t.steps:
                     save(step)
-                if t.preview_every and step % t.preview_every == 0 and jax.process_index() == 0:
-                    _preview(system, preview_batch, jax.random.key(0), config.sample.steps,
-                             os.path.join(workdir, "previews", f"step_{step}.png"), writer, step)
-                if stop.signal or (stop_after is not None and step >= stop_after):
+                if t.preview_every and step % t.preview_every == 0:  # every process: the sampler is sharded
+                    with jax.set_mesh(mesh):
+                        _preview(system, preview_batch, jax.random.key(0), config.sample.steps,
+                                 os.path.join(workdir, "previews", f"step_{step}.png"), writer, step)
+                if _any_process(bool(stop.signal) or (stop_after is not None and step >= stop_after)):
                     if ckpts.latest() != step:
                         save(step)
-                    why = stop.signal or "stop_after"
+                    why = stop.signal or ("stop_after" if stop_after is not None and step >= stop_after
+                                          else "another process's signal")
                     print(f"{why}: saved a checkpoint at step {step}; rerun the same command to resume",
                           file=sys.stderr)
                     summary["interrupted"] = why
@@ -299,8 +439,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         if writer is not None:
             writer.close()
     summary["step"] = step
-    if step >= t.steps and jax.process_index() == 0:
-        summary["export"] = export(system, os.path.join(workdir, "export"))
+    if step >= t.steps:
+        summary["export"] = export(system, os.path.join(workdir, "export"))  # every process gathers, 0 writes
     return summary
 
 
@@ -310,8 +450,9 @@ def main(argv):
     from absl import logging
 
     del argv
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     FLAGS = flags.FLAGS
+    sharding.maybe_initialize_distributed(FLAGS.config.get("distributed"))  # before any other JAX call
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     try:
         train(FLAGS.config, FLAGS.workdir)
     except NonFiniteLoss as e:

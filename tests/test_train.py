@@ -63,11 +63,11 @@ def test_sigterm_saves_and_the_run_continues(data_dir, tmp_path, monkeypatch):
     calls = []
     real = train.device_batch
 
-    def batch_then_sigterm(b):
+    def batch_then_sigterm(b, *args):
         calls.append(1)
         if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real(b)
+        return real(b, *args)
 
     monkeypatch.setattr(train, "device_batch", batch_then_sigterm)
     summary = train.train(c, str(tmp_path))
@@ -84,9 +84,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, m
     calls = []
     real = train.device_batch
 
-    def poisoned(b):
+    def poisoned(b, *args):
         calls.append(1)
-        out = real(b)
+        out = real(b, *args)
         if len(calls) == 6:
             out["composite"] = out["composite"] * jnp.nan
         return out
