@@ -111,3 +111,35 @@ def test_export_reloads_the_trained_model(data_dir, tmp_path):
                                   np.asarray(exported.model.conditioner.tokens[...]))
     fresh = train.system_lib.build(c)
     assert not np.array_equal(np.asarray(a), np.asarray(fresh.model.transformer.img_in.kernel[...]))
+
+
+def test_batch_must_split_over_shards_processes_and_mesh(data_dir):
+    from types import SimpleNamespace
+
+    c = th.small_config(data_dir)  # global batch 4, one process
+    mesh = lambda data, fsdp: SimpleNamespace(shape={"data": data, "fsdp": fsdp, "tensor": 1})
+    train.check_batch(c, mesh(2, 2))
+    with pytest.raises(ValueError, match=r"data x fsdp = 1 x 8 = 8 devices"):
+        train.check_batch(c, mesh(1, 8))
+    c.data.shards = 3
+    with pytest.raises(ValueError, match="not divisible by the 3 data shards"):
+        train.check_batch(c, mesh(1, 1))
+
+
+def test_data_state_carries_the_shard_count_and_reads_old_checkpoints(data_dir):
+    c = th.small_config(data_dir)
+    c.data.shards = 2  # one process reading both shards: batches of 2 + 2
+    data = train.ProcessData(c)
+    assert data.indices == [0, 1] and next(data)["composite"].shape[0] == 4
+    state = data.get_state()
+    assert state["shards"] == 2
+    again = train.ProcessData(c)
+    again.set_state(state)
+    np.testing.assert_array_equal(next(again)["key"], next(data)["key"])
+    old, ref = train.ProcessData(c), train.ProcessData(c)
+    old.set_state(state["iterator"])  # a checkpoint from before data.shards: the bare Grain state
+    ref.set_state(state)
+    np.testing.assert_array_equal(next(old)["key"], next(ref)["key"])
+    c.data.shards = 0
+    with pytest.raises(ValueError, match="--config.data.shards=2"):
+        train.ProcessData(c).set_state(state)
