@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.checkpoint = ""  # converted transformer folder (scripts/convert_flux.py); "" = from scratch
     m.weights = ""  # a converted pipeline folder (convert_flux.py --output): fills checkpoint, autoencoder.path,
     #                 text.encoders from its transformer/, vae/, t5/+clip/ where those are ""
+    m.init = "default"  # from scratch only: "default" | "adaln_zero" (DiT: blocks start as identity, output 0)
     m.param_dtype = "bfloat16"
     m.compute_dtype = "bfloat16"
     m.attention = "xla"  # "xla" | "cudnn" | "splash" | "auto" (dd_jax.models.layers)
@@ -38,7 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.text = tx = ml_collections.ConfigDict()
     tx.kind = "precomputed"  # "precomputed" (txt/vec in the batch, e.g. cached T5/CLIP) | "task" (learned)
     tx.length = 8  # learned task tokens ("task" only)
-    tx.cache = ""  # text-embedding cache for decomposition prompts ("" = data.dir/text_cache; training reads that)
+    tx.cache = ""  # text-embedding cache (python -m dd_jax.data.encode_text) for training and prompts ("" = data.dir/text_cache)
+    tx.online = False  # training: encode captions in the input pipeline with text.encoders instead of the cache
     tx.encoders = ""  # converted T5/CLIP folder for prompts not in the cache ("" = model.weights)
 
     c.icd = ic = ml_collections.ConfigDict()

@@ -14,6 +14,7 @@ def get_config():
     c.model.preset = "tiny"
     c.model.params = dict(in_channels=192, out_channels=192, vec_in_dim=64, context_in_dim=64, hidden_size=128,
                           num_heads=4, depth=3, depth_single_blocks=3, axes_dim=(8, 12, 12), guidance_embed=False)
+    c.model.init = "adaln_zero"
     c.model.param_dtype = "float32"
     c.model.compute_dtype = "float32"
     c.lora.enabled = False  # all parameters train

@@ -181,6 +181,11 @@ def build_model(config, *, seed: int | None = None, load_weights: bool = True) -
         transformer = flux.load(checkpoint, param_dtype, compute_dtype=compute, **layout)
     else:
         transformer = flux.Flux(flux_params(mc), rngs=rngs, param_dtype=param_dtype, dtype=compute, **layout)
+        init = mc.get("init", "default")
+        if init not in flux.INITS:
+            raise ValueError(f"model.init {init!r}: choose from {flux.INITS}")
+        if init == "adaln_zero":
+            flux.adaln_zero(transformer)
     if config.lora.enabled:
         targets = tuple(config.lora.targets) + (lora.MODULATION_TARGETS if config.lora.modulation else ())
         lora.apply_lora(transformer, config.lora.rank, config.lora.alpha, targets, rngs=rngs)

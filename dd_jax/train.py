@@ -151,23 +151,9 @@ def export(system: system_lib.System, out_dir: str) -> str:
     out_dir = os.path.abspath(out_dir)
     meta = dict(model="decomposer", config=json.loads(system.config.to_json_best_effort()),
                 dtype=str(next(iter(flat.values())).dtype), overwrite=True)
-    if jax.process_count() == 1:
-        return store.write_flat(out_dir, flat, **meta)
     if jax.process_index() != 0:
         return out_dir
-    import orbax.checkpoint as ocp
-
-    groups: dict[str, dict[str, np.ndarray]] = {}
-    for path, arr in flat.items():
-        groups.setdefault(store.default_group(path), {})[path] = arr
-    with store.GroupedWriter(out_dir, **meta) as w:
-        # host numpy written by this process alone: its orbax must not wait at barriers for the others
-        w._ckptr.close()
-        w._ckptr = ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
-            primary_host=jax.process_index(), active_processes={jax.process_index()}))
-        for g, items in groups.items():
-            w.write_group(g, items)
-        return w.commit()
+    return store.write_flat(out_dir, flat, **meta)
 
 
 def load_trained(path: str, config=None, load_weights: bool = True) -> system_lib.System:
@@ -277,6 +263,20 @@ def check_batch(config, mesh) -> None:
                          f"(e.g. --config.mesh.tensor=... --config.mesh.fsdp=...)")
 
 
+def text_source(config) -> tuple[str | None, str | None]:
+    """(text cache, online encoders) for the input pipeline: the cache by default, `text.online` encodes."""
+    t = config.text
+    if t.kind != "precomputed":
+        return None, None
+    if t.get("online", False):
+        encoders = t.get("encoders") or config.model.get("weights", "")
+        if not encoders:
+            raise ValueError("text.online needs text.encoders or model.weights (a converted pipeline folder "
+                             "with t5/ and clip/)")
+        return None, encoders
+    return t.get("cache") or "auto", None
+
+
 class ProcessData:
     """This process's share of every global batch: its `data.shards / process count` Grain shards (shard
     index = process index x that + i), batch `global / data.shards` each, concatenated. With a fixed
@@ -289,11 +289,13 @@ class ProcessData:
         d = config.data
         worker_count = d.worker_count if worker_count is None else worker_count
         self.shards = data_shards(config)
+        text_cache, text_encoders = text_source(config)
         per_process = self.shards // jax.process_count()
         self.indices = [jax.process_index() * per_process + i for i in range(per_process)]
         self.iterators = [iter(pipeline.make_pipeline(
             d.dir, d.tasks, "train", d.height, d.width, d.batch_size // self.shards, seed=d.seed,
-            worker_count=worker_count, shard_index=i, shard_count=self.shards)) for i in self.indices]
+            worker_count=worker_count, shard_index=i, shard_count=self.shards,
+            text_cache=text_cache, text_encoders=text_encoders)) for i in self.indices]
 
     def __iter__(self):
         return self

@@ -134,3 +134,23 @@ def test_train_step_with_every_loss_reading_lowers_the_loss():
         for _ in range(15):
             last = float(step(model, opt, batch, jax.random.key(0))[0])
         assert last < first, (loss, first, last)
+
+
+def test_adaln_zero_tiny_model_starts_as_the_identity_decomposition():
+    from configs import tiny
+
+    from dd_jax import system as system_lib
+
+    config = tiny.get_config()
+    system = system_lib.build(config)
+    comp = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
+    out = system_lib.decompose(system, comp, jnp.array([0, 3]), jax.random.key(1), steps=3)
+    np.testing.assert_allclose(out["y"], comp, atol=1e-5)  # residual background: "no change"
+    np.testing.assert_allclose(out["x"], 0.0, atol=1e-5)
+    # the blocks are live (non-zero weights) and only their gates / the output start at zero
+    blocks = nnx.state(system.model.transformer.double_blocks[0].img_attn, nnx.Param)
+    kernels = [v.get_value() for p, v in nnx.to_flat_state(blocks) if p[-1] == "kernel"]
+    assert kernels and all(np.abs(np.asarray(k)).max() > 0 for k in kernels)
+    config.model.init = "kaiming"
+    with pytest.raises(ValueError, match="model.init"):
+        system_lib.build(config)

@@ -143,3 +143,21 @@ def test_data_state_carries_the_shard_count_and_reads_old_checkpoints(data_dir):
     c.data.shards = 0
     with pytest.raises(ValueError, match="--config.data.shards=2"):
         train.ProcessData(c).set_state(state)
+
+
+def test_text_source_cache_or_online_encoders():
+    from configs import base
+
+    c = base.get_config()
+    assert train.text_source(c) == ("auto", None)  # data.dir/text_cache
+    c.text.cache = "/caches/ab"
+    assert train.text_source(c) == ("/caches/ab", None)
+    c.text.online = True
+    with pytest.raises(ValueError, match="text.online needs"):
+        train.text_source(c)
+    c.model.weights = "/models/flux-dev-jax"
+    assert train.text_source(c) == (None, "/models/flux-dev-jax")
+    c.text.encoders = "/models/encoders"
+    assert train.text_source(c) == (None, "/models/encoders")
+    c.text.kind = "task"  # learned task conditioning: no text at all
+    assert train.text_source(c) == (None, None)

@@ -266,6 +266,28 @@ def unstack_flat(flat: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+INITS = ("default", "adaln_zero")
+# modules whose outputs adaLN-Zero starts at zero: every block's modulation (gates 0: blocks are the identity)
+# and the final layer (output 0)
+_ZERO_MODULES = ("img_mod", "txt_mod", "modulation", "final_layer")
+
+
+def adaln_zero(model: Flux) -> Flux:
+    """DiT's adaLN-Zero initialisation, in place, for training from scratch.
+
+    Zeroes every block's modulation Linear (so each block starts as the
+    identity, its residual gates 0) and the final layer (so the model starts
+    by predicting 0, e.g. "no change" with a residual output reading). Pretrained
+    Flux weights never need it.
+    """
+    state = nnx.state(model, nnx.Param)
+    for path, var in nnx.to_flat_state(state):
+        if any(str(p) in _ZERO_MODULES for p in path):
+            var.set_value(jnp.zeros_like(var.get_value()))
+    nnx.update(model, state)
+    return model
+
+
 def load(path: str, dtype=None, *, compute_dtype=None, attention_impl: str = "xla", shardings=None,
          scan_layers: bool = False, remat: str = "none") -> Flux:
     """Loads a converted checkpoint (`scripts/convert_flux.py` output) into either layout.

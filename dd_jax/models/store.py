@@ -88,6 +88,20 @@ def release_memory() -> None:
         pass
 
 
+def _local_checkpointer():
+    """An orbax checkpointer for host arrays that THIS process writes alone.
+
+    Model folders hold host numpy written by one process; orbax's default
+    waits at barriers for every JAX process, which would hang a multi-process
+    run in which only process 0 writes (e.g. a training export)."""
+    ocp = _orbax()
+    if jax.process_count() == 1:
+        return ocp.StandardCheckpointer()
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}))
+
+
 class GroupedWriter:
     """Writes a model folder group by group; `commit()` makes it appear at `out_dir`.
 
@@ -103,7 +117,7 @@ class GroupedWriter:
         os.makedirs(parent, exist_ok=True)
         self.tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out_dir)}.partial-", dir=parent)
         self.meta = {"format": FORMAT, "model": model, "config": dict(config), "dtype": dtype, "groups": []}
-        self._ckptr = _orbax().StandardCheckpointer()
+        self._ckptr = _local_checkpointer()
         self.overwrite = overwrite
 
     def write_group(self, group: str, flat: Mapping[str, np.ndarray]) -> None:
