@@ -168,9 +168,10 @@ def weight_paths(config) -> tuple[str, str]:
     return checkpoint, ae_path
 
 
-def build_model(config, *, seed: int | None = None, load_weights: bool = True) -> Decomposer:
+def build_model(config, *, seed: int | None = None, load_weights: bool = True, shardings=None) -> Decomposer:
     """The model a config describes. `load_weights=False` initialises every part randomly
-    (use under `nnx.eval_shape` for abstract shapes, e.g. ahead-of-time compilation)."""
+    (use under `nnx.eval_shape` for abstract shapes, e.g. ahead-of-time compilation).
+    `shardings` (see `flux.load`) places a converted transformer on devices as it is read."""
     mc, ac = config.model, config.autoencoder
     rngs = nnx.Rngs(config.train.seed if seed is None else seed)
     param_dtype = jnp.dtype(mc.param_dtype)
@@ -178,7 +179,7 @@ def build_model(config, *, seed: int | None = None, load_weights: bool = True) -
     layout = dict(attention_impl=mc.attention, scan_layers=mc.get("scan_layers", False), remat=mc.get("remat", "none"))
     checkpoint, ae_path = weight_paths(config) if load_weights else ("", "")
     if checkpoint:
-        transformer = flux.load(checkpoint, param_dtype, compute_dtype=compute, **layout)
+        transformer = flux.load(checkpoint, param_dtype, compute_dtype=compute, shardings=shardings, **layout)
     else:
         transformer = flux.Flux(flux_params(mc), rngs=rngs, param_dtype=param_dtype, dtype=compute, **layout)
         init = mc.get("init", "default")
@@ -222,9 +223,9 @@ def wrap(model: Decomposer, config) -> System:
     return System(model, pixel, layer_spec(config.icd), guidance, config)
 
 
-def build(config, *, seed: int | None = None, load_weights: bool = True) -> System:
+def build(config, *, seed: int | None = None, load_weights: bool = True, shardings=None) -> System:
     """Builds the system from a config (see configs/base.py for the fields)."""
-    return wrap(build_model(config, seed=seed, load_weights=load_weights), config)
+    return wrap(build_model(config, seed=seed, load_weights=load_weights, shardings=shardings), config)
 
 
 def decompose(system: System, composite: jax.Array, task: jax.Array, key: jax.Array, steps: int,

@@ -337,7 +337,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     mesh = sharding.make_mesh(mesh_cfg)
     check_batch(config, mesh)
     with jax.set_mesh(mesh):
-        system = system_lib.build(config)
+        # a converted base is read straight into its shards (never whole on one device)
+        system = system_lib.build(config, shardings=lambda m: sharding.flat_shardings(m, mesh, rules))
         sharding.shard_model(system.model, mesh, rules)
         optimizer = _optimizer(system)
         sharding.shard_model(optimizer, mesh, rules)
