@@ -125,11 +125,6 @@ def split_layers(spec: LayerSpec, seq: jnp.ndarray, n: int, include_condition: b
     return out
 
 
-def targets_of(spec: LayerSpec, seq: jnp.ndarray, n: int) -> jnp.ndarray:
-    """The noisy-target part of a sequence [B, L, C] -> [B, len(targets)*n, C] (a static slice)."""
-    return seq[:, n:]
-
-
 def pack(latents: jnp.ndarray) -> jnp.ndarray:
     """NHWC latents [B, H, W, C] -> tokens [B, (H/2)(W/2), 4C] in BFL's (c, ph, pw) order."""
     b, hh, ww, c = latents.shape
