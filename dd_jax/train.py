@@ -156,6 +156,30 @@ def export(system: system_lib.System, out_dir: str) -> str:
     return store.write_flat(out_dir, flat, **meta)
 
 
+def read_params(system: system_lib.System, path: str) -> None:
+    """Sets the system's trainable parameters from a model folder (an export) or a run workdir's export."""
+    path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, store.META_FILE)) and os.path.isdir(os.path.join(path, "export")):
+        path = os.path.join(path, "export")
+    if not os.path.isfile(os.path.join(path, store.META_FILE)):
+        raise FileNotFoundError(f"{path}: not a trained model folder (no {store.META_FILE}) nor a run with an export")
+    state = nnx.state(system.model, system.trainable())
+    variables = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
+    missing = set(variables)
+    for _, arrays in store.read_groups(path):
+        for name, arr in arrays.items():
+            if name not in variables:
+                raise KeyError(f"{path}: parameter {name!r} is not in the model the config builds")
+            if tuple(arr.shape) != tuple(variables[name].get_value().shape):
+                raise ValueError(f"{path}: parameter {name!r} has shape {tuple(arr.shape)}, the model's is "
+                                 f"{tuple(variables[name].get_value().shape)}")
+            variables[name].set_value(jnp.asarray(arr, variables[name].get_value().dtype))
+            missing.discard(name)
+    if missing:
+        raise KeyError(f"{path}: no value for {len(missing)} parameter(s), e.g. {sorted(missing)[0]!r}")
+    nnx.update(system.model, state)
+
+
 def load_trained(path: str, config=None, load_weights: bool = True) -> system_lib.System:
     """A trained system from an export folder, or a run workdir (its export, else newest checkpoint)."""
     path = os.fspath(path)
@@ -163,14 +187,7 @@ def load_trained(path: str, config=None, load_weights: bool = True) -> system_li
         meta = store.read_meta(path)
         config = config or ml_collections.ConfigDict(meta["config"])
         system = system_lib.build(config, load_weights=load_weights)
-        state = nnx.state(system.model, system.trainable())
-        variables = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
-        for _, arrays in store.read_groups(path):
-            for name, arr in arrays.items():
-                if name not in variables:
-                    raise KeyError(f"{path}: parameter {name!r} is not in the model the config builds")
-                variables[name].set_value(jnp.asarray(arr, variables[name].get_value().dtype))
-        nnx.update(system.model, state)
+        read_params(system, path)
         return system
     if os.path.isdir(os.path.join(path, "export")):
         return load_trained(os.path.join(path, "export"), config, load_weights)
@@ -201,7 +218,8 @@ def _make_step(system: system_lib.System, jit: bool = True):
     t = system.config.train
     return flow.make_train_step(system.spec, wrt=system.trainable(), guidance=system.guidance,
                                 prepare=system.prepare, t_sampling=t.t_sampling, shift=t.t_shift, jit=jit,
-                                loss=t.get("loss", "velocity"), **system.output_reading())
+                                loss=t.get("loss", "velocity"), relative_eps=t.get("relative_eps", 0.0),
+                                **system.output_reading())
 
 
 def _preview_inputs(batch: dict, mesh) -> dict:
@@ -336,17 +354,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     rules = mesh_cfg.get("rules") or None
     mesh = sharding.make_mesh(mesh_cfg)
     check_batch(config, mesh)
+    ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), t.keep_checkpoints)
+    latest = ckpts.latest()
     with jax.set_mesh(mesh):
         # a converted base is read straight into its shards (never whole on one device)
         system = system_lib.build(config, shardings=lambda m: sharding.flat_shardings(m, mesh, rules))
+        if t.get("init_from") and latest is None:
+            read_params(system, t.init_from)
+            print(f"starting from the parameters of {t.init_from}", file=sys.stderr)
         sharding.shard_model(system.model, mesh, rules)
         optimizer = _optimizer(system)
         sharding.shard_model(optimizer, mesh, rules)
     step_fn = _make_step(system)
     data_it = ProcessData(config)
-    ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), t.keep_checkpoints)
     start = 0
-    latest = ckpts.latest()
 
     def train_state():
         return {"params": nnx.state(system.model, system.trainable()), "opt": nnx.state(optimizer, nnx.OptState)}

@@ -111,6 +111,14 @@ def test_export_reloads_the_trained_model(data_dir, tmp_path):
                                   np.asarray(exported.model.conditioner.tokens[...]))
     fresh = train.system_lib.build(c)
     assert not np.array_equal(np.asarray(a), np.asarray(fresh.model.transformer.img_in.kernel[...]))
+    # a new run started from it (train.init_from: parameters only) begins exactly there
+    c0 = th.small_config(data_dir, steps=0)
+    c0.train.init_from = str(tmp_path / "moved")
+    started = train.load_trained(train.train(c0, str(tmp_path / "warm"))["export"])
+    np.testing.assert_array_equal(np.asarray(started.model.transformer.img_in.kernel[...]), np.asarray(a))
+    c0.model.params.vec_in_dim = 2 * c0.model.params.vec_in_dim
+    with pytest.raises(ValueError, match="shape"):
+        train.train(c0, str(tmp_path / "wrong"))
 
 
 def test_batch_must_split_over_shards_processes_and_mesh(data_dir):
