@@ -73,7 +73,6 @@ def get_config() -> ml_collections.ConfigDict:
     t.prediction = "velocity"  # what the network outputs: "velocity" (Flux) | "x0" (clean layer; from-scratch pixels)
     t.loss = "velocity"  # "velocity" (flow matching) | "x0" (the same weighted by t^2: clean-layer error)
     t.residual = ()  # x0 only: targets read as an offset from the composite, x0 = z + out (e.g. ("y",))
-    t.relative_eps = 0.0  # > 0: residual targets' error relative to their distance from the composite (flow.py)
     t.init_from = ""  # a trained model folder or run to start from (parameters only; fresh optimizer and schedule)
     t.guidance = 1.0  # guidance-embedding input for guidance-distilled bases (flux-dev)
     t.seed = 0

@@ -96,14 +96,8 @@ class Batch:
 
 def icd_loss(model: Callable, spec: icd.LayerSpec, batch: Batch, t: jax.Array, noise: Mapping[str, jax.Array],
              guidance: jax.Array | None = None, prediction: str = "velocity",
-             residual: tuple[str, ...] = (), loss: str = "velocity", relative_eps: float = 0.0) -> jax.Array:
-    """Mean squared velocity error over the noisy target tokens (`loss="x0"`: weighted by t^2).
-
-    `relative_eps > 0` weights each example's error on a residual target by (mean_d + eps) / (d + eps),
-    d = the example's mean squared distance between that layer and the composite (its identity-baseline
-    error), mean_d = d averaged over the batch: a faint layer change (a watermark) then weighs about as
-    much, relative to what there is to remove, as a heavy occlusion.
-    """
+             residual: tuple[str, ...] = (), loss: str = "velocity") -> jax.Array:
+    """Mean squared velocity error over the noisy target tokens (`loss="x0"`: weighted by t^2)."""
     if loss not in LOSSES:
         raise ValueError(f"loss {loss!r}; choose from {LOSSES}")
     h, w = batch.grid
@@ -118,27 +112,9 @@ def icd_loss(model: Callable, spec: icd.LayerSpec, batch: Batch, t: jax.Array, n
                            prediction, residual)
     pred = jnp.concatenate([vs[n] for n in spec.targets], axis=1)
     err = jnp.square(pred - target.astype(jnp.float32))
-    if relative_eps > 0:
-        err = err * relative_weights(spec, batch, residual, relative_eps, h * w)
     if loss == "x0":
         err = err * jnp.square(jnp.maximum(t.astype(jnp.float32), T_MIN)).reshape((-1,) + (1,) * (err.ndim - 1))
     return jnp.mean(err)
-
-
-def relative_weights(spec: icd.LayerSpec, batch: Batch, residual: tuple[str, ...], eps: float,
-                     tokens_per_layer: int) -> jax.Array:
-    """[B, targets * tokens, 1] loss weights: (mean_d + eps) / (d + eps) on residual targets, 1 elsewhere."""
-    cond = batch.layers[spec.condition].astype(jnp.float32)
-    parts = []
-    for n in spec.targets:
-        b = cond.shape[0]
-        if n in residual:
-            d = jnp.mean(jnp.square(batch.layers[n].astype(jnp.float32) - cond), axis=(1, 2))
-            w = (jnp.mean(d) + eps) / (d + eps)
-        else:
-            w = jnp.ones((b,), jnp.float32)
-        parts.append(jnp.broadcast_to(w[:, None, None], (b, tokens_per_layer, 1)))
-    return jax.lax.stop_gradient(jnp.concatenate(parts, axis=1))
 
 
 def flux_mu(n_tokens: int, x1: float = 256, y1: float = 0.5, x2: float = 4096, y2: float = 1.15) -> float:
@@ -187,7 +163,7 @@ def sample_noise(key: jax.Array, spec: icd.LayerSpec, batch: Batch, t_sampling: 
 def make_train_step(spec: icd.LayerSpec, wrt: Any = nnx.LoRAParam, guidance: float | None = None,
                     prepare: Callable | None = None, t_sampling: str = "uniform", shift: bool = False,
                     jit: bool = True, prediction: str = "velocity", residual: tuple[str, ...] = (),
-                    loss: str = "velocity", relative_eps: float = 0.0, **t_kwargs):
+                    loss: str = "velocity", **t_kwargs):
     """A jitted step `(model, optimizer, batch, key) -> (loss, grad_norm)` updating only `wrt`.
 
     `prepare(model, batch) -> (transformer, Batch)` turns what the input
@@ -201,7 +177,7 @@ def make_train_step(spec: icd.LayerSpec, wrt: Any = nnx.LoRAParam, guidance: flo
             transformer, b = prepare(m, batch) if prepare is not None else (m, batch)
             t, noise = sample_noise(key, spec, b, t_sampling, shift, **t_kwargs)
             g = None if guidance is None else jnp.full(t.shape, guidance, jnp.float32)
-            return icd_loss(transformer, spec, b, t, noise, g, prediction, residual, loss, relative_eps)
+            return icd_loss(transformer, spec, b, t, noise, g, prediction, residual, loss)
 
         value, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model)
         optimizer.update(model, grads)

@@ -218,8 +218,7 @@ def _make_step(system: system_lib.System, jit: bool = True):
     t = system.config.train
     return flow.make_train_step(system.spec, wrt=system.trainable(), guidance=system.guidance,
                                 prepare=system.prepare, t_sampling=t.t_sampling, shift=t.t_shift, jit=jit,
-                                loss=t.get("loss", "velocity"), relative_eps=t.get("relative_eps", 0.0),
-                                **system.output_reading())
+                                loss=t.get("loss", "velocity"), **system.output_reading())
 
 
 def _preview_inputs(batch: dict, mesh) -> dict:
