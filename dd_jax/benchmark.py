@@ -18,8 +18,11 @@ rate measured in the same run (a jitted 2048^3 matmul, best of several).
 
 `--against-torch` builds the same architecture in diffusers
 (FluxTransformer2DModel) with peft LoRA (the same projections, rank and
-alpha; q/k/v as separate adapters as diffusers splits them), runs the same
-shapes on the same threads, and reports our time / PyTorch's time.
+alpha; q/k/v as separate adapters as diffusers splits them) in a child
+process, runs the same shapes on the same threads, and reports our time /
+PyTorch's time. The two sides take turns one step at a time (ours, then
+PyTorch's, then ours...), so a machine whose speed drifts during the run
+slows both alike; the child waits idle while our step runs.
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ def parse_args(argv=None):
     ap.add_argument("--against-torch", action="store_true", help="also run diffusers + peft with the same shapes")
     ap.add_argument("--compile-only", action="store_true", help="FLOPs and XLA memory analysis only, no run")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)  # the child of --against-torch
+    ap.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)  # PyTorch alone
+    ap.add_argument("--torch-serve", action="store_true", help=argparse.SUPPRESS)  # the child of --against-torch
     return ap.parse_args(argv)
 
 
@@ -253,16 +257,18 @@ def run_jax(args, params) -> dict[str, Any]:
         state_box[0], state_box[1] = lp, op
         loss.block_until_ready()
 
-    out["train_step_s"], out["train_times"] = _timeit(one_train, args.steps, args.warmup)
-    out["train_step_cpu_s"] = _timeit.cpu
-    out["sample_step_s"], out["sample_times"] = _timeit(
-        lambda: sample(state_box[0], rest, x, -0.05).block_until_ready(), args.steps, args.warmup)
-    out["sample_step_cpu_s"] = _timeit.cpu
+    out["steps"] = {"train": one_train, "sample": lambda: sample(state_box[0], rest, x, -0.05).block_until_ready()}
+    return out
+
+
+def jax_peak_memory(out: dict) -> None:
+    import jax
+
+    device = jax.devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     out["peak_memory_bytes"] = int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats \
         else peak_rss_bytes()
     out["peak_memory_source"] = "device" if stats and "peak_bytes_in_use" in stats else "process RSS"
-    return out
 
 
 # ----------------------------------------------------------------------------- PyTorch
@@ -272,7 +278,8 @@ TORCH_LORA_TARGETS = (r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out
                       r"|.*single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out)")
 
 
-def run_torch(args, params) -> dict[str, Any]:
+def torch_session(args, params) -> tuple[dict[str, Any], dict]:
+    """(facts, {"train": fn, "sample": fn}): the diffusers + peft model and one-step closures."""
     import torch
     from diffusers import FluxTransformer2DModel
     from peft import LoraConfig
@@ -322,12 +329,34 @@ def run_torch(args, params) -> dict[str, Any]:
 
     out = {"threads": torch.get_num_threads(), "lora_params": sum(p.numel() for p in trainable),
            "base_params": sum(p.numel() for p in model.parameters() if not p.requires_grad)}
-    out["train_step_s"], out["train_times"] = _timeit(train, args.steps, args.warmup)
-    out["train_step_cpu_s"] = _timeit.cpu
-    out["sample_step_s"], out["sample_times"] = _timeit(sample, args.steps, args.warmup)
-    out["sample_step_cpu_s"] = _timeit.cpu
+    return out, {"train": train, "sample": sample}
+
+
+def run_torch(args, params) -> dict[str, Any]:
+    """The PyTorch side timed on its own (`--torch-only`)."""
+    out, steps = torch_session(args, params)
+    for name in ("train", "sample"):
+        out[f"{name}_step_s"], out[f"{name}_times"] = _timeit(steps[name], args.steps, args.warmup)
+        out[f"{name}_step_cpu_s"] = _timeit.cpu
     out["peak_memory_bytes"] = peak_rss_bytes()
     return out
+
+
+def serve_torch(args, params) -> None:
+    """`--torch-serve`: builds the model, then for each stdin line "train"/"sample" runs one step and prints
+    its wall and CPU seconds; "done" prints the facts (JSON) and exits. Idle between requests (a blocking read),
+    so the two frameworks never run at the same time."""
+    out, steps = torch_session(args, params)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "done":
+            out["peak_memory_bytes"] = peak_rss_bytes()
+            print(json.dumps(out), flush=True)
+            return
+        t0, c0 = time.perf_counter(), time.process_time()
+        steps[cmd]()
+        print(f"{time.perf_counter() - t0} {time.process_time() - c0}", flush=True)
 
 
 def argv_of(args) -> list[str]:
@@ -338,15 +367,73 @@ def argv_of(args) -> list[str]:
     return out
 
 
-def torch_in_subprocess(argv: list[str]) -> dict[str, Any]:
-    """Runs the PyTorch side in its own process: its own peak RSS, no JAX runtime beside it."""
-    import subprocess
+class TorchChild:
+    """The PyTorch side in its own process (its own peak RSS, no JAX runtime beside it), stepped on request."""
 
-    r = subprocess.run([sys.executable, "-m", "dd_jax.benchmark", "--torch-only", *argv], capture_output=True,
-                       text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"the PyTorch benchmark failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    def __init__(self, argv: list[str]):
+        import subprocess
+        import tempfile
+
+        self.err = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty child never blocks on it
+        self.proc = subprocess.Popen([sys.executable, "-m", "dd_jax.benchmark", "--torch-serve", *argv],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True)
+        self._expect("ready")
+
+    def _line(self) -> str:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self.err.seek(0)
+            raise RuntimeError(f"the PyTorch benchmark failed:\n{self.err.read()[-3000:]}")
+        return line.strip()
+
+    def _expect(self, word: str) -> None:
+        while (line := self._line()) != word:
+            pass
+
+    def step(self, name: str) -> tuple[float, float]:
+        self.proc.stdin.write(name + "\n")
+        self.proc.stdin.flush()
+        wall, cpu = self._line().split()
+        return float(wall), float(cpu)
+
+    def finish(self) -> dict[str, Any]:
+        self.proc.stdin.write("done\n")
+        self.proc.stdin.flush()
+        out = json.loads(self._line())
+        self.proc.wait()
+        self.err.close()
+        return out
+
+
+def time_steps(ours: dict, args, child: TorchChild | None = None) -> dict[str, Any] | None:
+    """Times our train and sampling steps, and with `child` PyTorch's, alternating one step each (ours,
+    theirs, ours, ...) so that a machine whose speed drifts during the run slows both sides alike.
+    Medians of `args.steps` steps after `args.warmup`."""
+    theirs: dict[str, Any] | None = {} if child is not None else None
+    for name in ("train", "sample"):
+        times = {"jax": [], "torch": []}
+        cpus = {"jax": [], "torch": []}
+        for i in range(args.warmup + args.steps):
+            t0, c0 = time.perf_counter(), time.process_time()
+            ours["steps"][name]()
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            if i >= args.warmup:
+                times["jax"].append(wall)
+                cpus["jax"].append(cpu)
+            if child is not None:
+                wall, cpu = child.step(name)
+                if i >= args.warmup:
+                    times["torch"].append(wall)
+                    cpus["torch"].append(cpu)
+        for side, out in (("jax", ours), ("torch", theirs)):
+            if out is None:
+                continue
+            out[f"{name}_step_s"], out[f"{name}_times"] = float(np.median(times[side])), times[side]
+            out[f"{name}_step_cpu_s"] = float(np.median(cpus[side]))
+    if child is not None:
+        theirs.update(child.finish())
+    return theirs
 
 
 # ----------------------------------------------------------------------------- report
@@ -363,6 +450,10 @@ def benchmark(args) -> dict[str, Any]:
     result["jax"] = ours
     if args.compile_only:
         return result
+    theirs = time_steps(ours, args, TorchChild(argv_of(args)) if args.against_torch else None)
+    result["timing"] = "alternating steps (ours, PyTorch's, ...)" if theirs is not None else "ours alone"
+    del ours["steps"]
+    jax_peak_memory(ours)
     device = jax.devices()[0]
     peak = device_peak_flops(device)
     if device.platform == "cpu":
@@ -379,8 +470,7 @@ def benchmark(args) -> dict[str, Any]:
         ours[f"{name}_peak_fraction"] = flops / secs / peak if flops and peak else None
     result["train_step_peak_fraction"] = ours["train_peak_fraction"]
     result["sample_step_peak_fraction"] = ours["sample_peak_fraction"]
-    if args.against_torch:
-        theirs = torch_in_subprocess(argv_of(args))
+    if theirs is not None:
         result["torch"] = theirs
         for name in ("train", "sample"):
             theirs[f"{name}_flops_per_s"] = ours[f"{name}_flops"] / theirs[f"{name}_step_s"] \
@@ -432,11 +522,14 @@ def main(argv=None) -> int:
     if args.against_torch and args.compile_only:
         print("error: --compile-only runs nothing to compare", file=sys.stderr)
         return 2
-    if args.torch_only:
+    if args.torch_only or args.torch_serve:
         import types  # the mid preset without importing JAX (its runtime would count in this process's RSS)
 
         params = types.SimpleNamespace(**MID) if args.preset == "mid" else flux_params(args)
-        print(json.dumps(run_torch(args, params)))
+        if args.torch_serve:
+            serve_torch(args, params)
+        else:
+            print(json.dumps(run_torch(args, params)))
         return 0
     result = benchmark(args)
     print(json.dumps(result, default=str) if args.json else table(result))

@@ -19,6 +19,9 @@ def test_tiny_benchmark_against_torch_json(capsys):
     # the same architecture on both sides: base parameter counts agree
     assert abs(j["base_params"] - t["base_params"]) == 0
     assert "dd_jax (JAX)" in benchmark.table(r)
+    # the two sides took turns, one step each
+    assert r["timing"].startswith("alternating") and len(j["train_times"]) == len(t["train_times"]) == 1
+    assert len(j["sample_times"]) == len(t["sample_times"]) == 1 and "steps" not in j
 
 
 def test_compile_only_reports_flops_and_memory(capsys):
