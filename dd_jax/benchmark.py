@@ -66,7 +66,6 @@ def parse_args(argv=None):
     ap.add_argument("--against-torch", action="store_true", help="also run diffusers + peft with the same shapes")
     ap.add_argument("--compile-only", action="store_true", help="FLOPs and XLA memory analysis only, no run")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)  # PyTorch alone
     ap.add_argument("--torch-serve", action="store_true", help=argparse.SUPPRESS)  # the child of --against-torch
     return ap.parse_args(argv)
 
@@ -100,18 +99,11 @@ def host_inputs(args, params, seed=0) -> dict:
                 target=f(s["batch"], s["img_tokens"] - s["tokens_per_layer"], params.out_channels))
 
 
-def _timeit(fn, steps: int, warmup: int) -> tuple[float, list[float]]:
-    """(median wall seconds, all wall times); `_timeit.cpu` holds the median process CPU seconds."""
-    for _ in range(warmup):
-        fn()
-    times, cpu = [], []
-    for _ in range(steps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    _timeit.cpu = float(np.median(cpu))
-    return float(np.median(times)), times
+def clocked(fn) -> tuple[float, float]:
+    """Runs fn once: (wall seconds, process CPU seconds)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def peak_rss_bytes() -> int:
@@ -134,7 +126,8 @@ def cpu_gemm_flops(n: int = 2048, repeats: int = 5) -> float:
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
     mm = jax.jit(lambda a, b: a @ b)
     mm(a, a).block_until_ready()
-    best = min(_timeit(lambda: mm(a, a).block_until_ready(), repeats, 1)[1])
+    mm(a, a).block_until_ready()
+    best = min(clocked(lambda: mm(a, a).block_until_ready())[0] for _ in range(repeats))
     return 2 * n**3 / best
 
 
@@ -332,16 +325,6 @@ def torch_session(args, params) -> tuple[dict[str, Any], dict]:
     return out, {"train": train, "sample": sample}
 
 
-def run_torch(args, params) -> dict[str, Any]:
-    """The PyTorch side timed on its own (`--torch-only`)."""
-    out, steps = torch_session(args, params)
-    for name in ("train", "sample"):
-        out[f"{name}_step_s"], out[f"{name}_times"] = _timeit(steps[name], args.steps, args.warmup)
-        out[f"{name}_step_cpu_s"] = _timeit.cpu
-    out["peak_memory_bytes"] = peak_rss_bytes()
-    return out
-
-
 def serve_torch(args, params) -> None:
     """`--torch-serve`: builds the model, then for each stdin line "train"/"sample" runs one step and prints
     its wall and CPU seconds; "done" prints the facts (JSON) and exits. Idle between requests (a blocking read),
@@ -354,9 +337,8 @@ def serve_torch(args, params) -> None:
             out["peak_memory_bytes"] = peak_rss_bytes()
             print(json.dumps(out), flush=True)
             return
-        t0, c0 = time.perf_counter(), time.process_time()
-        steps[cmd]()
-        print(f"{time.perf_counter() - t0} {time.process_time() - c0}", flush=True)
+        wall, cpu = clocked(steps[cmd])
+        print(f"{wall} {cpu}", flush=True)
 
 
 def argv_of(args) -> list[str]:
@@ -388,7 +370,7 @@ class TorchChild:
         return line.strip()
 
     def _expect(self, word: str) -> None:
-        while (line := self._line()) != word:
+        while self._line() != word:  # skips anything the libraries print first
             pass
 
     def step(self, name: str) -> tuple[float, float]:
@@ -415,9 +397,7 @@ def time_steps(ours: dict, args, child: TorchChild | None = None) -> dict[str, A
         times = {"jax": [], "torch": []}
         cpus = {"jax": [], "torch": []}
         for i in range(args.warmup + args.steps):
-            t0, c0 = time.perf_counter(), time.process_time()
-            ours["steps"][name]()
-            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            wall, cpu = clocked(ours["steps"][name])
             if i >= args.warmup:
                 times["jax"].append(wall)
                 cpus["jax"].append(cpu)
@@ -522,14 +502,11 @@ def main(argv=None) -> int:
     if args.against_torch and args.compile_only:
         print("error: --compile-only runs nothing to compare", file=sys.stderr)
         return 2
-    if args.torch_only or args.torch_serve:
+    if args.torch_serve:
         import types  # the mid preset without importing JAX (its runtime would count in this process's RSS)
 
         params = types.SimpleNamespace(**MID) if args.preset == "mid" else flux_params(args)
-        if args.torch_serve:
-            serve_torch(args, params)
-        else:
-            print(json.dumps(run_torch(args, params)))
+        serve_torch(args, params)
         return 0
     result = benchmark(args)
     print(json.dumps(result, default=str) if args.json else table(result))
