@@ -14,7 +14,9 @@ Both are compiled ahead of time; FLOPs per step come from XLA's cost
 analysis, peak memory from the device (GPU/TPU) or the process RSS (CPU)
 and XLA's memory analysis. The FLOP/s reference is the device's peak
 (bf16 dense, from a table) on accelerators, and on CPU the float32 GEMM
-rate measured in the same run (a jitted 2048^3 matmul, best of several).
+rate measured in the same run: a jitted 2048^3 matmul, timed right after
+each timed train step (best of 3; the median over the steps), so that the
+fraction compares the step with the machine's speed at the same moment.
 
 `--against-torch` builds the same architecture in diffusers
 (FluxTransformer2DModel) with peft LoRA (the same projections, rank and
@@ -23,6 +25,12 @@ process, runs the same shapes on the same threads, and reports our time /
 PyTorch's time. The two sides take turns one step at a time (ours, then
 PyTorch's, then ours...), so a machine whose speed drifts during the run
 slows both alike; the child waits idle while our step runs.
+
+`--xla-variant KEY=VALUE[,KEY=VALUE]` (repeatable) compiles our two steps
+again with those XLA compiler options and times each variant in the same
+turns, so a flag's effect is measured against the default in one process
+(for example `--xla-variant xla_cpu_experimental_ynn_fusion_type=` for
+XLA:CPU's Eigen GEMMs instead of YNNPACK).
 """
 
 from __future__ import annotations
@@ -66,8 +74,34 @@ def parse_args(argv=None):
     ap.add_argument("--against-torch", action="store_true", help="also run diffusers + peft with the same shapes")
     ap.add_argument("--compile-only", action="store_true", help="FLOPs and XLA memory analysis only, no run")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--xla-variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="also compile our steps with these XLA compiler options (e.g. "
+                         "xla_cpu_experimental_ynn_fusion_type=) and time them in turn with the default; repeatable")
     ap.add_argument("--torch-serve", action="store_true", help=argparse.SUPPRESS)  # the child of --against-torch
     return ap.parse_args(argv)
+
+
+def parse_xla_options(text: str) -> dict[str, Any]:
+    """'k=v,k2=v2' -> compiler options; true/false become booleans and integers ints, the rest strings.
+    A value may itself hold commas if it holds no '=' (a list-valued option: 'k=A,B')."""
+    out: dict[str, Any] = {}
+    key = None
+    for part in text.split(","):
+        if "=" in part:
+            key, value = part.split("=", 1)
+            key = key.strip()
+            if not key:
+                raise ValueError(f"--xla-variant {text!r}: an option without a name")
+            out[key] = value
+        elif key is None:
+            raise ValueError(f"--xla-variant {text!r}: expected KEY=VALUE")
+        else:
+            out[key] += "," + part
+    for k, v in out.items():
+        low = v.strip().lower()
+        out[k] = True if low == "true" else False if low == "false" else int(low) if low.lstrip("-").isdigit() \
+            else v.strip()
+    return out
 
 
 def flux_params(args):
@@ -118,8 +152,9 @@ def device_peak_flops(device) -> float | None:
     return None
 
 
-def cpu_gemm_flops(n: int = 2048, repeats: int = 5) -> float:
-    """float32 GEMM FLOP/s of this machine as XLA reaches it (best of `repeats`)."""
+def cpu_gemm(n: int = 2048):
+    """() -> FLOP/s of one jitted float32 n^3 GEMM (compiled and warmed up here): this machine's GEMM rate
+    as XLA reaches it, sampled when called."""
     import jax
     import jax.numpy as jnp
 
@@ -127,8 +162,7 @@ def cpu_gemm_flops(n: int = 2048, repeats: int = 5) -> float:
     mm = jax.jit(lambda a, b: a @ b)
     mm(a, a).block_until_ready()
     mm(a, a).block_until_ready()
-    best = min(clocked(lambda: mm(a, a).block_until_ready())[0] for _ in range(repeats))
-    return 2 * n**3 / best
+    return lambda: 2 * n**3 / clocked(lambda: mm(a, a).block_until_ready())[0]
 
 
 # ----------------------------------------------------------------------------- ours
@@ -210,8 +244,9 @@ def run_jax(args, params) -> dict[str, Any]:
         x = {k: jnp.asarray(v) for k, v in x.items()}
         opt = jax.jit(init_opt)(lora_p)
     t0 = time.perf_counter()
-    train = jax.jit(train_step, donate_argnums=(0, 1)).lower(lora_p, opt, rest, x).compile()
-    sample = jax.jit(sample_step).lower(lora_p, rest, x, -0.05).compile()
+    lowered_train = jax.jit(train_step, donate_argnums=(0, 1)).lower(lora_p, opt, rest, x)
+    lowered_sample = jax.jit(sample_step).lower(lora_p, rest, x, -0.05)
+    train, sample = lowered_train.compile(), lowered_sample.compile()
     compile_s = time.perf_counter() - t0
     device = jax.devices()[0]
     out: dict[str, Any] = {"compile_s": compile_s, "device": getattr(device, "device_kind", device.platform),
@@ -245,12 +280,19 @@ def run_jax(args, params) -> dict[str, Any]:
 
     state_box = [lora_p, opt]
 
-    def one_train():
-        lp, op, loss = train(state_box[0], state_box[1], rest, x)
-        state_box[0], state_box[1] = lp, op
-        loss.block_until_ready()
+    def steps_of(train, sample):
+        def one_train():
+            lp, op, loss = train(state_box[0], state_box[1], rest, x)
+            state_box[0], state_box[1] = lp, op
+            loss.block_until_ready()
 
-    out["steps"] = {"train": one_train, "sample": lambda: sample(state_box[0], rest, x, -0.05).block_until_ready()}
+        return {"train": one_train, "sample": lambda: sample(state_box[0], rest, x, -0.05).block_until_ready()}
+
+    out["steps"] = steps_of(train, sample)
+    # the same programs compiled with other XLA options, timed in turn with the default by time_steps
+    out["variants"] = [{"options": opts, "steps": steps_of(lowered_train.compile(compiler_options=opts),
+                                                           lowered_sample.compile(compiler_options=opts))}
+                       for opts in map(parse_xla_options, args.xla_variant)]
     return out
 
 
@@ -388,19 +430,31 @@ class TorchChild:
         return out
 
 
-def time_steps(ours: dict, args, child: TorchChild | None = None) -> dict[str, Any] | None:
+GEMM_SAMPLES = 3  # GEMMs timed after each train step (best kept)
+
+
+def time_steps(ours: dict, args, child: TorchChild | None = None, gemm=None) -> dict[str, Any] | None:
     """Times our train and sampling steps, and with `child` PyTorch's, alternating one step each (ours,
     theirs, ours, ...) so that a machine whose speed drifts during the run slows both sides alike.
-    Medians of `args.steps` steps after `args.warmup`."""
+    Medians of `args.steps` steps after `args.warmup`. Each --xla-variant's steps take their turn too
+    (after ours), and get their time as a ratio to ours compiled with the default options. With `gemm`
+    (see cpu_gemm), the machine's GEMM rate is sampled after each train step into ours["gemm_flops"]."""
     theirs: dict[str, Any] | None = {} if child is not None else None
     for name in ("train", "sample"):
         times = {"jax": [], "torch": []}
         cpus = {"jax": [], "torch": []}
+        variant_times = [[] for _ in ours.get("variants", ())]
         for i in range(args.warmup + args.steps):
             wall, cpu = clocked(ours["steps"][name])
             if i >= args.warmup:
                 times["jax"].append(wall)
                 cpus["jax"].append(cpu)
+            for v, vt in zip(ours.get("variants", ()), variant_times):
+                wall = clocked(v["steps"][name])[0]
+                if i >= args.warmup:
+                    vt.append(wall)
+            if gemm is not None and name == "train" and i >= args.warmup:
+                ours.setdefault("gemm_flops", []).append(max(gemm() for _ in range(GEMM_SAMPLES)))
             if child is not None:
                 wall, cpu = child.step(name)
                 if i >= args.warmup:
@@ -411,6 +465,9 @@ def time_steps(ours: dict, args, child: TorchChild | None = None) -> dict[str, A
                 continue
             out[f"{name}_step_s"], out[f"{name}_times"] = float(np.median(times[side])), times[side]
             out[f"{name}_step_cpu_s"] = float(np.median(cpus[side]))
+        for v, vt in zip(ours.get("variants", ()), variant_times):
+            v[f"{name}_step_s"], v[f"{name}_times"] = float(np.median(vt)), vt
+            v[f"{name}_ratio_to_default"] = v[f"{name}_step_s"] / ours[f"{name}_step_s"]
     if child is not None:
         theirs.update(child.finish())
     return theirs
@@ -430,15 +487,19 @@ def benchmark(args) -> dict[str, Any]:
     result["jax"] = ours
     if args.compile_only:
         return result
-    theirs = time_steps(ours, args, TorchChild(argv_of(args)) if args.against_torch else None)
+    device = jax.devices()[0]
+    theirs = time_steps(ours, args, TorchChild(argv_of(args)) if args.against_torch else None,
+                        gemm=cpu_gemm() if device.platform == "cpu" else None)
     result["timing"] = "alternating steps (ours, PyTorch's, ...)" if theirs is not None else "ours alone"
     del ours["steps"]
+    for v in ours["variants"]:
+        del v["steps"]
     jax_peak_memory(ours)
-    device = jax.devices()[0]
     peak = device_peak_flops(device)
-    if device.platform == "cpu":
-        peak = cpu_gemm_flops()
-        result["peak_flops_source"] = "measured float32 GEMM (XLA, 2048^3)"
+    if device.platform == "cpu":  # sampled beside the steps: this machine's speed drifts by tens of percent
+        peak = float(np.median(ours["gemm_flops"]))
+        result["peak_flops_source"] = (f"measured float32 GEMM (XLA, 2048^3): best of {GEMM_SAMPLES} after each "
+                                       "timed train step, median over the steps")
     else:
         result["peak_flops_source"] = "device table (dense bf16)" if peak else "unknown device"
     result["peak_flops"] = peak
@@ -494,13 +555,25 @@ def table(r: dict) -> str:
     foot = (f"FLOPs per step (XLA cost analysis): train {j['train_flops'] / 1e9:.1f} G, sample "
             f"{j['sample_flops'] / 1e9:.1f} G; peak reference {peak / 1e9:.1f} GFLOP/s ({r['peak_flops_source']})"
             if peak else "")
-    return "\n".join([head] + lines + [foot])
+    variants = [f"XLA options {v['options']}: train {v['train_step_s']:.3f} s ({v['train_ratio_to_default']:.2f}x "
+                f"the default's), sample {v['sample_step_s']:.3f} s ({v['sample_ratio_to_default']:.2f}x)"
+                for v in j.get("variants", ())]
+    return "\n".join([head] + lines + [foot] + variants)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.against_torch and args.compile_only:
+    if args.steps < 1 or args.warmup < 0:
+        print("error: --steps must be at least 1 and --warmup at least 0", file=sys.stderr)
+        return 2
+    if (args.against_torch or args.xla_variant) and args.compile_only:
         print("error: --compile-only runs nothing to compare", file=sys.stderr)
+        return 2
+    try:
+        for text in args.xla_variant:
+            parse_xla_options(text)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if args.torch_serve:
         import types  # the mid preset without importing JAX (its runtime would count in this process's RSS)

@@ -9,7 +9,8 @@ from dd_jax import benchmark
 
 def test_tiny_benchmark_against_torch_json(capsys):
     assert benchmark.main(["--preset", "tiny", "--height", "32", "--width", "32", "--txt", "8", "--steps", "1",
-                           "--warmup", "0", "--lora-rank", "4", "--against-torch", "--json"]) == 0
+                           "--warmup", "0", "--lora-rank", "4", "--against-torch", "--json",
+                           "--xla-variant", "xla_cpu_experimental_ynn_fusion_type="]) == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("train_step_ratio", "sample_step_ratio", "train_step_peak_fraction", "peak_flops"):
         assert r[key] > 0, key
@@ -22,6 +23,22 @@ def test_tiny_benchmark_against_torch_json(capsys):
     # the two sides took turns, one step each
     assert r["timing"].startswith("alternating") and len(j["train_times"]) == len(t["train_times"]) == 1
     assert len(j["sample_times"]) == len(t["sample_times"]) == 1 and "steps" not in j
+    # the XLA-options variant took its turn too, timed against ours with the default options
+    (v,) = j["variants"]
+    assert v["options"] == {"xla_cpu_experimental_ynn_fusion_type": ""} and "steps" not in v
+    assert len(v["train_times"]) == len(v["sample_times"]) == 1
+    assert v["train_ratio_to_default"] == v["train_step_s"] / j["train_step_s"] > 0
+    assert "XLA options" in benchmark.table(r)
+    # the CPU GEMM reference was sampled beside each timed train step
+    assert len(j["gemm_flops"]) == 1 and r["peak_flops"] == j["gemm_flops"][0] > 0
+
+
+def test_xla_variant_parsing_and_errors(capsys):
+    assert benchmark.parse_xla_options("a=true,b=3,c=X,Y,d=") == {"a": True, "b": 3, "c": "X,Y", "d": ""}
+    assert benchmark.main(["--preset", "tiny", "--xla-variant", "no_equals_sign"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert benchmark.main(["--preset", "tiny", "--xla-variant", "a=1", "--compile-only"]) == 2
+    assert benchmark.main(["--preset", "tiny", "--steps", "0"]) == 2
 
 
 def test_compile_only_reports_flops_and_memory(capsys):
