@@ -479,10 +479,13 @@ def time_steps(ours: dict, args, child: TorchChild | None = None, gemm=None) -> 
 def benchmark(args) -> dict[str, Any]:
     import jax
 
+    from dd_jax import hostmem
+
     params = flux_params(args)
     s = shapes(args)
     result: dict[str, Any] = {"config": {**vars(args), **s, "params": params.to_dict()},
-                              "jax_version": jax.__version__, "cpu_count": len(os.sched_getaffinity(0))}
+                              "jax_version": jax.__version__, "cpu_count": len(os.sched_getaffinity(0)),
+                              "host_malloc_tuned": hostmem.applied()}
     ours = run_jax(args, params)
     result["jax"] = ours
     if args.compile_only:
@@ -587,4 +590,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    if "--torch-serve" not in sys.argv:  # PyTorch's side runs with the allocator defaults
+        from dd_jax import hostmem
+
+        hostmem.keep_freed_host_memory()  # before JAX starts its CPU client
     sys.exit(main())
