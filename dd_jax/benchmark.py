@@ -78,7 +78,9 @@ def parse_args(argv=None):
                     help="also compile our steps with these XLA compiler options (e.g. "
                          "xla_cpu_experimental_ynn_fusion_type=) and time them in turn with the default; repeatable")
     ap.add_argument("--torch-serve", action="store_true", help=argparse.SUPPRESS)  # the child of --against-torch
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.xla_options = [parse_xla_options(text) for text in args.xla_variant]  # ValueError on a malformed one
+    return args
 
 
 def parse_xla_options(text: str) -> dict[str, Any]:
@@ -292,7 +294,7 @@ def run_jax(args, params) -> dict[str, Any]:
     # the same programs compiled with other XLA options, timed in turn with the default by time_steps
     out["variants"] = [{"options": opts, "steps": steps_of(lowered_train.compile(compiler_options=opts),
                                                            lowered_sample.compile(compiler_options=opts))}
-                       for opts in map(parse_xla_options, args.xla_variant)]
+                       for opts in args.xla_options]
     return out
 
 
@@ -440,16 +442,17 @@ def time_steps(ours: dict, args, child: TorchChild | None = None, gemm=None) -> 
     (after ours), and get their time as a ratio to ours compiled with the default options. With `gemm`
     (see cpu_gemm), the machine's GEMM rate is sampled after each train step into ours["gemm_flops"]."""
     theirs: dict[str, Any] | None = {} if child is not None else None
+    variants = ours["variants"]
     for name in ("train", "sample"):
         times = {"jax": [], "torch": []}
         cpus = {"jax": [], "torch": []}
-        variant_times = [[] for _ in ours.get("variants", ())]
+        variant_times = [[] for _ in variants]
         for i in range(args.warmup + args.steps):
             wall, cpu = clocked(ours["steps"][name])
             if i >= args.warmup:
                 times["jax"].append(wall)
                 cpus["jax"].append(cpu)
-            for v, vt in zip(ours.get("variants", ()), variant_times):
+            for v, vt in zip(variants, variant_times):
                 wall = clocked(v["steps"][name])[0]
                 if i >= args.warmup:
                     vt.append(wall)
@@ -465,7 +468,7 @@ def time_steps(ours: dict, args, child: TorchChild | None = None, gemm=None) -> 
                 continue
             out[f"{name}_step_s"], out[f"{name}_times"] = float(np.median(times[side])), times[side]
             out[f"{name}_step_cpu_s"] = float(np.median(cpus[side]))
-        for v, vt in zip(ours.get("variants", ()), variant_times):
+        for v, vt in zip(variants, variant_times):
             v[f"{name}_step_s"], v[f"{name}_times"] = float(np.median(vt)), vt
             v[f"{name}_ratio_to_default"] = v[f"{name}_step_s"] / ours[f"{name}_step_s"]
     if child is not None:
@@ -565,18 +568,16 @@ def table(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.steps < 1 or args.warmup < 0:
         print("error: --steps must be at least 1 and --warmup at least 0", file=sys.stderr)
         return 2
     if (args.against_torch or args.xla_variant) and args.compile_only:
         print("error: --compile-only runs nothing to compare", file=sys.stderr)
-        return 2
-    try:
-        for text in args.xla_variant:
-            parse_xla_options(text)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
         return 2
     if args.torch_serve:
         import types  # the mid preset without importing JAX (its runtime would count in this process's RSS)
