@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from dd_jax import hostmem
+
 # Dense bf16 peak FLOP/s per device, by device_kind substring (first match wins).
 PEAK_FLOPS = (
     ("H20", 148e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("GH200", 989e12),
@@ -449,6 +451,7 @@ def time_steps(ours: dict, args, child: TorchChild | None = None, gemm=None) -> 
         variant_times = [[] for _ in variants]
         for i in range(args.warmup + args.steps):
             wall, cpu = clocked(ours["steps"][name])
+            hostmem.trim_if_grown()  # as our programs do between steps (its cost shows in the next steps)
             if i >= args.warmup:
                 times["jax"].append(wall)
                 cpus["jax"].append(cpu)
@@ -482,8 +485,6 @@ def time_steps(ours: dict, args, child: TorchChild | None = None, gemm=None) -> 
 def benchmark(args) -> dict[str, Any]:
     import jax
 
-    from dd_jax import hostmem
-
     params = flux_params(args)
     s = shapes(args)
     result: dict[str, Any] = {"config": {**vars(args), **s, "params": params.to_dict()},
@@ -497,6 +498,7 @@ def benchmark(args) -> dict[str, Any]:
     theirs = time_steps(ours, args, TorchChild(argv_of(args)) if args.against_torch else None,
                         gemm=cpu_gemm() if device.platform == "cpu" else None)
     result["timing"] = "alternating steps (ours, PyTorch's, ...)" if theirs is not None else "ours alone"
+    result["host_malloc_trims"] = hostmem.trims()
     del ours["steps"]
     for v in ours["variants"]:
         del v["steps"]
@@ -592,7 +594,5 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     if "--torch-serve" not in sys.argv:  # PyTorch's side runs with the allocator defaults
-        from dd_jax import hostmem
-
         hostmem.keep_freed_host_memory()  # before JAX starts its CPU client
     sys.exit(main())

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from dd_jax import hostmem
 from dd_jax.data import blend
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")
@@ -180,6 +181,7 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
                     fg = resize(np.clip(layers["x"][i], 0, 1), h, w)
                     save_png(os.path.join(output, f"{stem}_foreground.png"), foreground_image(t, fg, img, bg_full))
                 written += 1
+            hostmem.trim_if_grown()
         print(f"  {min(start + batch_size, len(items))}/{len(items)} ({time.time() - t0:.1f}s)", file=sys.stderr)
     return {"written": written, "skipped": skipped, "output": output}
 

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dd_jax import metrics
+from dd_jax import hostmem, metrics
 from dd_jax.data import blend, pipeline
 from dd_jax.decompose import DEFAULT_MODEL, load_config_file, resize
 
@@ -241,6 +241,7 @@ def evaluate_task(system, examples: Examples, result: TaskResult, nets: Networks
             layers = system_lib.decompose(system, jnp.asarray(comp_in * 2 - 1), jnp.asarray(tasks), key, steps,
                                           guidance)
             layers = {name: np.clip((np.asarray(v, np.float32) + 1) / 2, 0, 1) for name, v in layers.items()}
+            hostmem.trim_if_grown()
             y = layers["y"]
             if not same_size:  # detail transfer, as dd_jax.decompose
                 y = np.clip(comp + np.stack([resize(d, *comp.shape[1:3]) for d in y - comp_in]), 0, 1)

@@ -42,7 +42,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from dd_jax import flow, sharding, system as system_lib
+from dd_jax import flow, hostmem, sharding, system as system_lib
 from dd_jax.data import pipeline
 from dd_jax.models import store
 
@@ -440,6 +440,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
                     loss, gnorm = step_fn(system.model, optimizer, batch, jax.random.fold_in(base_key, step))
                 step += 1
                 pending.append((step, loss, gnorm))
+                if hostmem.applied() and len(pending) > 1:  # the step before is done: its memory is all back
+                    pending[-2][1].block_until_ready()
+                    hostmem.trim_if_grown()
                 if step % t.log_every == 0:
                     flush(step)
                 if step % t.checkpoint_every == 0 or step == t.steps:

@@ -67,3 +67,61 @@ def test_only_when_jax_runs_on_the_cpu(monkeypatch):
     assert hostmem.keep_freed_host_memory() is False
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     assert hostmem.jax_runs_on_cpu()
+
+
+GROWTH_PROBE = r"""
+import ctypes, json
+from dd_jax import hostmem
+tuned = hostmem.keep_freed_host_memory()
+for _ in range(hostmem.BASELINE_READINGS):
+    hostmem.trim_if_grown()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+n = 256 << 20
+p = libc.malloc(n)
+ctypes.memset(p, 1, n)  # touched: resident
+libc.free(p)
+kept = hostmem.resident_bytes()
+trimmed = hostmem.trim_if_grown()
+print(json.dumps({"tuned": tuned, "kept": kept, "trimmed": trimmed, "after": hostmem.resident_bytes(),
+                  "again": hostmem.trim_if_grown(), "trims": hostmem.trims()}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
+def test_grown_heap_is_given_back():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    run = lambda extra: json.loads(subprocess.run(  # noqa: E731
+        [sys.executable, "-c", GROWTH_PROBE], env={**env, **extra}, capture_output=True, text=True,
+        timeout=120, check=True).stdout)
+    tuned = run({"DD_JAX_HOST_MALLOC": ""})
+    # a freed 256 MB block stays resident in the tuned heap, then the trim gives it back, once
+    assert tuned["tuned"] and tuned["trimmed"] and tuned["trims"] == 1 and not tuned["again"], tuned
+    assert tuned["kept"] - tuned["after"] > 200 << 20, tuned
+    default = run({"DD_JAX_HOST_MALLOC": "default"})  # untuned: the block was unmapped on free; nothing to do
+    assert not default["tuned"] and not default["trimmed"] and default["kept"] < tuned["kept"] - (200 << 20)
+
+
+def test_trim_policy(monkeypatch):
+    calls, rss = [], []
+    monkeypatch.setattr(hostmem, "_applied", True)
+    monkeypatch.setattr(hostmem, "_libc", type("Libc", (), {"malloc_trim": staticmethod(calls.append)}))
+    monkeypatch.setattr(hostmem, "_baseline", None)
+    monkeypatch.setattr(hostmem, "_readings", 0)
+    monkeypatch.setattr(hostmem, "_trims", 0)
+    monkeypatch.setattr(hostmem, "resident_bytes", lambda: rss.pop(0))
+
+    def step(*values):
+        rss.extend(values)
+        return hostmem.trim_if_grown()
+
+    # the baseline is the largest of the first three readings (the first step's buffers may not exist yet)
+    assert not step(100) and not step(200) and not step(150)
+    assert not step(300)  # 1.5x the baseline: kept
+    assert step(301, 120) and calls == [0] and hostmem.trims() == 1  # above: trimmed; 120 left in use
+    assert not step(300)
+    assert step(400, 350)  # live memory grew to 350: the baseline follows it ...
+    assert not step(500) and step(526, 200) and hostmem.trims() == 3  # ... so only above 525 trims again
+    monkeypatch.setattr(hostmem, "_applied", False)
+    assert not hostmem.trim_if_grown()  # untuned: never (and no reading is taken)
