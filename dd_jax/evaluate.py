@@ -409,7 +409,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from dd_jax import hostmem
-
     hostmem.keep_freed_host_memory()  # before JAX starts its CPU client
     sys.exit(main())

@@ -498,8 +498,6 @@ def _define_flags():
 if __name__ == "__main__":
     from absl import app
 
-    from dd_jax import hostmem
-
     hostmem.keep_freed_host_memory()  # before JAX starts its CPU client
     _define_flags()
     app.run(main)
