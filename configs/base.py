@@ -20,6 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
     m.param_dtype = "bfloat16"
     m.compute_dtype = "bfloat16"
     m.attention = "xla"  # "xla" | "cudnn" | "splash" | "auto" (dd_jax.models.layers)
+    m.platform = ""  # platform the model is traced for ("cuda" | "tpu" | "cpu"): "" = the current backend; set it
+    #                  to lower ahead of time for another platform (attention kernels depend on it)
     m.scan_layers = False  # stack blocks and run them with nnx.scan (one compiled block)
     m.remat = "none"  # per-block rematerialisation policy (dd_jax.models.flux.REMAT_POLICIES)
 
@@ -60,6 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
     #              process); fix it to keep the data order when a run resumes on another number of processes
     d.worker_count = 0
     d.seed = 0
+    d.crop = "resize"  # "native": train on windows of larger records at their own pixels (pipeline.CROPS)
 
     c.train = t = ml_collections.ConfigDict()
     t.steps = 30_000

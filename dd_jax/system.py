@@ -176,7 +176,8 @@ def build_model(config, *, seed: int | None = None, load_weights: bool = True, s
     rngs = nnx.Rngs(config.train.seed if seed is None else seed)
     param_dtype = jnp.dtype(mc.param_dtype)
     compute = jnp.dtype(mc.compute_dtype) if mc.get("compute_dtype") else None
-    layout = dict(attention_impl=mc.attention, scan_layers=mc.get("scan_layers", False), remat=mc.get("remat", "none"))
+    layout = dict(attention_impl=mc.attention, scan_layers=mc.get("scan_layers", False), remat=mc.get("remat", "none"),
+                  platform=mc.get("platform") or None)  # "" = the current backend
     checkpoint, ae_path = weight_paths(config) if load_weights else ("", "")
     if checkpoint:
         transformer = flux.load(checkpoint, param_dtype, compute_dtype=compute, shardings=shardings, **layout)

@@ -117,7 +117,8 @@ def _stack(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nn
 
 class Flux(nnx.Module):
     def __init__(self, params: FluxParams, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None,
-                 attention_impl: str = "xla", scan_layers: bool = False, remat: str = "none"):
+                 attention_impl: str = "xla", scan_layers: bool = False, remat: str = "none",
+                 platform: str | None = None):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
         if attention_impl not in layers.ATTENTION_IMPLEMENTATIONS:
@@ -126,6 +127,8 @@ class Flux(nnx.Module):
         self.params = params
         self.scan_layers = bool(scan_layers)
         self.remat = remat
+        # the platform the model is traced for (attention kernels depend on it); None = the current backend
+        self.platform = platform = layers.platform_or_default(platform)
         self.activation_sharding = None  # set by dd_jax.sharding.shard_model
         prec = Precision(param_dtype=jnp.dtype(param_dtype), dtype=jnp.dtype(dtype or param_dtype))
         self.dtype = prec.dtype
@@ -136,8 +139,9 @@ class Flux(nnx.Module):
         self.guidance_in = layers.MLPEmbedder(256, h, prec, rngs) if params.guidance_embed else None
         self.txt_in = layers.linear(params.context_in_dim, h, prec, rngs, axes=("input", "embed"))
         double = lambda r: layers.DoubleStreamBlock(h, params.num_heads, params.mlp_ratio, params.qkv_bias, prec, r,
-                                                    attention_impl)
-        single = lambda r: layers.SingleStreamBlock(h, params.num_heads, params.mlp_ratio, prec, r, attention_impl)
+                                                    attention_impl, platform)
+        single = lambda r: layers.SingleStreamBlock(h, params.num_heads, params.mlp_ratio, prec, r, attention_impl,
+                                                    platform)
         if self.scan_layers:
             self.double_blocks = _stack(double, params.depth, rngs)
             self.single_blocks = _stack(single, params.depth_single_blocks, rngs)
@@ -210,10 +214,11 @@ class Flux(nnx.Module):
 
 
 def abstract(params: FluxParams, *, param_dtype=jnp.float32, dtype=None, attention_impl: str = "xla",
-             scan_layers: bool = False, remat: str = "none") -> Flux:
+             scan_layers: bool = False, remat: str = "none", platform: str | None = None) -> Flux:
     """The model's structure, shapes and dtypes, with no memory allocated."""
     return nnx.eval_shape(lambda: Flux(params, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype,
-                                       attention_impl=attention_impl, scan_layers=scan_layers, remat=remat))
+                                       attention_impl=attention_impl, scan_layers=scan_layers, remat=remat,
+                                       platform=platform))
 
 
 def _flat_paths(module: nnx.Module) -> list[tuple[str, tuple[int, ...]]]:
@@ -289,7 +294,7 @@ def adaln_zero(model: Flux) -> Flux:
 
 
 def load(path: str, dtype=None, *, compute_dtype=None, attention_impl: str = "xla", shardings=None,
-         scan_layers: bool = False, remat: str = "none") -> Flux:
+         scan_layers: bool = False, remat: str = "none", platform: str | None = None) -> Flux:
     """Loads a converted checkpoint (`scripts/convert_flux.py` output) into either layout.
 
     `dtype` is the parameter dtype (default: as stored); `compute_dtype`
@@ -299,5 +304,6 @@ def load(path: str, dtype=None, *, compute_dtype=None, attention_impl: str = "xl
     array on devices as it is read.
     """
     build = lambda cfg, pd: abstract(FluxParams.from_dict(cfg), param_dtype=pd, dtype=compute_dtype,
-                                     attention_impl=attention_impl, scan_layers=scan_layers, remat=remat)
+                                     attention_impl=attention_impl, scan_layers=scan_layers, remat=remat,
+                                     platform=platform)
     return store.load_model(path, "flux", build, dtype, shardings=shardings, stacked=stacked_sources)

@@ -80,6 +80,21 @@ def apply_rope(x: Array, pe: Array) -> Array:
 
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash", "auto")
+# Platforms code can be traced for (jax's lowering platform names; "gpu" is what jax.default_backend()
+# says on an NVIDIA GPU and means "cuda" here).
+PLATFORMS = ("cpu", "cuda", "gpu", "rocm", "tpu")
+
+
+def platform_or_default(platform: str | None) -> str:
+    """The platform code is traced for: `platform` when given (checked), else the current backend.
+
+    Model code never asks JAX for the backend at trace time; the model holds this value (chosen once,
+    at construction), so a step can be lowered on this machine for another platform."""
+    if not platform:
+        return jax.default_backend()
+    if platform not in PLATFORMS:
+        raise ValueError(f"platform {platform!r}; choose from {PLATFORMS}")
+    return platform
 ACT_HEADS = ("activation_batch", "activation_length", "activation_heads", None)
 ACT_EMBED = ("activation_batch", "activation_length", "activation_embed")
 
@@ -95,7 +110,7 @@ def resolve_attention(implementation: str | None, dtype=None, platform: str | No
     impl = implementation or "xla"
     if impl not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}; choose from {ATTENTION_IMPLEMENTATIONS}")
-    platform = platform or jax.default_backend()
+    platform = platform_or_default(platform)
     half = dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if impl == "auto":
         return "cudnn" if platform in ("gpu", "cuda") and half else "splash" if platform == "tpu" else "xla"
@@ -107,8 +122,9 @@ def resolve_attention(implementation: str | None, dtype=None, platform: str | No
     return impl
 
 
-def _splash_attention(q: Array, k: Array, v: Array, sharding=None) -> Array:
-    """Pallas splash attention (TPU; interpret mode elsewhere). [B, L, H, D] -> [B, L, H, D].
+def _splash_attention(q: Array, k: Array, v: Array, sharding=None, platform: str = "tpu") -> Array:
+    """Pallas splash attention (Mosaic kernels for `platform` "tpu"; interpret mode elsewhere).
+    [B, L, H, D] -> [B, L, H, D].
 
     The length is padded to the block size; padded tokens form their own
     segment, so real tokens never attend to them. Under a mesh the kernel runs
@@ -119,7 +135,7 @@ def _splash_attention(q: Array, k: Array, v: Array, sharding=None) -> Array:
     b, n, h, d = q.shape
     block = 512 if n >= 1024 else 128
     padded = -(-n // block) * block
-    interpret = jax.default_backend() != "tpu"
+    interpret = platform != "tpu"
     q = q * jnp.asarray(d ** -0.5, q.dtype)
     seg = jnp.zeros((padded,), jnp.int32).at[n:].set(1)
     pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - n), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
@@ -182,20 +198,22 @@ xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
 
 
 def attention(q: Array, k: Array, v: Array, pe: Array, *, implementation: str | None = "xla",
-              sharding=None) -> Array:
+              sharding=None, platform: str | None = None) -> Array:
     """Self-attention with RoPE. q, k, v: [B, L, H, D] -> [B, L, H*D].
 
     The single place where attention is computed; `implementation` selects
     the kernel: "xla" (everywhere), "cudnn" (flash attention on NVIDIA GPUs,
     16-bit inputs), "splash" (Pallas splash attention on TPU; interpret mode
-    on other backends, for tests), "auto" (see `resolve_attention`).
+    on other backends, for tests), "auto" (see `resolve_attention`). `platform` is the
+    platform the code is traced for (None: the current backend; a model passes its own).
     """
-    impl = resolve_attention(implementation, q.dtype)
+    platform = platform_or_default(platform)
+    impl = resolve_attention(implementation, q.dtype, platform)
     q, k = apply_rope(q, pe), apply_rope(k, pe)
     q, k, v = (constrain(x, ACT_HEADS, sharding) for x in (q, k, v))
     q, k, v = checkpoint_name(q, "qkv"), checkpoint_name(k, "qkv"), checkpoint_name(v, "qkv")
     if impl == "splash":
-        out = _splash_attention(q, k, v, sharding)
+        out = _splash_attention(q, k, v, sharding, platform)
     elif impl == "cudnn":
         out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
     else:
@@ -360,10 +378,11 @@ def mlp(layers: nnx.List, x: Array) -> Array:
 
 class DoubleStreamBlock(nnx.Module):
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, prec: Precision,
-                 rngs: nnx.Rngs, attention_impl: str = "xla"):
+                 rngs: nnx.Rngs, attention_impl: str = "xla", platform: str | None = None):
         mlp_hidden = int(hidden_size * mlp_ratio)
         self.num_heads = num_heads
         self.attention_impl = attention_impl
+        self.platform = platform_or_default(platform)
         self.activation_sharding = None  # set by dd_jax.sharding.shard_model
         self.img_mod = Modulation(hidden_size, True, prec, rngs)
         self.img_attn = SelfAttention(hidden_size, num_heads, qkv_bias, prec, rngs)
@@ -383,7 +402,7 @@ class DoubleStreamBlock(nnx.Module):
         q = jnp.concatenate([txt_q, img_q], axis=1)
         k = jnp.concatenate([txt_k, img_k], axis=1)
         v = jnp.concatenate([txt_v, img_v], axis=1)
-        attn = attention(q, k, v, pe, implementation=self.attention_impl, sharding=sh)
+        attn = attention(q, k, v, pe, implementation=self.attention_impl, sharding=sh, platform=self.platform)
         n_txt = txt.shape[1]
         txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
         img = img + img_mod1.gate * checkpoint_name(self.img_attn.proj(img_attn), "proj")
@@ -397,10 +416,11 @@ class SingleStreamBlock(nnx.Module):
     """Parallel attention + MLP block (`linear1` fused qkv+mlp-in, `linear2` fused out)."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, prec: Precision, rngs: nnx.Rngs,
-                 attention_impl: str = "xla"):
+                 attention_impl: str = "xla", platform: str | None = None):
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.attention_impl = attention_impl
+        self.platform = platform_or_default(platform)
         self.activation_sharding = None  # set by dd_jax.sharding.shard_model
         self.mlp_hidden = int(hidden_size * mlp_ratio)
         self.linear1 = linear(hidden_size, hidden_size * 3 + self.mlp_hidden, prec, rngs, axes=("embed", "single_in"))
@@ -416,7 +436,7 @@ class SingleStreamBlock(nnx.Module):
         h = checkpoint_name(self.linear1(modulate(x, mod)), "proj")
         qkv, mlp = jnp.split(h, [3 * self.hidden_size], axis=-1)  # (its transpose is one concatenate)
         q, k, v = split_qkv(qkv, self.num_heads, self.norm)
-        attn = attention(q, k, v, pe, implementation=self.attention_impl, sharding=sh)
+        attn = attention(q, k, v, pe, implementation=self.attention_impl, sharding=sh, platform=self.platform)
         mlp = checkpoint_name(mlp, "mlp_hidden")
         out = checkpoint_name(self.linear2(jnp.concatenate([attn, gelu(mlp)], axis=-1)),
                               "proj")
