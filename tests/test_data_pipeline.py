@@ -114,6 +114,25 @@ def test_weighted_mixture(data_dir):
         assert_batches_equal(x, y)
 
 
+def test_weighted_mixture_keys_name_their_records(data_dir):
+    """A weighted example's `key` is its record's index in the size-proportional mixture, in every shard."""
+    by_key = {}
+    for b in make(data_dir, num_epochs=1, shuffle=False, random_crop=False, batch_size=7):
+        for i, k in enumerate(b["key"]):
+            by_key[int(k)] = (b["dataset"][i], b["composite"][i])
+    assert sorted(by_key) == list(range(sum(SIZES.values())))
+    seen = set()
+    for shard in (0, 1):
+        for b in take(make(data_dir, weights=[0.4, 0.3, 0.3], batch_size=8, random_crop=False,
+                           shard_index=shard, shard_count=2), 2):
+            for i, k in enumerate(b["key"]):
+                name, composite = by_key[int(k)]
+                assert b["dataset"][i] == name
+                np.testing.assert_array_equal(b["composite"][i], composite, err_msg=f"key {k}")
+                seen.add(int(k))
+    assert len(seen) >= 8
+
+
 def test_all_tasks_and_test_split(data_dir):
     ds = pipeline.make_pipeline(data_dir, "all", split="test", height=32, width=48, batch_size=2,
                                 shuffle=False, num_epochs=1, shard_index=0, shard_count=1)

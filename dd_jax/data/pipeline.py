@@ -189,16 +189,19 @@ class EncodeText(grain.transforms.Map):
 
 class _Tag(grain.transforms.MapWithIndex):
     """Names the record of a per-task source (weighted mixtures): dataset
-    name and the key the record has in the size-proportional mixture."""
+    name and the key the record has in the size-proportional mixture.
 
-    def __init__(self, name: str, offset: int, shard_index: int, shard_count: int):
+    Past the first epoch of a repeated source the index keeps growing (Grain
+    passes epoch * size + i), so it is taken modulo the shard's size."""
+
+    def __init__(self, name: str, offset: int, shard_index: int, shard_count: int, size: int):
         self.name, self.offset = name, int(offset)
-        self.shard_index, self.shard_count = int(shard_index), int(shard_count)
+        self.shard_index, self.shard_count, self.size = int(shard_index), int(shard_count), int(size)
 
     def map_with_index(self, index: int, element: dict) -> dict:
         element = dict(element)
         element["dataset"] = self.name
-        element["key"] = self.offset + self.shard_index + int(index) * self.shard_count
+        element["key"] = self.offset + self.shard_index + (int(index) % self.size) * self.shard_count
         return element
 
 
@@ -272,7 +275,7 @@ def make_pipeline(data_dir: str, tasks, split: str = "train", height: int = 512,
         parts, offset = [], 0
         for k, (src, name) in enumerate(opened):
             p = grain.MapDataset.source(src)[shard]
-            p = p.map_with_index(_Tag(name, offset, shard_index, shard_count))
+            p = p.map_with_index(_Tag(name, offset, shard_index, shard_count, len(p)))
             parts.append((p.shuffle(seed=seed + 7919 * (k + 1)) if shuffle else p).repeat(None))
             offset += len(src)
         ds = grain.MapDataset.mix(parts, weights=list(weights))
