@@ -114,4 +114,5 @@ def get_config() -> ml_collections.ConfigDict:
     s.guidance = 3.5
     s.task = ""  # default task for decomposition ("" = the first of data.tasks)
     s.prompt = ""  # T5/CLIP prompt for decomposition ("" = the task's, dd_jax.data.text_cache.task_prompt)
+    s.tile = False  # decompose at native resolution in overlapping working-size tiles (dd_jax.inference)
     return c
