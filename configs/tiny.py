@@ -42,5 +42,6 @@ def get_config():
     c.train.log_every = 50
     c.train.checkpoint_every = 500
     c.train.preview_every = 1000
+    c.sample.tile = True  # native resolution in 64x64 tiles (decompose / evaluate --mode tile)
     c.sample.steps = 2  # chosen on the seed-0 test split (validation): lowest background RMSE (README)
     return c
