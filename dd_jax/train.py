@@ -311,7 +311,7 @@ class ProcessData:
         self.indices = [jax.process_index() * per_process + i for i in range(per_process)]
         self.iterators = [iter(pipeline.make_pipeline(
             d.dir, d.tasks, "train", d.height, d.width, d.batch_size // self.shards, seed=d.seed,
-            worker_count=worker_count, shard_index=i, shard_count=self.shards,
+            worker_count=worker_count, shard_index=i, shard_count=self.shards, crop=d.crop,
             text_cache=text_cache, text_encoders=text_encoders)) for i in self.indices]
 
     def __iter__(self):

@@ -102,9 +102,9 @@ class Alphablend(_Builder):
 
     def __init__(self, *, height: int = 512, width: int = 512, num_train: int = 8, num_test: int = 2,
                  backgrounds: str | None = None, foregrounds: str | None = None, seed: int = 0,
-                 workers: int = 0, min_side: int | None = None, **kwargs):
+                 workers: int = 0, min_side: int | None = None, style: str = "classic", **kwargs):
         self.synth_kwargs = dict(height=int(height), width=int(width), backgrounds=backgrounds,
-                                 foregrounds=foregrounds, seed=int(seed), min_side=min_side)
+                                 foregrounds=foregrounds, seed=int(seed), min_side=min_side, style=style)
         self.num_examples = {"train": int(num_train), "test": int(num_test)}
         self.workers = int(workers)
         self.summary: dict = {}

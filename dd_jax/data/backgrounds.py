@@ -44,6 +44,11 @@ _PACKAGE = {
 }
 
 
+# Bundled photos that "photo"-style training data never uses: the real-photo
+# evaluation (scripts/eval_photos.py) decomposes them at their own size.
+HELD_OUT_PHOTOS = ("stereo_motorcycle", "rocket", "china.jpg")
+
+
 @functools.lru_cache(maxsize=None)
 def package_image(name: str) -> np.ndarray | None:
     """uint8 RGB of one bundled photo, or None if this install lacks it."""
@@ -68,14 +73,20 @@ def package_image(name: str) -> np.ndarray | None:
 
 
 def random_view(img: np.ndarray, rng: np.random.Generator, h: int, w: int,
-                jitter: bool = True, min_scale: float = 0.45) -> np.ndarray:
+                jitter: bool = True, min_scale: float = 0.45,
+                native: tuple[float, float] | None = None) -> np.ndarray:
     """A random crop with aspect h:w, resized to (h, w), maybe flipped and jittered.
 
     ``img`` is uint8 [H, W, C]; returns float32 in [0, 1] with C channels.
+    ``native=(lo, hi)``: the crop holds lo-hi photo pixels per output pixel
+    (near the photo's own scale) instead of a ``min_scale``-1 share of it.
     """
     ih, iw = img.shape[:2]
-    scale = rng.uniform(min_scale, 1.0)
-    ch = min(ih, iw * h / w) * scale
+    full = min(ih, iw * h / w)
+    if native is not None:
+        ch = min(full, h * rng.uniform(*native))
+    else:
+        ch = full * rng.uniform(min_scale, 1.0)
     cw = ch * w / h
     y0, x0 = rng.uniform(0, ih - ch), rng.uniform(0, iw - cw)
     im = Image.fromarray(img)
@@ -102,8 +113,9 @@ def random_view(img: np.ndarray, rng: np.random.Generator, h: int, w: int,
 class PackageBackgrounds:
     """Photos bundled with scikit-image / scikit-learn (no network needed)."""
 
-    def __init__(self):
-        self.names = [n for n in _PACKAGE if package_image(n) is not None]
+    def __init__(self, native: tuple[float, float] | None = None, exclude: tuple[str, ...] = ()):
+        self.native = native
+        self.names = [n for n in _PACKAGE if n not in exclude and package_image(n) is not None]
         if not self.names:
             raise RuntimeError("no bundled scikit-image / scikit-learn photos found")
         wts = np.array([_PACKAGE[n][2] for n in self.names])
@@ -112,7 +124,7 @@ class PackageBackgrounds:
     def sample(self, rng, h, w, events):
         del events
         name = self.names[int(rng.choice(len(self.names), p=self.p))]
-        return random_view(package_image(name), rng, h, w), _PACKAGE[name][1]
+        return random_view(package_image(name), rng, h, w, native=self.native), _PACKAGE[name][1]
 
 
 class ProceduralBackgrounds:
@@ -152,11 +164,15 @@ class _Folder:
 class FolderBackgrounds(_Folder):
     """The user's photos; ``<stem>.txt`` beside an image is its description."""
 
+    def __init__(self, folder: str, min_side: int, native: tuple[float, float] | None = None):
+        super().__init__(folder, min_side)
+        self.native = native
+
     def sample(self, rng, h, w, events):
         path, a = self._pick(rng, events, lambda p, ev: images.load_rgb(
-            p, ev, self.min_side, draft_hw=(h, w)))
+            p, ev, self.min_side, draft_hw=None if self.native else (h, w)))
         desc = images.sidecar_caption(path) or "a natural photograph"
-        return random_view(a, rng, h, w), desc
+        return random_view(a, rng, h, w, native=self.native), desc
 
 
 _FG_DEFAULT_DESC = {
@@ -205,15 +221,17 @@ class FolderForegrounds(_Folder):
         return out, desc
 
 
-def make_backgrounds(task: str, folder: str | None = None, min_side: int = 64):
-    """The default background source of a task (a user folder wins)."""
+def make_backgrounds(task: str, folder: str | None = None, min_side: int = 64,
+                     native: tuple[float, float] | None = None, exclude: tuple[str, ...] = ()):
+    """The default background source of a task (a user folder wins); ``native``: see `random_view`;
+    ``exclude``: bundled photos not to use."""
     if folder:
-        return FolderBackgrounds(folder, min_side)
+        return FolderBackgrounds(folder, min_side, native)
     if task == "xray":
         return ProceduralBackgrounds(fg_objects.xray_bag)
     if task == "cell":
         return ProceduralBackgrounds(fg_objects.microscopy)
-    return PackageBackgrounds()
+    return PackageBackgrounds(native, exclude)
 
 
 assert set(_FG_DEFAULT_DESC) == set(blend.TASKS)

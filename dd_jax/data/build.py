@@ -35,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backgrounds", default=None, help="folder of background photos")
     p.add_argument("--foregrounds", default=None, help="folder of RGBA foreground layers")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--style", default="classic", choices=["classic", "photo"],
+                   help="classic: the paper's layers scaled to the image; photo: overlays at a photo's own "
+                        "pixel scale over near-native photo views (for tiled, native-resolution models)")
     p.add_argument("--workers", type=int, default=0, help="synthesis processes (0: in-process)")
     p.add_argument("--min-side", type=int, default=None,
                    help="skip background photos with a shorter side (default: half the output's)")
@@ -66,7 +69,7 @@ def build(args: argparse.Namespace):
             config=args.task, data_dir=args.out, file_format="array_record",
             height=args.height, width=args.width, num_train=args.train, num_test=args.test,
             backgrounds=args.backgrounds, foregrounds=args.foregrounds, seed=args.seed,
-            workers=args.workers, min_side=args.min_side)
+            workers=args.workers, min_side=args.min_side, style=args.style)
     mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if args.overwrite
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
     cfg = tfds.download.DownloadConfig(manual_dir=args.manual_dir, download_mode=mode,

@@ -47,8 +47,9 @@ def _mark_colour(rng):
     return tuple(0.15 + 0.8 * rgb), names[int(round(hue * 6)) % 6]
 
 
-def _logo(canvas: raster.Canvas, rng, cx, cy, size, font_rng) -> None:
-    """A badge: circle / ring / rounded square / hexagon / star with initials."""
+def _logo(canvas: raster.Canvas, rng, cx, cy, size, font_rng, fonts=None) -> None:
+    """A badge: circle / ring / rounded square / hexagon / star with initials
+    (in one of `fonts`, default: any font on the machine)."""
     r = size / 2
     shape = int(rng.integers(5))
     if shape == 0:
@@ -66,7 +67,9 @@ def _logo(canvas: raster.Canvas, rng, cx, cy, size, font_rng) -> None:
         canvas.polygon(list(zip(cx + rr * np.sin(t), cy - rr * np.cos(t))))
     letters = "".join(rng.choice(list("ABCDEFGHKLMNPRSTVWXZ"), size=int(rng.integers(1, 3))))
     fill = 1.0 if shape == 1 else 0.0  # knock the letters out of filled badges
-    canvas.text((cx, cy), letters, raster.random_font(font_rng, r * 0.9), value=fill)
+    font = raster.random_font(font_rng, r * 0.9) if fonts is None else \
+        raster.Font(fonts[int(font_rng.integers(len(fonts)))] if fonts else "", r * 0.9)
+    canvas.text((cx, cy), letters, font, value=fill)
 
 
 def watermark(rng: np.random.Generator, h: int, w: int):
@@ -116,6 +119,117 @@ def watermark(rng: np.random.Generator, h: int, w: int):
     what = {"text": f'text watermark "{text}"', "logo": "logo watermark",
             "logo+text": f'logo and text watermark "{text}"',
             "tiled": f'repeated text watermark "{text}"'}[kind]
+    return rgba, f"a semi-transparent {cname} {what}"
+
+
+# Watermarks as they sit on real photos, drawn at the photo's own pixel scale
+# (for native-resolution crops: a 40 px letter stays 40 px). Layouts and
+# pixel sizes follow what stock sites, photographers and social apps put on
+# 1-4 megapixel photos. Fonts come from `raster.training_fonts()`: the
+# held-out faces (`raster.HELD_OUT_FONTS`) are kept for evaluation.
+PHOTO_MARKS = ("tiled", "corner", "centre", "line", "signature", "text")
+_PHOTO_MARK_P = (0.3, 0.15, 0.15, 0.15, 0.1, 0.15)
+_LINES = ("All rights reserved", "Do not reproduce", "Licensed image", "Preview only", "www.{n}.com")
+
+
+def _contrast(colour):
+    return (0.0, 0.0, 0.0) if np.mean(colour) > 0.5 else (1.0, 1.0, 1.0)
+
+
+def _text_masks(h, w, draw, outline: float):
+    """(fill, outline ring) masks of `draw(canvas, stroke)` on an h x w canvas."""
+    fill = draw(raster.Canvas(h, w), 0.0).mask()
+    if outline <= 0:
+        return fill, None
+    return fill, np.clip(draw(raster.Canvas(h, w), outline).mask() - fill, 0, 1)
+
+
+def watermark_photo(rng: np.random.Generator, h: int, w: int, fonts=None):
+    """One watermark of a photo, in its own pixels: tiled diagonal text, a
+    corner or centred logo with text, a copyright line, a signature or a
+    large word; opacity 0.15-0.8, any colour, sometimes an outline and a
+    drop shadow. `fonts`: TrueType paths to draw with (default: training fonts)."""
+    fonts = raster.training_fonts() if fonts is None else tuple(fonts)
+    font = lambda size: raster.Font(fonts[int(rng.integers(len(fonts)))] if fonts else "", size)
+    kind = str(rng.choice(PHOTO_MARKS, p=_PHOTO_MARK_P))
+    opacity = rng.uniform(0.15, 0.8) if rng.random() < 0.6 else rng.uniform(0.15, 0.35)
+    colour, cname = _mark_colour(rng)
+    text = _brand(rng)
+    outline = rng.uniform(0.8, 2.5) if rng.random() < 0.3 else 0.0
+    diag = int(np.ceil(np.hypot(h, w))) + 2
+    angle = 0.0
+    if kind == "tiled":  # a rotated grid of one text over the whole photo
+        f = font(rng.uniform(14, 56))
+        gap_x, gap_y = f.getlength(text) + f.size * rng.uniform(1, 4), f.size * rng.uniform(2, 5)
+        ox, oy = rng.uniform(0, gap_x), rng.uniform(0, gap_y)
+
+        def draw(c, stroke):
+            for j, y in enumerate(np.arange(-oy, diag + gap_y, gap_y)):
+                for x in np.arange(-ox - (j % 2) * gap_x / 2, diag + gap_x, gap_x):
+                    c.text((x, y), text, f, anchor="lm", stroke=stroke)
+            return c
+        fill, ring = _text_masks(diag, diag, draw, outline)
+        angle = rng.choice([-1, 1]) * rng.uniform(20, 45)
+        crop = lambda m: raster.rotate(m, angle)[(diag - h) // 2:(diag - h) // 2 + h,
+                                                 (diag - w) // 2:(diag - w) // 2 + w]
+        fill, ring = crop(fill), None if ring is None else crop(ring)
+        what = f'repeated diagonal text watermark "{text}"'
+    else:
+        if kind in ("corner", "centre"):
+            logo = rng.uniform(22, 70) if kind == "corner" else rng.uniform(40, 140)
+            f = font(logo * rng.uniform(0.3, 0.55))
+            tl = f.getlength(text)
+            bw, bh = logo * 1.1 + tl, logo  # logo left of the text
+            if kind == "corner":
+                m = rng.uniform(4, 20)
+                x0 = m if rng.random() < 0.5 else w - m - bw
+                y0 = m if rng.random() < 0.5 else h - m - bh
+            else:
+                x0, y0 = (w - bw) / 2 + rng.normal(0, 0.05 * w), (h - bh) / 2 + rng.normal(0, 0.05 * h)
+
+            def draw(c, stroke):
+                _logo(c, rng_logo(), x0 + logo / 2, y0 + bh / 2, logo, rng_logo(), fonts)
+                c.text((x0 + logo * 1.1, y0 + bh / 2), text, f, anchor="lm", stroke=stroke)
+                return c
+            seed = int(rng.integers(2**31))
+            rng_logo = lambda: np.random.default_rng(seed)  # the same badge in both masks
+            what = f'{"corner" if kind == "corner" else "centred"} logo watermark with the text "{text}"'
+        else:
+            if kind == "line":
+                name = "".join(rng.choice(_SYL, size=int(rng.integers(2, 4)))).capitalize()
+                text = f"\u00a9 {int(rng.integers(2009, 2027))} {name}. " + str(rng.choice(_LINES)).format(n=name.lower())
+                f = font(rng.uniform(10, 26))
+                x, y, anchor = rng.uniform(0.02, 0.3) * w, rng.uniform(0.75, 0.97) * h, "lm"
+                what = f'copyright line "{text}"'
+            elif kind == "signature":
+                f = font(rng.uniform(20, 60))
+                text = "".join(rng.choice(_SYL, size=int(rng.integers(2, 4)))).capitalize()
+                x, y, anchor = rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h, "mm"
+                angle = rng.uniform(-15, 15)
+                what = f'signature "{text}"'
+            else:
+                f = font(rng.uniform(30, 120))
+                x, y, anchor = rng.uniform(0.2, 0.8) * w, rng.uniform(0.2, 0.8) * h, "mm"
+                angle = rng.uniform(-40, 40) if rng.random() < 0.5 else 0.0
+                what = f'large text watermark "{text}"'
+
+            def draw(c, stroke):
+                return c.text((x, y), text, f, anchor=anchor, stroke=stroke)
+        fill, ring = _text_masks(h, w, draw, outline)
+        if angle and kind != "tiled":
+            fill = raster.rotate(fill, angle)
+            ring = None if ring is None else raster.rotate(ring, angle)
+    layers = []
+    if rng.random() < 0.3:  # soft drop shadow
+        d = rng.uniform(1, 4)
+        sh = raster.blur(np.roll(fill if ring is None else np.maximum(fill, ring), (int(d),) * 2, (0, 1)),
+                         rng.uniform(0.8, 2.5))
+        layers.append(raster.layer(0.6 * sh, _contrast(colour)))
+    if ring is not None:
+        layers.append(raster.layer(ring, _contrast(colour)))
+    layers.append(raster.layer(fill, colour))
+    rgba = raster.stack(layers) if len(layers) > 1 else layers[0]
+    rgba[..., 3] *= opacity
     return rgba, f"a semi-transparent {cname} {what}"
 
 
@@ -192,10 +306,11 @@ def _frost(rng, h, w, s):
 _OCCLUDERS = ((_fog, 0.6), (_drops, 0.5), (_streaks, 0.25), (_dirt, 0.35), (_frost, 0.25))
 
 
-def occlusion(rng: np.random.Generator, h: int, w: int):
+def occlusion(rng: np.random.Generator, h: int, w: int, scale: float | None = None):
     """A full-image translucent window layer: fog, raindrops, rain, dirt,
-    condensation (each present with its own probability, at least one)."""
-    s = min(h, w) / 512.0
+    condensation (each present with its own probability, at least one).
+    `scale`: sizes relative to a 512 px image (default: min(h, w) / 512)."""
+    s = min(h, w) / 512.0 if scale is None else float(scale)
     picks = [i for i, (_, p) in enumerate(_OCCLUDERS) if rng.random() < p]
     if not picks:
         picks = [int(rng.integers(len(_OCCLUDERS)))]
@@ -207,11 +322,12 @@ def occlusion(rng: np.random.Generator, h: int, w: int):
 
 
 # ---------------------------------------------------------------- flare
-def flare(rng: np.random.Generator, h: int, w: int):
+def flare(rng: np.random.Generator, h: int, w: int, scale: float | None = None):
     """A lens flare in linear light: core and glow, starburst streaks, a halo
     ring, ghosts along the line through the image centre, and sometimes an
-    anamorphic streak. Returned as RGBA with alpha A == the flare on black."""
-    s = min(h, w) / 512.0
+    anamorphic streak. Returned as RGBA with alpha A == the flare on black.
+    `scale`: sizes relative to a 512 px image (default: min(h, w) / 512)."""
+    s = min(h, w) / 512.0 if scale is None else float(scale)
     sx, sy = rng.uniform(-0.1, 1.1) * w, rng.uniform(-0.1, 0.8) * h
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     dx, dy = xx - sx, yy - sy

@@ -111,9 +111,18 @@ class MultiSource:
 
 
 # ----------------------------------------------------------------- transform
-def _fit(img: np.ndarray, h: int, w: int, y0f: float, x0f: float) -> np.ndarray:
-    """Resize to cover (h, w) keeping the aspect, then crop at fractional offsets."""
+CROPS = ("resize", "native")
+
+
+def _fit(img: np.ndarray, h: int, w: int, y0f: float, x0f: float, crop: str = "resize") -> np.ndarray:
+    """Resize to cover (h, w) keeping the aspect, then crop at fractional offsets.
+
+    `crop="native"` keeps the record's own pixels when it covers (h, w): a
+    window of it, never resized (native-resolution training)."""
     ih, iw = img.shape[:2]
+    if crop == "native" and ih >= h and iw >= w:
+        y0, x0 = int(round(y0f * (ih - h))), int(round(x0f * (iw - w)))
+        return img[y0:y0 + h, x0:x0 + w]
     if (ih, iw) != (h, w):
         scale = max(h / ih, w / iw)
         nh, nw = max(h, int(np.ceil(ih * scale - 1e-6))), max(w, int(np.ceil(iw * scale - 1e-6)))
@@ -132,16 +141,18 @@ def _fit(img: np.ndarray, h: int, w: int, y0f: float, x0f: float) -> np.ndarray:
 class Prepare(grain.transforms.RandomMap):
     """Decoded record -> training example (crop / resize, targets, [-1, 1])."""
 
-    def __init__(self, height: int, width: int, random_crop: bool, include_rgba: bool = False):
-        self.height, self.width = int(height), int(width)
+    def __init__(self, height: int, width: int, random_crop: bool, include_rgba: bool = False,
+                 crop: str = "resize"):
+        if crop not in CROPS:
+            raise ValueError(f"crop {crop!r}; choose from {CROPS}")
+        self.height, self.width, self.crop = int(height), int(width), crop
         self.random_crop, self.include_rgba = bool(random_crop), bool(include_rgba)
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         h, w = self.height, self.width
         y0f, x0f = (rng.random(), rng.random()) if self.random_crop else (0.5, 0.5)
-        comp = _fit(np.asarray(element["composite"]), h, w, y0f, x0f)
-        bg = _fit(np.asarray(element["background"]), h, w, y0f, x0f)
-        fg = _fit(np.asarray(element["foreground"]), h, w, y0f, x0f)
+        comp, bg, fg = (_fit(np.asarray(element[k]), h, w, y0f, x0f, self.crop)
+                        for k in ("composite", "background", "foreground"))
         task = int(element["task"])
         name = blend.TASKS[task]
         inv = np.float32(2.0 / 255.0)
@@ -218,7 +229,8 @@ def make_pipeline(data_dir: str, tasks, split: str = "train", height: int = 512,
                   batch_size: int = 1, seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
                   worker_count: int = 0, shard_index: int | None = None, shard_count: int | None = None,
                   weights: Sequence[float] | None = None, drop_remainder: bool | None = None,
-                  random_crop: bool | None = None, include_rgba: bool = False, read_threads: int = 2,
+                  random_crop: bool | None = None, include_rgba: bool = False, crop: str = "resize",
+                  read_threads: int = 2,
                   prefetch_buffer_size: int = 16, worker_buffer_size: int = 2, text_cache: str | None = "auto",
                   text_encoders: str | None = None) -> grain.IterDataset:
     """The training / evaluation input pipeline (see the module docstring).
@@ -238,6 +250,9 @@ def make_pipeline(data_dir: str, tasks, split: str = "train", height: int = 512,
       drop_remainder: drop a last partial batch (default: when repeating forever).
       random_crop: random (train) or centred crops when resizing (default: ``shuffle``).
       include_rgba: also yield ``foreground_rgba``.
+      crop: ``resize`` (scale each record to cover the output, then crop) or
+        ``native`` (a window of the record's own pixels when it is at least
+        the output size: native-resolution training on larger scenes).
       read_threads, prefetch_buffer_size: Grain read threads / element buffer
         (per process; keep them small on small machines).
       worker_buffer_size: batches buffered per worker process.
@@ -280,7 +295,7 @@ def make_pipeline(data_dir: str, tasks, split: str = "train", height: int = 512,
             offset += len(src)
         ds = grain.MapDataset.mix(parts, weights=list(weights))
     random_crop = shuffle if random_crop is None else random_crop
-    ds = ds.random_map(Prepare(height, width, random_crop, include_rgba), seed=seed + 1)
+    ds = ds.random_map(Prepare(height, width, random_crop, include_rgba, crop), seed=seed + 1)
     cache, encoder = _text_source(data_dir, text_cache, text_encoders)
     if cache is not None:
         ds = ds.map(AttachText(cache))

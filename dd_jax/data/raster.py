@@ -180,6 +180,21 @@ class Font:
         return float(self.at(1).getlength(text))
 
 
+# Faces never drawn into training data, so evaluation can use overlay styles
+# the model has not seen (matched on the file name).
+HELD_OUT_FONTS = ("SerifCondensed", "MathTeXGyre")
+
+
+def training_fonts() -> tuple[str, ...]:
+    """`font_paths()` without the held-out faces ("" = Pillow's own font)."""
+    return ("",) + tuple(p for p in font_paths() if not any(k in os.path.basename(p) for k in HELD_OUT_FONTS))
+
+
+def held_out_fonts() -> tuple[str, ...]:
+    """The held-out faces found on this machine (may be empty)."""
+    return tuple(p for p in font_paths() if any(k in os.path.basename(p) for k in HELD_OUT_FONTS))
+
+
 def random_font(rng: np.random.Generator, size: float) -> Font:
     """A random TrueType font of ``size`` px (Pillow's own font as fallback)."""
     paths = ("",) + font_paths()

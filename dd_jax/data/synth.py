@@ -26,6 +26,17 @@ GENERATORS = {
     "occlusion": fg_layers.occlusion,
     "flare": fg_layers.flare,
 }
+# style "photo": overlays at a photo's own pixel scale over near-native views
+# of the photos, for models trained on native-resolution crops and run
+# tile by tile (a watermark's 2 px stroke stays 2 px).
+STYLES = ("classic", "photo")
+PHOTO_GENERATORS = {
+    **GENERATORS,
+    "watermark": fg_layers.watermark_photo,
+    "occlusion": lambda rng, h, w: fg_layers.occlusion(rng, h, w, scale=rng.uniform(0.3, 1.2)),
+    "flare": lambda rng, h, w: fg_layers.flare(rng, h, w, scale=rng.uniform(0.3, 1.5)),
+}
+PHOTO_VIEW = (1.0, 1.5)  # photo pixels per output pixel in style "photo" (at most a 1.5x reduction)
 SPLIT_CODE = {"train": 0, "test": 1, "validation": 2}
 CAPTION_TEMPLATE = ("Three sub-images. <image-1>: {fg}, <image-2>: {bg}, "
                     "<image-3>: The overlapped of <image-1> and <image-2>.")
@@ -68,12 +79,17 @@ class Synthesizer:
     """
 
     def __init__(self, task: str, height: int = 512, width: int = 512, backgrounds: str | None = None,
-                 foregrounds: str | None = None, seed: int = 0, min_side: int | None = None):
+                 foregrounds: str | None = None, seed: int = 0, min_side: int | None = None,
+                 style: str = "classic"):
         if task not in blend.TASK_INDEX:
             raise ValueError(f"unknown task {task!r}; expected one of {blend.TASKS}")
-        self.task, self.height, self.width, self.seed = task, int(height), int(width), int(seed)
+        if style not in STYLES:
+            raise ValueError(f"unknown style {style!r}; expected one of {STYLES}")
+        self.task, self.height, self.width, self.seed, self.style = task, int(height), int(width), int(seed), style
         min_side = min_side or max(32, min(self.height, self.width) // 2)
-        self.bg_source = sources.make_backgrounds(task, backgrounds, min_side)
+        view = PHOTO_VIEW if style == "photo" else None
+        self.bg_source = sources.make_backgrounds(task, backgrounds, min_side, native=view,
+                                                  exclude=sources.HELD_OUT_PHOTOS if style == "photo" else ())
         self.fg_source = sources.FolderForegrounds(foregrounds, task) if foregrounds else None
 
     def reports(self) -> dict:
@@ -97,7 +113,7 @@ class Synthesizer:
         if self.fg_source is not None:
             fg, fg_desc = self.fg_source.sample(rng, h, w, events)
         else:
-            fg, fg_desc = GENERATORS[self.task](rng, h, w)
+            fg, fg_desc = (PHOTO_GENERATORS if self.style == "photo" else GENERATORS)[self.task](rng, h, w)
         return bg, bg_desc, fg, fg_desc
 
     def sample(self, index: int, split: str = "train") -> Sample:
