@@ -10,11 +10,14 @@ tokens each (the first is the clean condition, the others noisy targets),
 `txt` text tokens, one forward + backward w.r.t. the LoRA parameters
 (every attention/MLP projection of every block, rank r) + AdamW. The
 sampling step is one Euler step (a forward + the update of the targets).
-Both are compiled ahead of time; FLOPs per step come from XLA's cost
-analysis, peak memory from the device (GPU/TPU) or the process RSS (CPU)
-and XLA's memory analysis. The FLOP/s reference is the device's peak
-(bf16 dense, from a table) on accelerators, and on CPU the float32 GEMM
-rate measured in the same run: a jitted 2048^3 matmul, timed right after
+Both are compiled ahead of time. FLOP/s and the peak fraction use the
+analytic model FLOPs of `dd_jax.perf` (XLA's cost analysis, reported beside
+them, counts a cuDNN or Pallas attention kernel as 0 FLOPs and counts remat
+recomputation); peak memory comes from the device (GPU/TPU) or the process
+RSS (CPU) and XLA's memory analysis. The FLOP/s reference is the device's
+peak (dense bf16, `dd_jax.perf.PEAK_BF16_FLOPS` by exact device kind; an
+unknown device has none) on accelerators, and on CPU the float32 GEMM rate
+measured in the same run: a jitted 2048^3 matmul, timed right after
 each timed train step (best of 3; the median over the steps), so that the
 fraction compares the step with the machine's speed at the same moment.
 
@@ -45,14 +48,8 @@ from typing import Any
 
 import numpy as np
 
-from dd_jax import hostmem
+from dd_jax import hostmem, perf
 
-# Dense bf16 peak FLOP/s per device, by device_kind substring (first match wins).
-PEAK_FLOPS = (
-    ("H20", 148e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("GH200", 989e12),
-    ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("B200", 2250e12),
-    ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5", 197e12), ("TPU v4", 275e12),
-)
 MID = dict(in_channels=64, out_channels=64, vec_in_dim=768, context_in_dim=4096, hidden_size=512, mlp_ratio=4.0,
            num_heads=4, depth=4, depth_single_blocks=8, axes_dim=(16, 56, 56), theta=10_000, qkv_bias=True,
            guidance_embed=True)
@@ -149,11 +146,18 @@ def peak_rss_bytes() -> int:
 
 
 def device_peak_flops(device) -> float | None:
-    kind = getattr(device, "device_kind", "")
-    for key, value in PEAK_FLOPS:
-        if key.lower() in kind.lower():
-            return value
-    return None
+    """Dense bf16 peak of an accelerator by its exact device kind (`dd_jax.perf`); None when unknown."""
+    return perf.peak_flops(getattr(device, "device_kind", ""))
+
+
+def model_flops(args, params) -> dict[str, float]:
+    """Analytic model FLOPs (`dd_jax.perf`) of the benchmark's train step (forward + LoRA-only backward over
+    all ICD layers' tokens) and sampling step (one forward)."""
+    s = shapes(args)
+    count = lambda train: perf.flux_step_flops(params, batch=s["batch"], img_tokens=s["img_tokens"],
+                                               txt_tokens=s["txt_tokens"], lora_rank=args.lora_rank,
+                                               train=train).total
+    return {"train": count(True), "sample": count(False)}
 
 
 def cpu_gemm(n: int = 2048):
@@ -492,6 +496,9 @@ def benchmark(args) -> dict[str, Any]:
                               "host_malloc_tuned": hostmem.applied()}
     ours = run_jax(args, params)
     result["jax"] = ours
+    flops = model_flops(args, params)
+    for name in ("train", "sample"):
+        ours[f"{name}_model_flops"] = flops[name]
     if args.compile_only:
         return result
     device = jax.devices()[0]
@@ -509,21 +516,20 @@ def benchmark(args) -> dict[str, Any]:
         result["peak_flops_source"] = (f"measured float32 GEMM (XLA, 2048^3): best of {GEMM_SAMPLES} after each "
                                        "timed train step, median over the steps")
     else:
-        result["peak_flops_source"] = "device table (dense bf16)" if peak else "unknown device"
+        result["peak_flops_source"] = "device table (dense bf16)" if peak else "peak unknown"
     result["peak_flops"] = peak
     tokens = s["batch"] * s["seq"]
-    for name in ("train", "sample"):
-        secs, flops = ours[f"{name}_step_s"], ours[f"{name}_flops"]
+    for name in ("train", "sample"):  # model FLOPs (analytic): XLA's count misses custom-call kernels
+        secs = ours[f"{name}_step_s"]
         ours[f"{name}_tokens_per_s"] = tokens / secs
-        ours[f"{name}_flops_per_s"] = flops / secs if flops else None
-        ours[f"{name}_peak_fraction"] = flops / secs / peak if flops and peak else None
+        ours[f"{name}_flops_per_s"] = flops[name] / secs
+        ours[f"{name}_peak_fraction"] = perf.mfu(flops[name], secs, peak)
     result["train_step_peak_fraction"] = ours["train_peak_fraction"]
     result["sample_step_peak_fraction"] = ours["sample_peak_fraction"]
     if theirs is not None:
         result["torch"] = theirs
         for name in ("train", "sample"):
-            theirs[f"{name}_flops_per_s"] = ours[f"{name}_flops"] / theirs[f"{name}_step_s"] \
-                if ours[f"{name}_flops"] else None
+            theirs[f"{name}_flops_per_s"] = flops[name] / theirs[f"{name}_step_s"]
             theirs[f"{name}_peak_fraction"] = theirs[f"{name}_flops_per_s"] / peak if peak and \
                 theirs[f"{name}_flops_per_s"] else None
         result["train_step_ratio"] = ours["train_step_s"] / theirs["train_step_s"]
@@ -542,7 +548,8 @@ def table(r: dict) -> str:
             f"({c['img_tokens']} image + {c['txt_tokens']} text tokens), batch {c['batch']}, LoRA r{c['lora_rank']}, "
             f"{c['dtype']}, {j['device']} ({r['cpu_count']} cores)")
     if "train_step_s" not in j:
-        return head + f"\n  compile only: train {j['train_flops'] / 1e9:.1f} GFLOP, memory {j.get('train_memory')}"
+        return head + (f"\n  compile only: train {j['train_model_flops'] / 1e9:.1f} GFLOP (model; XLA "
+                       f"{j['train_flops'] / 1e9:.1f}), memory {j.get('train_memory')}")
     rows = [("", "dd_jax (JAX)") + (("diffusers+peft", "ratio") if t else ())]
     for name, label in (("train", "train step"), ("sample", "sampling step")):
         row = [f"{label} [s]", f"{j[f'{name}_step_s']:.3f}"]
@@ -560,9 +567,10 @@ def table(r: dict) -> str:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(x).ljust(w_) for x, w_ in zip(row, widths)) for row in rows]
     peak = r.get("peak_flops")
-    foot = (f"FLOPs per step (XLA cost analysis): train {j['train_flops'] / 1e9:.1f} G, sample "
-            f"{j['sample_flops'] / 1e9:.1f} G; peak reference {peak / 1e9:.1f} GFLOP/s ({r['peak_flops_source']})"
-            if peak else "")
+    xla = lambda name: f"{j[name] / 1e9:.1f} G" if j.get(name) else "-"
+    foot = (f"model FLOPs per step (analytic): train {j['train_model_flops'] / 1e9:.1f} G, sample "
+            f"{j['sample_model_flops'] / 1e9:.1f} G (XLA cost analysis: {xla('train_flops')}, {xla('sample_flops')}); "
+            + (f"peak reference {peak / 1e9:.1f} GFLOP/s ({r['peak_flops_source']})" if peak else "peak unknown"))
     variants = [f"XLA options {v['options']}: train {v['train_step_s']:.3f} s ({v['train_ratio_to_default']:.2f}x "
                 f"the default's), sample {v['sample_step_s']:.3f} s ({v['sample_ratio_to_default']:.2f}x)"
                 for v in j.get("variants", ())]
