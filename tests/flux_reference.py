@@ -9,7 +9,17 @@ TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, att
             num_attention_heads=4, joint_attention_dim=24, pooled_projection_dim=20, axes_dims_rope=(4, 6, 6))
 
 
-def make_diffusers_flux(guidance: bool = True, seed: int = 0, **overrides):
+# Fixtures that see position. With weights ~N(0, 0.2) the q/k RMSNorm scales are ~0.2, the attention
+# logits ~0.04 * q.k: nearly uniform attention, which hardly depends on RoPE (zeroing every position id
+# moved the output by only 5e-3 of its scale). Scales of 2 give logits of a few units: attention peaked
+# enough that a wrong theta or a swapped id axis changes the output by 3e-2 to 0.35 of its scale on a
+# non-square 6x10 grid, against 2.6e-5 for the true model (tests/test_flux_position.py).
+PEAKED_QK = 2.0
+GRID = (6, 10)  # non-square: swapping the row and column axes moves every off-diagonal token
+
+
+def make_diffusers_flux(guidance: bool = True, seed: int = 0, qk_scale: float | None = None, **overrides):
+    """A tiny random diffusers Flux; `qk_scale` sets every q/k RMSNorm weight (PEAKED_QK: position-sensitive)."""
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
@@ -17,7 +27,25 @@ def make_diffusers_flux(guidance: bool = True, seed: int = 0, **overrides):
     with torch.no_grad():  # no zero-initialised tensors: every weight must matter
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
+        if qk_scale is not None:
+            for name, p in model.named_parameters():
+                if any(f".{n}.weight" in name for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")):
+                    p.fill_(qk_scale)
     return model
+
+
+def wrong_rope(kind: str):
+    """A deliberately wrong `layers.embed_nd` (to monkeypatch): theta x2, or the row and column axes swapped."""
+    import jax.numpy as jnp
+
+    from dd_jax.models import layers
+
+    true = layers.embed_nd
+    if kind == "theta_x2":
+        return lambda ids, axes_dim, theta: true(ids, axes_dim, 2 * theta)
+    if kind == "swapped_axes":
+        return lambda ids, axes_dim, theta: true(ids[..., jnp.array([0, 2, 1])], axes_dim, theta)
+    raise ValueError(kind)
 
 
 def inputs(batch=2, h=3, w=5, n_txt=7, in_channels=16, context=24, pooled=20, seed=1, guidance=True):
