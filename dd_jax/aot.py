@@ -1,10 +1,13 @@
 """Ahead-of-time compilation of the training step on abstract shapes (no weights, no data).
 
 `compile_train_step(config)` builds the model and optimizer with
-`nnx.eval_shape` (nothing is allocated), lowers the jitted step on
-ShapeDtypeStructs of a batch and compiles it for the local backend, so the
-paper's flux-dev LoRA step can be checked, costed (XLA's cost analysis) and
-sized (XLA's memory analysis) on a machine that could never hold it.
+`nnx.eval_shape` (nothing is allocated), lowers the production step (the
+`flow.TrainStep` train.py runs: trainable and optimizer state donated, the
+frozen base a read-only input) on ShapeDtypeStructs of a batch and compiles
+it for the local backend, so the paper's flux-dev LoRA step can be checked,
+costed (XLA's cost analysis) and sized (XLA's memory analysis) on a machine
+that could never hold it. `platforms=("cuda",)` / `("tpu",)` lowers it for
+another backend instead (not compiled).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class CompiledStep:
     tokens: int  # image + text tokens per example
     trainable_params: int
     total_params: int
+    partition_bytes: dict  # trainable / frozen / mutable model state and optimizer state (TrainStep.partition_bytes)
 
 
 def abstract_batch(config, batch_size: int | None = None, txt_len: int = 512) -> dict:
@@ -45,7 +49,10 @@ def abstract_batch(config, batch_size: int | None = None, txt_len: int = 512) ->
     return batch
 
 
-def compile_train_step(config, batch_size: int | None = None, txt_len: int = 512, compile: bool = True) -> CompiledStep:
+def compile_train_step(config, batch_size: int | None = None, txt_len: int = 512, compile: bool = True,
+                       platforms: tuple[str, ...] | None = None) -> CompiledStep:
+    """The production train step (`train.make_step`, what `train.py` runs) lowered on abstract shapes and,
+    with `compile`, compiled for the local backend (`platforms`: lower for other backends, no compile)."""
     from dd_jax import train
 
     def init():
@@ -54,18 +61,11 @@ def compile_train_step(config, batch_size: int | None = None, txt_len: int = 512
 
     model, optimizer = nnx.eval_shape(init)
     system = system_lib.wrap(model, config)
-    body = train._make_step(system, jit=False)
-    graphdef, state = nnx.split((model, optimizer))
-
-    def pure(state, batch, key):
-        m, o = nnx.merge(graphdef, state)
-        loss, gnorm = body(m, o, batch, key)
-        return loss, gnorm, nnx.state((m, o))
-
+    step = train.make_step(system)
     batch = abstract_batch(config, batch_size, txt_len)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-    lowered = jax.jit(pure, donate_argnums=0).lower(state, batch, key)
-    compiled = lowered.compile() if compile else None
+    lowered = step.lower(model, optimizer, batch, key, platforms=platforms)
+    compiled = lowered.compile() if compile and not platforms else None
     cost = (compiled or lowered).cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
@@ -75,4 +75,4 @@ def compile_train_step(config, batch_size: int | None = None, txt_len: int = 512
     tokens = h * w * len(system.spec.layers) + (txt_len if config.text.kind == "precomputed" else config.text.length)
     count = lambda f: int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, f))))
     return CompiledStep(compiled, lowered, flops, compiled.memory_analysis() if compiled is not None else None,
-                        tokens, count(system.trainable()), count(nnx.Param))
+                        tokens, count(system.trainable()), count(nnx.Param), step.partition_bytes(model, optimizer))

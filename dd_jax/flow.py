@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dd_jax import icd
+from dd_jax import icd, partition
 
 
 def interpolate(x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
@@ -160,16 +160,82 @@ def sample_noise(key: jax.Array, spec: icd.LayerSpec, batch: Batch, t_sampling: 
     return t, noise
 
 
+class TrainStep:
+    """`step(model, optimizer, batch, key) -> (loss, grad_norm)`, updating the trainable partition and the
+    optimizer state in place.
+
+    One `jax.jit` function `(trainable, opt_state, mutable, frozen, batch, key) -> (trainable', opt_state',
+    mutable', loss, grad_norm)` with trainable, opt_state and mutable donated: the model is split once
+    (`partition`) into the `wrt` Variables, the other `nnx.Param`s (the frozen base: a read-only input, never
+    returned) and anything else (`mutable`: non-parameter state such as RNG counters, returned and donated;
+    empty for the models here). A step that writes to a frozen parameter fails when traced.
+
+    `lower(model, optimizer, batch, key, platforms=None)` is the `jax.stages.Lowered` of exactly this
+    function (abstract models from `nnx.eval_shape` and ShapeDtypeStruct batches work), `platforms` e.g.
+    `("cuda",)` or `("tpu",)` to lower for a backend this machine does not have.
+    """
+
+    def __init__(self, body: Callable, wrt: Any):
+        self.body = body  # (model, optimizer, batch, key) -> (loss, grad_norm), mutating; unjitted
+        self.wrt = wrt
+        self._filters = (wrt, nnx.Param, ...)
+        self._splits = partition.Cache()
+        self._jit = jax.jit(self._pure, static_argnums=(0, 1), donate_argnums=(2, 3, 4))
+
+    def _pure(self, model_layout, opt_layout, trainable, opt_state, mutable, frozen, batch, key):
+        model = model_layout.merge(trainable, frozen, mutable)
+        optimizer = opt_layout.merge(opt_state)
+        loss, grad_norm = self.body(model, optimizer, batch, key)
+        new_trainable, new_frozen, new_mutable = model_layout.values_of(model)
+        changed = [p for p, a, b in zip(model_layout.paths[1], frozen, new_frozen) if a is not b]
+        if changed:
+            raise ValueError(f"the step changed {len(changed)} frozen parameter(s) (not in wrt={self.wrt!r}), "
+                             f"e.g. {'.'.join(map(str, changed[0]))}")
+        (new_opt,) = opt_layout.values_of(optimizer)
+        return new_trainable, new_opt, new_mutable, loss, grad_norm
+
+    def _args(self, model, optimizer):
+        m = self._splits.get(model, self._filters)
+        o = self._splits.get(optimizer)
+        return m, o, (m.layout, o.layout, m.values(0), o.values(0), m.values(2), m.values(1))
+
+    def __call__(self, model, optimizer: nnx.Optimizer, batch, key: jax.Array):
+        m, o, args = self._args(model, optimizer)
+        trainable, opt_state, mutable, loss, grad_norm = self._jit(*args, batch, key)
+        m.assign(0, trainable)
+        m.assign(2, mutable)
+        o.assign(0, opt_state)
+        return loss, grad_norm
+
+    def lower(self, model, optimizer: nnx.Optimizer, batch, key, platforms: tuple[str, ...] | None = None):
+        """The lowered production step (`.compile()`, `.cost_analysis()`, `.as_text()`)."""
+        _, _, args = self._args(model, optimizer)
+        traced = self._jit.trace(*args, batch, key)
+        return traced.lower(lowering_platforms=tuple(platforms) if platforms else None)
+
+    def partition_bytes(self, model, optimizer: nnx.Optimizer) -> dict[str, int]:
+        """Bytes of the trainable, frozen and other model state and of the optimizer state."""
+        m, o, _ = self._args(model, optimizer)
+        return {"trainable": m.nbytes(0), "frozen": m.nbytes(1), "mutable": m.nbytes(2), "optimizer": o.nbytes(0)}
+
+    def forget(self, *nodes) -> None:
+        """Drops the cached splits of `nodes` (their structure changed)."""
+        for n in nodes:
+            self._splits.forget(n)
+
+
 def make_train_step(spec: icd.LayerSpec, wrt: Any = nnx.LoRAParam, guidance: float | None = None,
                     prepare: Callable | None = None, t_sampling: str = "uniform", shift: bool = False,
                     jit: bool = True, prediction: str = "velocity", residual: tuple[str, ...] = (),
                     loss: str = "velocity", **t_kwargs):
-    """A jitted step `(model, optimizer, batch, key) -> (loss, grad_norm)` updating only `wrt`.
+    """The training step `(model, optimizer, batch, key) -> (loss, grad_norm)` updating only `wrt`
+    (a `TrainStep`: donated, the frozen base a read-only input; `.lower(...)` for AOT).
 
     `prepare(model, batch) -> (transformer, Batch)` turns what the input
     pipeline gives into ICD tokens inside the jitted step (encode images,
     look up conditioning); by default `model` is the transformer and `batch`
-    already a `Batch`. `jit=False` returns the plain function (for AOT lowering).
+    already a `Batch`. `jit=False` returns the plain, unjitted function the
+    step runs (a reference for tests).
     """
 
     def step(model, optimizer: nnx.Optimizer, batch, key: jax.Array):
@@ -183,7 +249,7 @@ def make_train_step(spec: icd.LayerSpec, wrt: Any = nnx.LoRAParam, guidance: flo
         optimizer.update(model, grads)
         return value, optax.global_norm(grads)
 
-    return nnx.jit(step) if jit else step
+    return TrainStep(step, wrt) if jit else step
 
 
 def make_optimizer(model: nnx.Module, learning_rate: float = 1e-4, wrt: Any = nnx.LoRAParam,

@@ -16,9 +16,17 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from dd_jax import flow, icd
+from dd_jax import flow, icd, partition
+
+
+_SPLITS = partition.Cache()
+
+
+def _args(transformer, spec, cond, txt, vec, key, grid, steps, guidance, shift, prediction, residual):
+    split = _SPLITS.get(transformer)
+    return (split.layout, split.values(0), spec, cond, txt, vec, key, tuple(grid), int(steps),
+            None if guidance is None else float(guidance), bool(shift), prediction, tuple(residual))
 
 
 def sample(transformer, spec: icd.LayerSpec, cond: jax.Array, txt: jax.Array, vec: jax.Array, key: jax.Array,
@@ -26,13 +34,31 @@ def sample(transformer, spec: icd.LayerSpec, cond: jax.Array, txt: jax.Array, ve
            prediction: str = "velocity", residual: tuple[str, ...] = ()) -> dict[str, jax.Array]:
     """Target-layer tokens {name: [B, h*w, C]} for condition tokens `cond` [B, h*w, C].
 
-    `prediction` and `residual` say how the network's output is read (see `flow`)."""
-    return _sample(transformer, spec, cond, txt, vec, key, tuple(grid), int(steps),
-                   None if guidance is None else float(guidance), bool(shift), prediction, tuple(residual))
+    `prediction` and `residual` say how the network's output is read (see `flow`). The transformer's
+    state is a read-only input of the compiled sampler, which returns the samples only (`partition`:
+    the transformer is split once per object; after changing its structure call `forget(transformer)`)."""
+    return _sample(*_args(transformer, spec, cond, txt, vec, key, grid, steps, guidance, shift, prediction,
+                          residual))
 
 
-@functools.partial(nnx.jit, static_argnums=(1, 6, 7, 8, 9, 10, 11))
-def _sample(transformer, spec, cond, txt, vec, key, grid, steps, guidance, shift, prediction, residual):
+def lower_sample(transformer, spec: icd.LayerSpec, cond, txt, vec, key, grid: tuple[int, int], steps: int,
+                 guidance: float | None = None, shift: bool = True, prediction: str = "velocity",
+                 residual: tuple[str, ...] = (), platforms: tuple[str, ...] | None = None):
+    """The `jax.stages.Lowered` of the sampler `sample` runs, for these arguments (abstract ones work:
+    an `nnx.eval_shape` transformer, ShapeDtypeStructs); `platforms` e.g. `("cuda",)` or `("tpu",)`."""
+    traced = _sample.trace(*_args(transformer, spec, cond, txt, vec, key, grid, steps, guidance, shift,
+                                  prediction, residual))
+    return traced.lower(lowering_platforms=tuple(platforms) if platforms else None)
+
+
+def forget(transformer) -> None:
+    """Drops the sampler's cached split of `transformer` (its structure changed)."""
+    _SPLITS.forget(transformer)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 7, 8, 9, 10, 11, 12))
+def _sample(layout, state, spec, cond, txt, vec, key, grid, steps, guidance, shift, prediction, residual):
+    transformer = layout.merge(state)
     h, w = grid
     n = h * w
     bsz = cond.shape[0]

@@ -214,11 +214,15 @@ def _optimizer(system: system_lib.System) -> nnx.Optimizer:
                                decay_steps=t.steps if t.decay else None)
 
 
-def _make_step(system: system_lib.System, jit: bool = True):
+def make_step(system: system_lib.System, jit: bool = True) -> flow.TrainStep:
+    """The training step this module runs (a `flow.TrainStep`; `.lower(...)` for AOT, memory plans, benchmarks)."""
     t = system.config.train
     return flow.make_train_step(system.spec, wrt=system.trainable(), guidance=system.guidance,
                                 prepare=system.prepare, t_sampling=t.t_sampling, shift=t.t_shift, jit=jit,
                                 loss=t.get("loss", "velocity"), **system.output_reading())
+
+
+_make_step = make_step
 
 
 def _preview_inputs(batch: dict, mesh) -> dict:
@@ -364,7 +368,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         sharding.shard_model(system.model, mesh, rules)
         optimizer = _optimizer(system)
         sharding.shard_model(optimizer, mesh, rules)
-    step_fn = _make_step(system)
+    step_fn = make_step(system)
     data_it = ProcessData(config)
     start = 0
 

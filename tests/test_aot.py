@@ -21,5 +21,11 @@ def test_paper_config_compiles_on_abstract_shapes():
     # 3 image layers of (32/16) x (64/16) tokens + 8 text tokens
     assert r.tokens == 3 * 2 * 4 + 8
     assert 0 < r.trainable_params < r.total_params
-    # the donated state (params + optimizer) is what the step takes and gives back
-    assert r.memory is None or r.memory.argument_size_in_bytes > 0
+    # the production step: trainable params + optimizer state donated, the frozen base (transformer + VAE)
+    # a read-only input that is never returned
+    sizes = r.partition_bytes
+    assert sizes["frozen"] > sizes["trainable"] > 0 and sizes["optimizer"] > 0
+    if r.memory is not None:
+        assert r.memory.argument_size_in_bytes >= sum(sizes.values())
+        assert r.memory.alias_size_in_bytes >= sizes["trainable"] + sizes["optimizer"]
+        assert r.memory.output_size_in_bytes < sizes["frozen"]
