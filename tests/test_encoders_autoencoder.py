@@ -13,6 +13,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import encoders_reference as er
+from tolerance import rel_err
 from dd_jax.models import autoencoder
 from weights_conversion import autoencoder as ae_maps
 from weights_conversion import convert
@@ -23,9 +24,6 @@ SCALE, SHIFT = 0.3611, 0.1159
 encode = nnx.jit(lambda model, images: model.encode(images))
 decode = nnx.jit(lambda model, latents, chunk=None: model.decode(latents, batch_chunk=chunk), static_argnums=2)
 
-
-def _rel_err(ours, ref):
-    return float(np.abs(np.asarray(ours) - ref).max() / np.abs(ref).max())
 
 
 def _torch_encode(vae, images: np.ndarray) -> np.ndarray:
@@ -58,13 +56,13 @@ def test_diffusers_parity_encode_decode(converted):
     ref = _torch_encode(vae, images)
     z = encode(ours, jnp.asarray(images))
     assert z.shape == ref.shape == (2, 4, 4, 16)
-    assert _rel_err(z, ref) <= 1e-4
+    assert rel_err(z, ref) <= 1e-4
     latents = np.random.default_rng(2).standard_normal((3, 4, 6, 16)).astype(np.float32)  # non-square
     ref_img = _torch_decode(vae, latents)
     img = decode(ours, jnp.asarray(latents))
     assert img.shape == ref_img.shape == (3, 32, 48, 3)
-    assert _rel_err(img, ref_img) <= 1e-4
-    np.testing.assert_allclose(decode(ours, jnp.asarray(latents), 2), img, atol=1e-5)  # chunks of 2 and 1
+    assert rel_err(img, ref_img) <= 1e-4
+    assert rel_err(decode(ours, jnp.asarray(latents), 2), img) <= 1e-5  # chunks of 2 and 1
 
 
 def test_encode_options_and_errors(converted):
@@ -88,7 +86,7 @@ def test_bfloat16_load(converted):
     images = er.vae_images(batch=1, size=32, seed=4)
     z = encode(ours, jnp.asarray(images))
     assert z.dtype == jnp.float32  # latents leave the autoencoder in float32
-    assert _rel_err(z, _torch_encode(vae, images)) <= 5e-2
+    assert rel_err(z, _torch_encode(vae, images)) <= 5e-2
 
 
 def _random_bfl_state(params, seed):
@@ -130,9 +128,9 @@ def test_bfl_file_parity_via_cli(tmp_path):
     ours = autoencoder.load(str(tmp_path / "out"))
     assert ours.params == params
     images = er.vae_images(batch=1, size=16, seed=6)
-    assert _rel_err(encode(ours, jnp.asarray(images)), _torch_encode(reference, images)) <= 1e-4
+    assert rel_err(encode(ours, jnp.asarray(images)), _torch_encode(reference, images)) <= 1e-4
     latents = np.random.default_rng(7).standard_normal((1, 2, 2, 16)).astype(np.float32)
-    assert _rel_err(decode(ours, jnp.asarray(latents)), _torch_decode(reference, latents)) <= 1e-4
+    assert rel_err(decode(ours, jnp.asarray(latents)), _torch_decode(reference, latents)) <= 1e-4
 
 
 def test_mismatched_checkpoint_fails_before_writing(converted, tmp_path):

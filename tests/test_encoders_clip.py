@@ -14,12 +14,10 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 import encoders_reference as er
+from tolerance import rel_err
 from dd_jax.models import clip, tokenizers
 from weights_conversion import clip as clip_maps
 
-
-def _rel_err(ours, ref):
-    return float(np.abs(np.asarray(ours) - ref).max() / np.abs(ref).max())
 
 
 def _torch(model, ids):
@@ -49,8 +47,8 @@ def test_parity_transformers5_layout(tmp_path):
     ref_hidden, ref_pooled = _torch(model, ids)
     hidden, pooled = ours(jnp.asarray(ids))
     assert hidden.shape == ref_hidden.shape and pooled.shape == ref_pooled.shape == (3, 32)
-    assert _rel_err(hidden, ref_hidden) <= 1e-4
-    assert _rel_err(pooled, ref_pooled) <= 1e-4
+    assert rel_err(hidden, ref_hidden) <= 1e-4
+    assert rel_err(pooled, ref_pooled) <= 1e-4
 
 
 def test_parity_prefixed_legacy_checkpoint(tmp_path):
@@ -71,8 +69,8 @@ def test_parity_prefixed_legacy_checkpoint(tmp_path):
     ids = _ids(seed=3, eos=599)
     ref_hidden, ref_pooled = _torch(model, ids)
     hidden, pooled = ours(jnp.asarray(ids))
-    assert _rel_err(hidden, ref_hidden) <= 1e-4
-    assert _rel_err(pooled, ref_pooled) <= 1e-4
+    assert rel_err(hidden, ref_hidden) <= 1e-4
+    assert rel_err(pooled, ref_pooled) <= 1e-4
 
 
 def test_too_many_tokens_is_an_error(tmp_path):

@@ -17,6 +17,7 @@ from flax import nnx
 
 import encoders_reference as er
 import flux_reference as fr
+from tolerance import rel_err
 from dd_jax.models import autoencoder, clip, flux, store, t5, tokenizers
 from weights_conversion import convert, pipeline
 from weights_conversion.safetensors_reader import CheckpointError
@@ -24,9 +25,6 @@ from weights_conversion.safetensors_reader import CheckpointError
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a glass bottle in an x-ray scan of a suitcase", "fog over a mountain lake, seen through a dirty window"]
 
-
-def _rel_err(ours, ref):
-    return float(np.abs(np.asarray(ours, np.float32) - ref).max() / np.abs(ref).max())
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +53,14 @@ def test_components_match_torch(converted):
     x = fr.inputs(batch=1, h=2, w=3, in_channels=64, context=er.T5["d_model"], pooled=er.CLIP["hidden_size"])
     forward = nnx.jit(lambda m, a: m(a["img"], a["img_ids"], a["txt"], a["txt_ids"], a["timesteps"], a["y"],
                                      a["guidance"]))
-    assert _rel_err(forward(ours, x), fr.diffusers_forward(parts["transformer"], x)) <= 1e-4
+    assert rel_err(forward(ours, x), fr.diffusers_forward(parts["transformer"], x)) <= 1e-4
 
     vae = autoencoder.load(os.path.join(out, "vae"))
     images = er.vae_images(batch=1, size=32, seed=2)
     with torch.no_grad():
         ref = parts["vae"].encode(torch.from_numpy(images).permute(0, 3, 1, 2)).latent_dist.mean
     ref = ((ref - 0.1159) * 0.3611).permute(0, 2, 3, 1).numpy()
-    assert _rel_err(nnx.jit(lambda m, x: m.encode(x))(vae, jnp.asarray(images)), ref) <= 1e-4
+    assert rel_err(nnx.jit(lambda m, x: m.encode(x))(vae, jnp.asarray(images)), ref) <= 1e-4
 
 
 def test_text_conditioning_matches_diffusers_encode_prompt(converted):
@@ -76,11 +74,11 @@ def test_text_conditioning_matches_diffusers_encode_prompt(converted):
     with torch.no_grad():
         ref_t5, ref_pooled, _ = pipe.encode_prompt(PROMPTS, PROMPTS, max_sequence_length=t5_tok.max_length)
     ids, _ = t5_tok(PROMPTS)
-    assert _rel_err(t5.load(os.path.join(out, "t5"))(ids), ref_t5.numpy()) <= 1e-4
+    assert rel_err(t5.load(os.path.join(out, "t5"))(ids), ref_t5.numpy()) <= 1e-4
     clip_ids, _ = tokenizers.load_clip_tokenizer(out)(PROMPTS)
     assert clip_ids.shape == (2, er.CLIP_MAX_LENGTH)
     _, pooled = clip.load(os.path.join(out, "clip"))(clip_ids)
-    assert _rel_err(pooled, ref_pooled.numpy()) <= 1e-4
+    assert rel_err(pooled, ref_pooled.numpy()) <= 1e-4
 
 
 def test_tokenizers_load_from_every_kind_of_folder(converted):

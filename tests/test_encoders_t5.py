@@ -11,6 +11,7 @@ import torch
 from safetensors.numpy import save_file
 
 import encoders_reference as er
+from tolerance import rel_err
 from dd_jax.models import t5
 from weights_conversion import t5 as t5_maps
 from weights_conversion.safetensors_reader import CheckpointError, SafetensorsReader
@@ -20,9 +21,6 @@ def _state(folder) -> dict:
     reader = SafetensorsReader.open(str(folder))
     return {k: reader.read(k) for k in reader.keys()}
 
-
-def _rel_err(ours, ref):
-    return float(np.abs(np.asarray(ours, np.float32) - ref).max() / np.abs(ref).max())
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +47,7 @@ def test_parity_last_hidden_state(converted):
         ref = model(torch.from_numpy(ids).long()).last_hidden_state.numpy()
     hidden = ours(jnp.asarray(ids))
     assert hidden.shape == ref.shape == (2, 40, 32)
-    assert _rel_err(hidden, ref) <= 1e-4
+    assert rel_err(hidden, ref) <= 1e-4
 
 
 def test_parity_with_padding_mask(converted):
@@ -61,7 +59,7 @@ def test_parity_with_padding_mask(converted):
     mask[1, 7:] = 0
     with torch.no_grad():
         ref = model(torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()).last_hidden_state.numpy()
-    assert _rel_err(ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask)), ref) <= 1e-4
+    assert rel_err(ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask)), ref) <= 1e-4
 
 
 def test_relative_position_buckets_match_transformers():
@@ -114,7 +112,7 @@ def test_bfloat16_params_and_compute(converted):
     assert hidden.dtype == jnp.bfloat16
     with torch.no_grad():
         ref = model(torch.from_numpy(ids).long()).last_hidden_state.numpy()
-    assert _rel_err(hidden, ref) <= 5e-2
+    assert rel_err(hidden, ref) <= 5e-2
 
 
 def test_grouping_follows_block_size():

@@ -126,7 +126,7 @@ def test_weights_and_samples(setup, tmp_path):
     np.testing.assert_allclose(r["background"]["identity"]["lpips"],
                                np.mean(lpips.distance(nets.lpips, comp, bg)), rtol=1e-4)
     np.testing.assert_allclose(r["background"]["identity"]["fid"],
-                               evaluate.fid_score(nets.fid_features(bg), nets.fid_features(comp)), rtol=1e-6)
+                               evaluate.fid_score(nets.fid_features(bg), nets.fid_features(comp)), rtol=1e-4)
     assert isinstance(r["background"]["model"]["fid"], float) and isinstance(r["foreground"]["model"]["lpips"], float)
     md = open(os.path.join(out, "report.md")).read()
     assert evaluate.NA not in md.split("## Summary")[1]

@@ -15,15 +15,13 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 import flux_reference as fr
+from tolerance import rel_err
 from dd_jax.models import flux
 from weights_conversion import convert
 from weights_conversion.safetensors_reader import CheckpointError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _rel_err(ours, ref):
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +44,7 @@ def test_diffusers_parity_via_cli(diffusers_guided, tmp_path):
     ref = fr.diffusers_forward(model, x)
     ours = fr.jax_forward(ours_model, x)
     assert ours.shape == ref.shape == (2, 15, 16)
-    assert _rel_err(ours, ref) <= 1e-4
+    assert rel_err(ours, ref) <= 1e-4
 
 
 def test_guidance_free_sharded_pipeline_folder(tmp_path):
@@ -60,7 +58,7 @@ def test_guidance_free_sharded_pipeline_folder(tmp_path):
     ours_model = flux.load(out)
     assert ours_model.guidance_in is None
     x = fr.inputs(batch=2, h=4, w=2, guidance=False, seed=5)
-    assert _rel_err(fr.jax_forward(ours_model, x), fr.diffusers_forward(model, x)) <= 1e-4
+    assert rel_err(fr.jax_forward(ours_model, x), fr.diffusers_forward(model, x)) <= 1e-4
 
 
 def _bfl_to_diffusers(state: dict, hidden: int) -> dict:
@@ -113,7 +111,7 @@ def test_bfl_single_file_parity(bfl_checkpoint, tmp_path):
     ours_model = flux.load(str(tmp_path / "o"))
     assert ours_model.params == params  # inferred from tensor shapes
     x = fr.inputs(batch=2, h=2, w=3, guidance=True, seed=11)
-    assert _rel_err(fr.jax_forward(ours_model, x), fr.diffusers_forward(reference, x)) <= 1e-4
+    assert rel_err(fr.jax_forward(ours_model, x), fr.diffusers_forward(reference, x)) <= 1e-4
 
 
 def test_bfl_prefixed_bf16_file_keeps_dtype(bfl_checkpoint, tmp_path):

@@ -18,6 +18,7 @@ from configs import flux as flux_config
 from dd_jax import decompose, system as system_lib, train
 from dd_jax.data import blend, encode_text, pipeline, text_cache
 from dd_jax.models import t5, tokenizers
+from tolerance import assert_close
 from weights_conversion import convert, lora_export
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,8 +62,8 @@ def test_cache_train_decompose_export(world, tmp_path):
     assert len(cache) == len(set(captions)) + len(blend.TASKS)  # deduplicated
     assert cache.txt_shape == (er.T5_MAX_LENGTH, er.T5["d_model"]) and cache.vec_shape == (er.CLIP["hidden_size"],)
     ids, _ = tokenizers.load_t5_tokenizer(weights)([captions[0]])
-    np.testing.assert_allclose(cache[captions[0]][0], np.asarray(t5.load(os.path.join(weights, "t5"))(ids))[0],
-                               rtol=1e-5, atol=1e-6)
+    # the cache and a second T5 run: same weights, float32, summed in whatever order XLA:CPU's threads give
+    assert_close(cache[captions[0]][0], np.asarray(t5.load(os.path.join(weights, "t5"))(ids))[0], 1e-4, "T5 row")
 
     # 2. the input pipeline attaches the cached rows by caption; online encoding gives the same
     batch = next(iter(pipeline.make_pipeline(data, "xray", "train", th.SIZE, th.SIZE, 2, shuffle=False)))
@@ -70,8 +71,8 @@ def test_cache_train_decompose_export(world, tmp_path):
     np.testing.assert_array_equal(batch["txt"][1], cache[batch["caption"][1]][0])
     online = next(iter(pipeline.make_pipeline(data, "xray", "train", th.SIZE, th.SIZE, 2, shuffle=False,
                                               text_encoders=weights)))
-    np.testing.assert_allclose(online["txt"], batch["txt"], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(online["vec"], batch["vec"], rtol=1e-5, atol=1e-6)
+    assert_close(online["txt"], batch["txt"], 1e-4, "online T5")
+    assert_close(online["vec"], batch["vec"], 1e-4, "online CLIP")
 
     # 3. LoRA training of the converted transformer on cached embeddings (no T5 in the step)
     run = tmp_path / "run"
@@ -119,7 +120,7 @@ def test_prompts_and_errors(world, tmp_path):
     txt, vec = prompts(["a prompt nobody cached", text_cache.task_prompt("cell")])
     assert txt.shape == (2, er.T5_MAX_LENGTH, er.T5["d_model"]) and vec.shape == (2, er.CLIP["hidden_size"])
     if cache is not None:  # (the cache is written by the test above)
-        np.testing.assert_allclose(txt[1], cache[text_cache.task_prompt("cell")][0], rtol=1e-5, atol=1e-6)
+        assert_close(txt[1], cache[text_cache.task_prompt("cell")][0], 1e-4, "prompt T5")
     # ... and without encoders it is a clear error
     c.model.weights = ""
     c.data.dir = str(tmp_path)

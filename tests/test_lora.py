@@ -8,6 +8,7 @@ from flax import nnx
 
 from dd_jax import flow, icd, lora
 from dd_jax.models import flux
+from tolerance import assert_close
 
 H, W = 2, 3  # token grid per layer
 
@@ -73,7 +74,7 @@ def test_merge_matches_unmerged():
     assert np.abs(np.asarray(unmerged - _forward(_model(), b))).max() > 1e-3  # the adapters do something
     lora.merge_lora(m)
     assert not lora.lora_layers(m) and not nnx.state(m, nnx.LoRAParam)
-    np.testing.assert_allclose(np.asarray(_forward(m, b)), np.asarray(unmerged), atol=1e-5, rtol=0)
+    assert_close(_forward(m, b), unmerged, 1e-5, "merged forward")
 
 
 def test_train_step_touches_only_lora_and_fits_a_batch():

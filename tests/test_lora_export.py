@@ -16,6 +16,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import flux_reference as fr
+from tolerance import rel_err
 from configs import flux as flux_config
 from dd_jax import lora, system as system_lib, train
 from dd_jax.models import flux
@@ -29,9 +30,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = lora.DEFAULT_TARGETS + lora.MODULATION_TARGETS + (r"final_layer\.adaLN_modulation\.1", r"img_in")
 RANK, ALPHA = 3, 5.0
 
-
-def _rel_err(ours, ref):
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +62,7 @@ def test_exported_lora_reproduces_ours_in_diffusers(base, tmp_path):
     assert any(p.endswith("linear1") for p in paths) and any(p.endswith("img_attn.qkv") for p in paths)
     _randomize_b(ours)
     adapted = fr.jax_forward(ours, x)
-    assert _rel_err(adapted, plain) > 0.05  # the adapters matter
+    assert rel_err(adapted, plain) > 0.05  # the adapters matter
 
     path = lora_export.from_model(ours, str(tmp_path / "lora.safetensors"))
     tensors = load_file(path)
@@ -80,11 +78,11 @@ def test_exported_lora_reproduces_ours_in_diffusers(base, tmp_path):
     assert len(tensors) == 2 * (2 * 14 + 2 * 6 + 2)
 
     ref = fr.diffusers_forward(_diffusers_with(model, path), x)
-    err = _rel_err(adapted, ref)
+    err = rel_err(adapted, ref)
     print(f"LoRA parity (from a live model): max relative error {err:.2e}")
     assert err <= 1e-4
     # and not by accident: the base model alone is far from it
-    assert _rel_err(plain, ref) > 0.05
+    assert rel_err(plain, ref) > 0.05
 
 
 def _run_config(converted):
@@ -109,7 +107,7 @@ def test_export_cli_from_a_run_export_folder(base, tmp_path):
     assert "rank 3, alpha 5" in r.stderr
     x = fr.inputs(batch=1, h=2, w=4, guidance=True, seed=5)
     ref = fr.diffusers_forward(_diffusers_with(model, str(out)), x)
-    err = _rel_err(fr.jax_forward(system.model.transformer, x), ref)
+    err = rel_err(fr.jax_forward(system.model.transformer, x), ref)
     print(f"LoRA parity (export_lora.py on a run): max relative error {err:.2e}")
     assert err <= 1e-4
     # bfloat16 file: same names, bf16 values

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 import train_helpers as th
+from tolerance import assert_close
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
@@ -108,7 +109,7 @@ def _compare(one, two):
     assert sorted(ea) == sorted(eb) and ea
     for k in ea:
         assert ea[k].shape == eb[k].shape, k
-        np.testing.assert_allclose(eb[k], ea[k], rtol=1e-4, atol=1e-5, err_msg=k)
+        assert_close(eb[k], ea[k], 1e-4, k)
 
     pa, pb = (_png(w / "previews" / f"step_{STEPS}.png") for w in (one, two))
     assert pa.shape == pb.shape and np.abs(pa - pb).max() <= 1
