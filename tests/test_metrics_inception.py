@@ -28,6 +28,7 @@ from dd_jax.metrics import fid  # noqa: E402
 from dd_jax.metrics.inception import FORMAT, InceptionV3  # noqa: E402
 from dd_jax.metrics.resize import resize_bilinear  # noqa: E402
 from dd_jax.metrics.weights import assign_flat, load_flat, save_flat  # noqa: E402
+from optional_deps import needs  # noqa: E402
 from weights_conversion import inception as conv  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
@@ -389,8 +390,7 @@ def test_fid_helper_torchscript_real_weights(tmp_path):
 # needs torchvision, so we hand it a stand-in that provides the reference layers above).
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pytorch_fid") is None,
-                    reason="pytorch-fid not installed")
+@needs("pytorch_fid")
 def test_reference_equals_pytorch_fid_code(ref, monkeypatch):
     net, sd, _ = ref
     tv = types.ModuleType("torchvision")

@@ -27,6 +27,7 @@ from flax import nnx  # noqa: E402
 from dd_jax.metrics import lpips  # noqa: E402
 from dd_jax.metrics.weights import assign_flat, load_flat  # noqa: E402
 from weights_conversion import lpips as conv  # noqa: E402
+from optional_deps import needs  # noqa: E402
 
 
 class AlexNet(nn.Module):
@@ -189,7 +190,7 @@ def test_cli_roundtrip(ref, tmp_path):
     np.testing.assert_array_equal(lpips.distance(loaded, a, b), lpips.distance(ours, a, b))
 
 
-@pytest.mark.skipif(conv.packaged_heads_path() is None, reason="lpips package not installed")
+@needs("lpips", conv.packaged_heads_path() is not None)
 def test_real_packaged_heads(ref):
     alex, _, _, _ = ref
     real = conv.load_torch_file(conv.packaged_heads_path())
@@ -203,7 +204,7 @@ def test_real_packaged_heads(ref):
     np.testing.assert_allclose(lpips.distance(ours, a, b), want, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.skipif(conv.packaged_heads_path() is None, reason="lpips package not installed")
+@needs("lpips", conv.packaged_heads_path() is not None)
 def test_reference_equals_lpips_package_code(monkeypatch):
     """Our plain-torch reference is the lpips package's own forward (run with a stand-in
     torchvision that returns our AlexNet)."""
