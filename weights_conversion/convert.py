@@ -14,7 +14,12 @@ diffusers `transformer/` folder (the default component), or, with
 `ae.safetensors`); OUT is then that component's folder. Checkpoint names
 and shapes are checked against the models before any data is read; data is
 then streamed group by group into a temporary folder that is renamed to its
-final name at the end.
+final name at the end, so a killed conversion leaves nothing that reads as
+a model folder (only a hidden `.NAME.partial-*` sibling to delete).
+`--overwrite` replaces only model folders the converter wrote (marker:
+`dd_jax_model.json`) or empty folders; anything else is refused.
+
+Exit status: 0 converted, 2 usage or input error (one line naming the path).
 """
 
 from __future__ import annotations
@@ -53,7 +58,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="parameter dtype (default: the source's)")
     ap.add_argument("--axes-dim", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
                     help="RoPE axes dims, e.g. 16,56,56 (BFL files do not store them; default inferred)")
-    ap.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace OUT (OUT/<component> for a pipeline) if it is a model folder this converter "
+                         "wrote (it holds dd_jax_model.json) or empty; any other folder or file is refused, "
+                         "never deleted")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     try:
@@ -75,6 +83,10 @@ def main(argv=None) -> int:
                                              progress=not args.quiet)
     except (CheckpointError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an output under a file, read-only, full disk: nothing complete was left behind
+        print(f"error: {e.filename or args.output}: {e.strerror or e}; nothing was written under its final name",
+              file=sys.stderr)
         return 2
     print(f"wrote {out} in {time.time() - t0:.1f}s", file=sys.stderr)
     return 0

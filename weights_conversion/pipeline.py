@@ -22,6 +22,7 @@ import os
 import sys
 from typing import Iterable
 
+from dd_jax.models import store
 from dd_jax.models.tokenizers import T5_MAX_LENGTH
 from weights_conversion import autoencoder as ae_maps
 from weights_conversion import clip as clip_maps
@@ -116,9 +117,13 @@ def convert_pipeline(source: str, output: str, components: str | Iterable[str] |
     if not names:
         raise CheckpointError(f"{source}: no convertible component folder ({', '.join(SUBFOLDERS.values())})")
     if not overwrite:
-        exists = [os.path.join(output, n) for n in names if os.path.exists(os.path.join(output, n))]
+        exists = [os.path.join(output, n) for n in names if os.path.lexists(os.path.join(output, n))]
         if exists:
             raise FileExistsError(f"{', '.join(exists)} exist(s); pass overwrite=True (--overwrite) to replace")
+    if os.path.lexists(output) and not os.path.isdir(output):
+        raise FileExistsError(f"{output} is not a folder; choose another output")
+    for n in names:  # only our own model folders are ever replaced
+        store.check_replaceable(os.path.join(output, n), overwrite)
     for n in names:  # everything checked before anything is written
         check_component(n, os.path.join(source, SUBFOLDERS[n]), axes_dim)
     tokenizers = {n: os.path.join(source, d) for n, d in TOKENIZERS.items()}

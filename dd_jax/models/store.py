@@ -10,7 +10,10 @@ A group is a slice of the parameter tree (one transformer block, one embedder,
 model never holds more than one group in host memory, and each group is a
 plain orbax checkpoint that orbax tools can open. A folder only appears under
 its final name once every group is written (write to a temporary sibling,
-then rename), so a crash never leaves something that looks complete.
+then rename), so a crash never leaves something that looks complete. Folders
+are created with the process umask's permissions. An existing folder is
+replaced only with `overwrite=True`, and only when it is a model folder (it
+holds `dd_jax_model.json`) or empty: anything else is refused, never deleted.
 
 Parameter paths are strings joined with '.', as in the model's NNX state
 (`double_blocks.0.img_attn.qkv.kernel`).
@@ -23,7 +26,7 @@ import gc
 import json
 import os
 import shutil
-import tempfile
+import sys
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
@@ -102,6 +105,68 @@ def _local_checkpointer():
         primary_host=me, active_processes={me}))
 
 
+def is_model_folder(path: str) -> bool:
+    """Whether `path` is a folder this module wrote: it holds META_FILE naming FORMAT (the marker)."""
+    try:
+        with open(os.path.join(os.fspath(path), META_FILE)) as f:
+            return json.load(f).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_replaceable(out_dir: str, overwrite: bool) -> None:
+    """Raises FileExistsError (one line: the path and what to do) unless a model folder may be written at
+    `out_dir`: nothing there, or `overwrite` and a model folder (see `is_model_folder`) or an empty folder."""
+    out_dir = os.fspath(out_dir)
+    if not os.path.lexists(out_dir):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass --overwrite (overwrite=True) to replace it, or choose "
+                              "another output")
+    if os.path.islink(out_dir) or not os.path.isdir(out_dir):
+        raise FileExistsError(f"{out_dir} is not a folder; --overwrite replaces only dd_jax model folders: move "
+                              "it away or choose another output")
+    if os.listdir(out_dir) and not is_model_folder(out_dir):
+        raise FileExistsError(f"{out_dir} is not a dd_jax model folder (no {META_FILE}); --overwrite replaces "
+                              "only those: move it away or choose another output")
+
+
+def _new_sibling(out_dir: str, kind: str) -> str:
+    """Creates `.<name>.<kind>-<pid>-<random>` next to `out_dir` (mode from the umask, unlike mkdtemp's 700)."""
+    parent, name = os.path.split(out_dir)
+    while True:
+        path = os.path.join(parent, f".{name}.{kind}-{os.getpid()}-{os.urandom(4).hex()}")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+
+
+def _siblings(out_dir: str) -> list[str]:
+    """Temporary siblings (`.<name>.partial-*`, `.<name>.replaced-*`) of earlier writes of `out_dir`."""
+    parent, name = os.path.split(out_dir)
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return []
+    return sorted(os.path.join(parent, e) for e in entries
+                  if e.startswith(f".{name}.partial-") or e.startswith(f".{name}.replaced-"))
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class GroupedWriter:
     """Writes a model folder group by group; `commit()` makes it appear at `out_dir`.
 
@@ -111,11 +176,14 @@ class GroupedWriter:
 
     def __init__(self, out_dir: str, *, model: str, config: Mapping[str, Any], dtype: str, overwrite: bool = False):
         self.out_dir = os.path.abspath(os.fspath(out_dir))
-        if os.path.exists(self.out_dir) and not overwrite:
-            raise FileExistsError(f"{self.out_dir} exists; pass overwrite=True (--overwrite) to replace it")
+        check_replaceable(self.out_dir, overwrite)
         parent = os.path.dirname(self.out_dir)
         os.makedirs(parent, exist_ok=True)
-        self.tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out_dir)}.partial-", dir=parent)
+        stale = _siblings(self.out_dir)
+        if stale:
+            print(f"note: {', '.join(stale)} left by an interrupted (or running) write of {self.out_dir}; "
+                  "delete them when no conversion runs", file=sys.stderr)
+        self.tmp_dir = _new_sibling(self.out_dir, "partial")
         self.meta = {"format": FORMAT, "model": model, "config": dict(config), "dtype": dtype, "groups": []}
         self._ckptr = _local_checkpointer()
         self.overwrite = overwrite
@@ -133,9 +201,16 @@ class GroupedWriter:
             json.dump(self.meta, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        if os.path.exists(self.out_dir):
-            shutil.rmtree(self.out_dir)
-        os.replace(self.tmp_dir, self.out_dir)
+        old = None
+        if os.path.lexists(self.out_dir):
+            check_replaceable(self.out_dir, self.overwrite)  # again: it may have appeared meanwhile
+            old = os.path.join(os.path.dirname(self.out_dir),
+                               f".{os.path.basename(self.out_dir)}.replaced-{os.getpid()}-{os.urandom(4).hex()}")
+            os.rename(self.out_dir, old)  # set aside, removed once the new folder is in place
+        os.rename(self.tmp_dir, self.out_dir)
+        _fsync_dir(os.path.dirname(self.out_dir))
+        if old is not None:
+            shutil.rmtree(old)
         return self.out_dir
 
     def abort(self) -> None:
