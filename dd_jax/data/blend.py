@@ -224,3 +224,73 @@ def quantize_rgba(foreground_rgba: np.ndarray) -> np.ndarray:
     q = np.clip(np.rint(foreground_rgba * 255.0), 0, 255).astype(np.uint8)
     q[..., :3][q[..., 3] == 0] = 0
     return q
+
+
+# ------------------------------------------------- layers from a predicted decomposition (decompose's output)
+EMISSIVE = frozenset({"cell", "flare"})  # foreground is light added to the scene, shown on black
+
+
+def estimate_alpha(fg_render, composite, background, backdrop: float):
+    """Alpha [H, W, 1] of an alpha-over layer from its rendering on `backdrop`, the composite and the background.
+
+    composite - background = alpha (A - B) and render - g = alpha (A - g) give
+    alpha (g - B) = composite - background - (render - g), solved by least
+    squares over the channels. Where the background is close to the backdrop
+    g the two equations coincide and alpha is not observable; there it falls
+    back (smoothly) to the least alpha that keeps the layer's colour A in
+    [0, 1] given its rendering. The result is clipped to [that least alpha, 1],
+    so it is exact wherever the inputs are consistent and observable.
+    """
+    xp = _xp(fg_render, composite, background)
+    lhs = backdrop - background
+    rhs = composite - background - (fg_render - backdrop)
+    den = xp.sum(lhs * lhs, -1, keepdims=True)
+    least_squares = xp.sum(lhs * rhs, -1, keepdims=True) / xp.maximum(den, 1e-12)
+    dev = fg_render - backdrop  # alpha (A - g): |A - g| is at most 1 - g above g and g below
+    least = xp.max(xp.maximum(dev / max(1.0 - backdrop, 1e-6), -dev / max(backdrop, 1e-6)), -1, keepdims=True)
+    least = xp.clip(least, 0.0, 1.0)
+    observed = xp.clip(den / 1e-2, 0.0, 1.0)  # exact least squares once |g - B|^2 >= 0.01 over the channels
+    alpha = observed * least_squares + (1.0 - observed) * least
+    return xp.clip(alpha, least, 1.0)
+
+
+def transmittance_to_rgba(render):
+    """An X-ray item's transmittance on white (``foreground_alone('xray', ...)``) as straight RGBA.
+
+    alpha = 1 - min over channels (the least alpha with A in [0, 1]), so that
+    the layer alpha-over white reproduces the rendering exactly.
+    """
+    xp = _xp(render)
+    alpha = xp.clip(1.0 - xp.min(render, axis=-1, keepdims=True), 0.0, 1.0)
+    a = xp.where(alpha > 0, (render - (1.0 - alpha)) / xp.maximum(alpha, 1e-12), 0.0)
+    return xp.concatenate([xp.clip(a, 0.0, 1.0), alpha], axis=-1)
+
+
+def layer_alpha(task: str, fg_render, composite, background):
+    """The alpha needed by ``recompose`` for `task` (None for the laws that need none)."""
+    if _check_task(task) in RECOMPOSE_NEEDS_ALPHA:
+        return estimate_alpha(fg_render, composite, background, ALONE_BACKDROP[task])
+    return None
+
+
+def foreground_rgba(task: str, fg_render, composite, background):
+    """The predicted foreground layer as straight RGBA [H, W, 4] (what decompose saves).
+
+    Emissive layers (cell, flare): alpha is the emission's brightest channel;
+    alpha-over layers (watermark, glassware, occlusion): alpha estimated from
+    the composite, background and rendering (``estimate_alpha``), so it follows
+    the overlay's edges at the resolution of those images; X-ray: the item's
+    transmittance (``transmittance_to_rgba``).
+    """
+    _check_task(task)
+    if task in EMISSIVE:
+        return emission_to_rgba(fg_render)
+    if task in RECOMPOSE_NEEDS_ALPHA:
+        return rgba_from_alone(task, fg_render, layer_alpha(task, fg_render, composite, background))
+    return transmittance_to_rgba(fg_render)
+
+
+def recompose_error(task: str, fg_render, composite, background) -> float:
+    """RMSE (0-1 scale) of the composite against the law re-applied to the predicted layers."""
+    rec = recompose(task, fg_render, background, layer_alpha(task, fg_render, composite, background))
+    return float(np.sqrt(np.mean((np.asarray(rec, np.float64) - np.asarray(composite, np.float64)) ** 2)))
