@@ -1,27 +1,35 @@
 """Decompose images into layers: `python -m dd_jax.decompose --input FILES_OR_DIR --output DIR`.
 
-For every input it writes `<stem>_background.png` and `<stem>_foreground.png`
-(RGBA for the tasks whose foreground is a layer with alpha: watermark,
-glassware, occlusion, and the emissive cell / flare layers; the X-ray item
-as its transmittance on white). With `--num-samples K > 1` the files are
-`<stem>_s<k>_background.png`, ...
+For every input it writes, at the input's own size,
+- `<stem>_background.png`: the scene without the overlay (RGB);
+- `<stem>_foreground.png`: the overlay as a straight-alpha RGBA layer. Over
+  the background it recomposes the input with the task's blend law: alpha-over
+  (watermark, glassware, occlusion: alpha estimated from the input, the
+  background and the model's rendering of the layer, so it follows the
+  overlay's edges), added light (cell, flare: alpha = brightest channel) or
+  X-ray transmittance (the layer over white is the item as scanned).
+With `--num-samples K > 1` the files are `<stem>_s<k>_background.png`, ...
+Existing input files are never written over.
 
 Without `--checkpoint`, the small model shipped with the package is used
-(dd_jax/assets/tiny, trained with configs/tiny.py at 64x64). The task (blend
-law) comes from `--task`, or from the file name when it starts with a task
-name (e.g. `watermark_01.png`).
+(dd_jax/assets/tiny, configs/tiny.py). The task (blend law) comes from
+`--task`, else from the file name when it starts with a task name (e.g.
+`watermark_01.png`), else it is chosen automatically and printed: every task
+is tried on a downscaled copy and the one whose layers change the image most
+while recomposing to it is kept (`dd_jax.inference.choose_task`).
+
+Size (`dd_jax.inference`): `--mode tile` decomposes the image at its native
+resolution in overlapping tiles of the model's working size, blended back
+seamlessly; `--mode resize` decomposes the whole image resized to the working
+size and adds the upsampled change to the full-size input. The default is the
+model's (`sample.tile` in its config). Either way tiles go through the model
+in fixed-shape batches (`--batch-size`, the last one padded), so a folder of
+mixed sizes compiles once. Unreadable inputs are reported and skipped.
 
 Runs of a real Flux (configs/flux.py, T5/CLIP conditioning) take each task's
 prompt (`dd_jax.data.text_cache.task_prompt`, or `--prompt`) from the run's
 text cache, else encode it with the converted T5/CLIP of `text.encoders` /
 `model.weights`.
-
-Inputs of any size are resized to the model's working size, decomposed in
-fixed-shape batches (the last one padded, so one compilation serves a whole
-folder) and brought back to their original size. For the background, the
-predicted change (background - composite) is upsampled and added to the
-full-resolution composite, so detail the working size cannot hold is kept.
-Unreadable inputs are reported and skipped.
 """
 
 from __future__ import annotations
@@ -33,16 +41,15 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from dd_jax import hostmem
+from dd_jax import hostmem, inference
 from dd_jax.data import blend
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-ALPHA_OVER = ("watermark", "glassware", "occlusion")
+MAX_SIDE = 16384  # refuse larger inputs rather than running out of memory half-way
 
 
 def list_inputs(paths: list[str]) -> list[str]:
@@ -58,6 +65,8 @@ def list_inputs(paths: list[str]) -> list[str]:
 def read_rgb(path: str) -> np.ndarray:
     """float32 [H, W, 3] in [0, 1]; any PIL mode (16-bit, palette, CMYK, RGBA over white)."""
     with Image.open(path) as im:
+        if max(im.size) > MAX_SIDE:
+            raise ValueError(f"{im.size[0]}x{im.size[1]} is larger than {MAX_SIDE} on a side")
         im.load()
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
             arr = np.asarray(im, np.float32)
@@ -69,47 +78,16 @@ def read_rgb(path: str) -> np.ndarray:
         return np.asarray(im.convert("RGB"), np.float32) / 255.0
 
 
-def resize(img: np.ndarray, h: int, w: int) -> np.ndarray:
-    if img.shape[:2] == (h, w):
-        return img
-    return np.asarray(jax.image.resize(jnp.asarray(img), (h, w, img.shape[2]), "linear", antialias=True))
-
-
-def task_for(path: str, task: str | None) -> str:
-    if task:
-        return task
+def task_from_name(path: str) -> str | None:
+    """The task a file name starts with (`watermark_01.png` -> watermark), else None."""
     stem = os.path.basename(path).lower()
-    for t in blend.TASKS:
-        if stem.startswith(t):
-            return t
-    raise ValueError(f"no task for {path}: pass --task (one of {', '.join(blend.TASKS)}) or name the file <task>_*.png")
-
-
-def estimate_alpha(fg_render: np.ndarray, composite: np.ndarray, background: np.ndarray, backdrop: float) -> np.ndarray:
-    """Alpha [H, W, 1] of an alpha-over layer from its rendering on `backdrop`, the composite and the background.
-
-    composite - background = alpha (A - B) and render - g = alpha (A - g) give
-    alpha (g - B) = composite - background - (render - g), solved by least
-    squares over the channels.
-    """
-    lhs = backdrop - background
-    rhs = composite - background - (fg_render - backdrop)
-    alpha = np.sum(lhs * rhs, -1, keepdims=True) / np.maximum(np.sum(lhs * lhs, -1, keepdims=True), 1e-3)
-    return np.clip(alpha, 0.0, 1.0)
-
-
-def foreground_image(task: str, fg: np.ndarray, composite: np.ndarray, background: np.ndarray) -> np.ndarray:
-    """What to save for the foreground layer: RGBA where the layer has alpha."""
-    if task in ("cell", "flare"):
-        return np.asarray(blend.emission_to_rgba(fg))
-    if task in ALPHA_OVER:
-        alpha = estimate_alpha(fg, composite, background, blend.ALONE_BACKDROP[task])
-        return np.asarray(blend.rgba_from_alone(task, fg, alpha))
-    return fg  # xray: the item's transmittance on white
+    return next((t for t in blend.TASKS if stem.startswith(t)), None)
 
 
 def save_png(path: str, img: np.ndarray) -> None:
-    Image.fromarray(np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)).save(path)
+    if img.dtype != np.uint8:
+        img = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+    Image.fromarray(img).save(path)
 
 
 def load_config_file(path: str):
@@ -124,66 +102,103 @@ def load_config_file(path: str):
     return module.get_config()
 
 
+class _Progress:
+    """One stderr line per image: tiles done / total, redrawn in place on a terminal."""
+
+    def __init__(self, t0: float):
+        self.t0, self.tty = t0, sys.stderr.isatty()
+
+    def __call__(self, tag, done: int, total: int) -> None:
+        if self.tty and done < total:
+            print(f"\r  {tag[1]}: {done}/{total} tiles ({time.time() - self.t0:.1f}s)", end="", file=sys.stderr,
+                  flush=True)
+
+    def finish(self, tag, total: int, note: str) -> None:
+        end = "\x1b[K" if self.tty else ""
+        print(f"\r  {tag[1]}: {total}/{total} tiles ({time.time() - self.t0:.1f}s){note}{end}", file=sys.stderr,
+              flush=True)
+
+
 def run(inputs: list[str], output: str, checkpoint: str | None = None, config_file: str | None = None,
         task: str | None = None, steps: int | None = None, seed: int = 0, num_samples: int = 1,
-        batch_size: int = 8, guidance: float | None = None, detail_transfer: bool = True,
-        prompt: str | None = None) -> dict:
-    from dd_jax import system as system_lib, train
+        batch_size: int = 16, guidance: float | None = None, detail_transfer: bool = True,
+        prompt: str | None = None, mode: str | None = None, overlap: int | None = None) -> dict:
+    from dd_jax import train
 
     if task is not None and task not in blend.TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(blend.TASKS)}")
+    if mode is not None and mode not in inference.MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(inference.MODES)}")
     config = load_config_file(config_file) if config_file else None
     system = train.load_trained(checkpoint or DEFAULT_MODEL, config)
+    head = inference.load_task_head(checkpoint or DEFAULT_MODEL)  # None: uncalibrated task choice
     cfg = system.config
     steps = steps or cfg.sample.steps
-    height, width = cfg.data.height, cfg.data.width
+    mode = mode or inference.default_mode(cfg)
+    tile = inference.working_size(system)
+    overlap = inference.default_overlap(tile) if overlap is None else overlap
+    if mode == "tile" and not 0 <= overlap < min(tile):
+        raise ValueError(f"--overlap must be in [0, {min(tile)}) for tiles of {tile[0]}x{tile[1]}")
+    files = list_inputs(inputs)
     os.makedirs(output, exist_ok=True)
+    protected = {os.path.realpath(f) for f in files}
+    has_fg = "x" in system.spec.targets
+    skipped, written, tasks_used = [], 0, {}
+    t0 = time.time()
+    progress = _Progress(t0)
+    key = jax.random.key(seed)
+    auto_key = jax.random.fold_in(key, 2**31 - 1)  # task choice: its own noise
+    print(f"decomposing {len(files)} file(s), mode {mode} ({tile[0]}x{tile[1]} "
+          f"{'tiles, overlap ' + str(overlap) if mode == 'tile' else 'working size'}), {steps} steps, "
+          f"{num_samples} sample(s) each", file=sys.stderr)
 
-    items, skipped = [], []
-    for path in list_inputs(inputs):
-        try:
-            t = task_for(path, task)
-            items.append((path, t, read_rgb(path)))
-        except Exception as e:  # unreadable file, unknown task: report and go on
-            skipped.append(path)
-            print(f"skipping {path}: {e}", file=sys.stderr)
-    if not items:
-        print("nothing to decompose", file=sys.stderr)
-        return {"written": 0, "skipped": skipped}
+    def items():
+        for n, path in enumerate(files):
+            try:
+                img = read_rgb(path)
+            except Exception as e:  # unreadable file: report and go on
+                skipped.append(path)
+                print(f"skipping {path}: {e}", file=sys.stderr)
+                continue
+            t, how = task, "--task"
+            if t is None:
+                t, how = task_from_name(path), "file name"
+            if t is None:
+                t, scores = inference.choose_task(system, img, steps=steps, key=jax.random.fold_in(auto_key, n),
+                                                  batch_size=batch_size, guidance=guidance, prompt=prompt,
+                                                  head=head)
+                how = "chosen automatically: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+            tasks_used[path] = t
+            name = os.path.basename(path)
+            h, w = img.shape[:2]
+            count = inference.tile_count(h, w, tile, overlap) if mode == "tile" else 1
+            print(f"  {name} ({w}x{h}): task {t} ({how}); {count} tile(s)", file=sys.stderr)
+            for k in range(num_samples):
+                yield (path, name, k, t), img, t
 
-    print(f"decomposing {len(items)} image(s) at {height}x{width}, {steps} steps, {num_samples} sample(s) each",
-          file=sys.stderr)
-    t0, written = time.time(), 0
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # fixed shape: one compilation
-        comp = np.stack([resize(img, height, width) for _, _, img in padded])
-        tasks = np.array([blend.TASK_INDEX[t] for _, t, _ in padded], np.int32)
-        extra = None
-        if system.model.conditioner is None:  # T5/CLIP conditioning: the prompts' embeddings, once per batch
-            txt, vec = system.prompt_conditioning(tasks, prompt)
-            extra = {"txt": txt, "vec": vec}
-        for k in range(num_samples):
-            key = jax.random.fold_in(jax.random.key(seed), start * num_samples + k)
-            layers = system_lib.decompose(system, jnp.asarray(comp * 2 - 1), jnp.asarray(tasks), key, steps, guidance,
-                                          extra)
-            layers = {n: (np.asarray(v, np.float32) + 1) / 2 for n, v in layers.items()}
-            for i, (path, t, img) in enumerate(chunk):
-                h, w = img.shape[:2]
-                stem = os.path.splitext(os.path.basename(path))[0] + (f"_s{k}" if num_samples > 1 else "")
-                bg = np.clip(layers["y"][i], 0, 1)
-                if detail_transfer:
-                    bg_full = np.clip(img + resize(bg - comp[i], h, w), 0, 1)
-                else:
-                    bg_full = resize(bg, h, w)
-                save_png(os.path.join(output, f"{stem}_background.png"), bg_full)
-                if "x" in layers:
-                    fg = resize(np.clip(layers["x"][i], 0, 1), h, w)
-                    save_png(os.path.join(output, f"{stem}_foreground.png"), foreground_image(t, fg, img, bg_full))
-                written += 1
-            hostmem.trim_if_grown()
-        print(f"  {min(start + batch_size, len(items))}/{len(items)} ({time.time() - t0:.1f}s)", file=sys.stderr)
-    return {"written": written, "skipped": skipped, "output": output}
+    stream = inference.decompose_stream(system, items(), steps=steps, key=key, mode=mode, batch_size=batch_size,
+                                        overlap=overlap, guidance=guidance, prompt=prompt,
+                                        detail_transfer=detail_transfer, progress=progress)
+    for tag, layers in stream:
+        path, name, k, t = tag
+        stem = os.path.splitext(name)[0] + (f"_s{k}" if num_samples > 1 else "")
+        outs = {"background": layers.background}
+        note = ""
+        if has_fg:
+            outs["foreground"] = blend.quantize_rgba(np.asarray(
+                blend.foreground_rgba(t, layers.foreground, layers.composite, layers.background)))
+            err = blend.recompose_error(t, layers.foreground, layers.composite, layers.background)
+            note = f", recomposition RMSE {err * 255:.2f}/255"
+        for layer, img in outs.items():
+            dest = os.path.join(output, f"{stem}_{layer}.png")
+            if os.path.realpath(dest) in protected:
+                print(f"not writing {dest}: it is an input", file=sys.stderr)
+                continue
+            save_png(dest, img)
+        progress.finish(tag, inference.tile_count(*layers.composite.shape[:2], tile, overlap)
+                        if mode == "tile" else 1, note)
+        written += 1
+    return {"written": written, "skipped": skipped, "output": output, "tasks": tasks_used}
 
 
 def main(argv=None) -> int:
@@ -193,20 +208,27 @@ def main(argv=None) -> int:
     ap.add_argument("--output", required=True)
     ap.add_argument("--checkpoint", default=None, help="trained model folder or training workdir (default: shipped tiny model)")
     ap.add_argument("--config", default=None, help="config file overriding the checkpoint's (e.g. another base path)")
-    ap.add_argument("--task", default=None, choices=blend.TASKS, help="blend law (default: from the file name)")
+    ap.add_argument("--task", default=None, choices=blend.TASKS,
+                    help="blend law (default: from the file name, else chosen automatically)")
+    ap.add_argument("--mode", default=None, choices=inference.MODES,
+                    help="tile: native resolution in overlapping tiles; resize: whole image at the working size "
+                         "(default: the model's config, sample.tile)")
+    ap.add_argument("--overlap", type=int, default=None,
+                    help="tile overlap in pixels (default: a quarter of the tile side, 16 for 64x64 tiles)")
     ap.add_argument("--steps", type=int, default=None, help="Euler steps (default: the config's sample.steps)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-samples", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=16, help="tiles per model call (fixed shape)")
     ap.add_argument("--guidance", type=float, default=None)
-    ap.add_argument("--no-detail-transfer", action="store_true", help="plain resize of the background")
+    ap.add_argument("--no-detail-transfer", action="store_true", help="--mode resize: plain resize of the background")
     ap.add_argument("--prompt", default=None, help="text prompt for T5/CLIP-conditioned models (default: the task's)")
     args = ap.parse_args(argv)
     if args.num_samples < 1 or args.batch_size < 1:
         ap.error("--num-samples and --batch-size must be >= 1")
     try:
         out = run(args.input, args.output, args.checkpoint, args.config, args.task, args.steps, args.seed,
-                  args.num_samples, args.batch_size, args.guidance, not args.no_detail_transfer, args.prompt)
+                  args.num_samples, args.batch_size, args.guidance, not args.no_detail_transfer, args.prompt,
+                  args.mode, args.overlap)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,12 +21,14 @@ background RMSE: composite | background model / truth | foreground model /
 truth). Without ``--lpips-weights`` / ``--fid-weights`` (converted with
 ``scripts/convert_metrics_weights.py``) those columns read "n/a (no weights)".
 
-Images are compared at the stored size of the data. When that differs from
-the model's working size, the model runs on the resized composite and its
-background is brought back as ``decompose`` does (the predicted change is
-upsampled and added to the full-size composite); ``--at-working-size``
-instead resizes the stored layers to the working size. Batches have a fixed
-shape (the last one padded), so one compilation serves every subtask.
+Images are compared at the stored size of the data, decomposed exactly as
+``decompose`` does (``dd_jax.inference``): in overlapping tiles of the
+model's working size (``--mode tile``) or resized to it with the change
+upsampled onto the full-size composite (``--mode resize``); the default is
+the model's (``sample.tile``). At the working size both are one tile per
+image. ``--at-working-size`` instead resizes the stored layers to the
+working size. Batches have a fixed shape (the last one padded), so one
+compilation serves every subtask.
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dd_jax import hostmem, metrics
+from dd_jax import hostmem, inference, metrics
 from dd_jax.data import blend, pipeline
-from dd_jax.decompose import DEFAULT_MODEL, load_config_file, resize
+from dd_jax.decompose import DEFAULT_MODEL, load_config_file
 
 NA = "n/a (no weights)"
 LOGO_LABELS = {"logo/high": "LOGO-H", "logo/mid": "LOGO-L", "logo/gray": "LOGO-Gray"}
@@ -200,11 +202,9 @@ class TaskResult:
 
 
 def evaluate_task(system, examples: Examples, result: TaskResult, nets: Networks, *, steps: int,
-                  seed: int, batch_size: int, num_samples: int, guidance, key_offset: int, progress=None) -> int:
+                  seed: int, batch_size: int, num_samples: int, guidance, key_offset: int, progress=None,
+                  mode: str | None = None, overlap: int | None = None) -> int:
     """Runs the model over `examples` and fills `result`; returns the number of batches run."""
-    from dd_jax import system as system_lib
-
-    height, width = system.config.data.height, system.config.data.width
     has_fg = "x" in system.spec.targets
     n_batches = 0
     for start in range(0, len(examples), batch_size):
@@ -214,9 +214,7 @@ def evaluate_task(system, examples: Examples, result: TaskResult, nets: Networks
         get = lambda k: np.stack([e[k] for e in padded])  # noqa: E731
         comp, bg, fg = get("composite"), get("background"), get("foreground")
         mask = (get("foreground_rgba")[..., 3:] > 0.5 / 255.0).astype(np.float32)
-        tasks = np.array([e["task"] for e in padded], np.int32)
-        same_size = comp.shape[1:3] == (height, width)
-        comp_in = comp if same_size else np.stack([resize(c, height, width) for c in comp])
+        tasks = [e["task"] for e in chunk]
         result.indices += [e["index"] for e in chunk]
 
         def record(layer, method, pred, truth):
@@ -236,18 +234,13 @@ def evaluate_task(system, examples: Examples, result: TaskResult, nets: Networks
                 result.features[name].append(nets.fid_features(imgs)[:n])
 
         per_sample = collections.defaultdict(list)
+        pad = lambda a: np.concatenate([a, np.repeat(a[-1:], batch_size - n, 0)])  # noqa: E731
         for k in range(num_samples):
             key = jax.random.fold_in(jax.random.key(seed), (key_offset + n_batches) * num_samples + k)
-            layers = system_lib.decompose(system, jnp.asarray(comp_in * 2 - 1), jnp.asarray(tasks), key, steps,
-                                          guidance)
-            layers = {name: np.clip((np.asarray(v, np.float32) + 1) / 2, 0, 1) for name, v in layers.items()}
-            hostmem.trim_if_grown()
-            y = layers["y"]
-            if not same_size:  # detail transfer, as dd_jax.decompose
-                y = np.clip(comp + np.stack([resize(d, *comp.shape[1:3]) for d in y - comp_in]), 0, 1)
-            x = None
-            if has_fg:
-                x = layers["x"] if same_size else np.stack([resize(d, *comp.shape[1:3]) for d in layers["x"]])
+            outs = inference.decompose_images(system, list(comp[:n]), tasks, steps=steps, key=key, mode=mode,
+                                              batch_size=batch_size, overlap=overlap, guidance=guidance)
+            y = pad(np.stack([o.background for o in outs]))
+            x = pad(np.stack([o.foreground for o in outs])) if has_fg else None
             for kk, v in record("background", "model", y, bg):
                 per_sample[kk].append(v)
             if x is not None:
@@ -317,7 +310,8 @@ def run(data_dir: str, output: str, checkpoint: str | None = None, *, tasks="all
         config_file: str | None = None, steps: int | None = None, seed: int = 0, num_samples: int = 1,
         batch_size: int = 8, limit: int | None = None, guidance: float | None = None,
         lpips_weights: str | None = None, fid_weights: str | None = None, at_working_size: bool = False,
-        nets: Networks | None = None, command: str | None = None,
+        nets: Networks | None = None, command: str | None = None, mode: str | None = None,
+        overlap: int | None = None,
         log=lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
     """Evaluates a trained model (export folder or training workdir); writes and returns the report.
 
@@ -332,12 +326,16 @@ def run(data_dir: str, output: str, checkpoint: str | None = None, *, tasks="all
     cfg = system.config
     steps = steps or cfg.sample.steps
     working = (int(cfg.data.height), int(cfg.data.width))
+    mode = mode or inference.default_mode(cfg)
+    overlap = inference.default_overlap(working) if overlap is None else overlap
+    if mode not in inference.MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(inference.MODES)}")
     nets = nets or Networks(lpips_weights, fid_weights)
     names = resolve_tasks(data_dir, tasks)
     if not names:
         raise ValueError(f"no datasets found under {data_dir!r}")
     log(f"evaluating {checkpoint} on {', '.join(names)} ({split}), working size {working[0]}x{working[1]}, "
-        f"{steps} steps, {num_samples} sample(s), batch {batch_size}")
+        f"mode {mode}, {steps} steps, {num_samples} sample(s), batch {batch_size}")
     t0, results, batches = time.time(), {}, 0
     has_fg = "x" in system.spec.targets
     cases = {}
@@ -350,7 +348,8 @@ def run(data_dir: str, output: str, checkpoint: str | None = None, *, tasks="all
         res = TaskResult(dataset, size)
         prog = lambda i, n, d=dataset: log(f"  {d}: {i}/{n} ({time.time() - t0:.1f}s)")  # noqa: E731
         batches += evaluate_task(system, examples, res, nets, steps=steps, seed=seed, batch_size=batch_size,
-                                 num_samples=num_samples, guidance=guidance, key_offset=batches, progress=prog)
+                                 num_samples=num_samples, guidance=guidance, key_offset=batches, progress=prog,
+                                 mode=mode, overlap=overlap)
         results[label(dataset)] = summarize(res, nets, has_fg)
         results[label(dataset)]["build"] = examples.metadata
         cases[label(dataset)] = res.cases
@@ -359,6 +358,7 @@ def run(data_dir: str, output: str, checkpoint: str | None = None, *, tasks="all
         "split": split,
         "steps": steps, "seed": seed, "num_samples": num_samples, "batch_size": batch_size, "limit": limit,
         "guidance": guidance, "working_size": list(working), "at_working_size": at_working_size,
+        "mode": mode, "overlap": overlap if mode == "tile" else None,
         "targets": list(system.spec.targets), "lpec": bool(cfg.icd.lpec),
         "lpips_weights": nets.lpips_path, "fid_weights": nets.fid_path, "psnr_cap_db": PSNR_CAP,
         "seconds": round(time.time() - t0, 1), "tasks": results, "summary": overall(results),
@@ -388,6 +388,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fid-weights", default=None, help="converted FID InceptionV3 file (.safetensors)")
     ap.add_argument("--at-working-size", action="store_true",
                     help="compare at the model's working size instead of the stored size")
+    ap.add_argument("--mode", default=None, choices=inference.MODES,
+                    help="tile or resize (see dd_jax.inference; default: the model's config, sample.tile)")
+    ap.add_argument("--overlap", type=int, default=None, help="tile overlap in pixels (default: a quarter of a tile)")
     args = ap.parse_args(argv)
     if args.num_samples < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         ap.error("--num-samples, --batch-size and --limit must be >= 1")
@@ -396,7 +399,7 @@ def main(argv=None) -> int:
                      config_file=args.config, steps=args.steps, seed=args.seed, num_samples=args.num_samples,
                      batch_size=args.batch_size, limit=args.limit, guidance=args.guidance,
                      lpips_weights=args.lpips_weights, fid_weights=args.fid_weights,
-                     at_working_size=args.at_working_size,
+                     at_working_size=args.at_working_size, mode=args.mode, overlap=args.overlap,
                      command=" ".join(["python -m dd_jax.evaluate"] + list(sys.argv[1:] if argv is None else argv)))
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
