@@ -23,10 +23,11 @@ CAPTION = re.compile(r"^Three sub-images\. <image-1>: .+, <image-2>: .+, "
                      r"<image-3>: The overlapped of <image-1> and <image-2>\.$")
 
 
-def run_build(*argv) -> str:
+def run_build(*argv, rc: int = 0) -> str:
+    """Runs the CLI; `rc`: the exit status expected (1: built, some user files skipped)."""
     out = io.StringIO()
     with redirect_stdout(out):
-        assert build.main([str(a) for a in argv]) == 0
+        assert build.main([str(a) for a in argv]) == rc
     return out.getvalue()
 
 
@@ -93,7 +94,7 @@ def test_bad_user_folders_are_counted_not_fatal(tmp_path):
     (fg / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     Image.fromarray(rgba[:4, :4]).save(fg / "tiny.png")
     text = run_build("--task", "watermark", "--out", tmp_path / "out", "--train", 12, "--test", 0,
-                     "--size", 32, "--backgrounds", bg, "--foregrounds", fg)
+                     "--size", 32, "--backgrounds", bg, "--foregrounds", fg, rc=1)
     assert "skipped" in text and "corrupt" in text
     b = tfds.builder_from_directory(str(tmp_path / "out" / "alphablend" / "watermark" / "1.0.0"))
     s = b.info.metadata["summary"]
@@ -164,7 +165,8 @@ def make_logo_tree(root, n_train=3, n_val=2, opacity=0.6, size=64):
 
 def test_logo_builder(tmp_path):
     root, _ = make_logo_tree(tmp_path / "LOGO")
-    text = run_build("--task", "logo", "--logo-config", "high", "--manual-dir", root, "--out", tmp_path / "out")
+    text = run_build("--task", "logo", "--logo-config", "high", "--manual-dir", root, "--out", tmp_path / "out",
+                     rc=1)  # one entry skipped
     assert "missing_or_unreadable" in text
     path, name = pipeline.find_dataset_dir(str(tmp_path / "out"), "logo")
     assert name == "logo/high"

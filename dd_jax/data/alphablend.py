@@ -8,8 +8,12 @@ Features (all images PNG, any size; the build size is in the metadata):
   task       class label      index into ``blend.TASKS``
 
 Written as array_record files with TFDS's own writer (no TensorFlow). TFDS
-generates into an ``incomplete.*`` directory and renames it when done, so a
-killed build leaves nothing that reads as a dataset. Read back with
+generates into an ``incomplete.*`` directory, writes ``dataset_info.json``
+into it last and renames it when done, so a killed build leaves nothing that
+reads as a dataset (the next build of the task removes or ignores the
+leftover). The build parameters (size, counts, seed, style, user folders)
+are stored in the metadata (``metadata.json``): ``build`` refuses to reuse a
+dataset built with other ones (``parameter_diff``). Read back with
 ``tfds.builder_from_directory(DIR/alphablend/<task>/1.0.0)`` or
 ``tfds.data_source('alphablend/<task>', data_dir=DIR)``.
 """
@@ -17,6 +21,7 @@ killed build leaves nothing that reads as a dataset. Read back with
 from __future__ import annotations
 
 import io
+import json
 import logging
 import multiprocessing
 import os
@@ -103,15 +108,27 @@ class Alphablend(_Builder):
     def __init__(self, *, height: int = 512, width: int = 512, num_train: int = 8, num_test: int = 2,
                  backgrounds: str | None = None, foregrounds: str | None = None, seed: int = 0,
                  workers: int = 0, min_side: int | None = None, style: str = "classic", **kwargs):
-        self.synth_kwargs = dict(height=int(height), width=int(width), backgrounds=backgrounds,
-                                 foregrounds=foregrounds, seed=int(seed), min_side=min_side, style=style)
+        self.synth_kwargs = dict(height=int(height), width=int(width), backgrounds=_abs(backgrounds),
+                                 foregrounds=_abs(foregrounds), seed=int(seed), min_side=min_side, style=style)
         self.num_examples = {"train": int(num_train), "test": int(num_test)}
         self.workers = int(workers)
         self.summary: dict = {}
+        self._synth = None
         super().__init__(**kwargs)
 
+    def parameters(self) -> dict:
+        """What the data depends on, as stored in the metadata (``workers`` does not change it)."""
+        return dict(self.synth_kwargs, num_examples=dict(self.num_examples))
+
+    def prepare_sources(self) -> None:
+        """Scans the user folders (raises ``backgrounds.SourceError`` when one has no usable image); done
+        before TFDS touches the output, so a bad folder costs nothing."""
+        if self._synth is None:
+            self._synth = synth.Synthesizer(**self.synth_kwargs, task=self.builder_config.task)
+            self.reports = self._synth.reports()
+
     def _info(self) -> tfds.core.DatasetInfo:
-        meta = tfds.core.MetadataDict(**self.synth_kwargs)
+        meta = tfds.core.MetadataDict(**self.parameters())
         meta["summary"] = self.summary
         return tfds.core.DatasetInfo(
             builder=self,
@@ -124,8 +141,7 @@ class Alphablend(_Builder):
     def _split_generators(self, dl_manager):
         del dl_manager
         kwargs = dict(self.synth_kwargs, task=self.builder_config.task)
-        self._synth = synth.Synthesizer(**kwargs)  # scans user folders once, up front
-        self.reports = self._synth.reports()
+        self.prepare_sources()  # scans user folders once, up front
         self.summary.update({"task": self.builder_config.task, "failed_samples": 0, "examples": {}})
         return {split: self._generate_examples(split, n, kwargs)
                 for split, n in self.num_examples.items() if n > 0}
@@ -139,18 +155,21 @@ class Alphablend(_Builder):
             results = pool.imap(_make, jobs, chunksize=2)
         else:
             results = (_safe_sample(self._synth, s, i) for s, i in jobs)
-        written = 0
+        written, first_failure = 0, None
         try:
             for index, example, events in results:
                 self._record(events)
                 if example is None:
                     self.summary["failed_samples"] += 1
+                    first_failure = first_failure or next((e[2] for e in events if e[1] == "failed_sample"), "")
                     continue
                 written += 1
                 yield index, example
         finally:
             if pool is not None:
                 pool.terminate()
+        if written == 0:  # TFDS would stop on an AssertionError that hides why
+            raise BuildError(f"no {split} example could be made: all {n} samples failed (first: {first_failure})")
         self.summary["examples"][split] = written
         self.info.metadata["summary"] = self.finish_summary()
 
@@ -171,6 +190,52 @@ class Alphablend(_Builder):
         for name, report in self.reports.items():
             out[name] = report.counts()
         return out
+
+
+class BuildError(RuntimeError):
+    """A build that cannot make its examples; the text says why."""
+
+
+def _abs(path: str | None) -> str | None:
+    return os.path.abspath(os.fspath(path)) if path else None
+
+
+_LABELS = {"height": "height", "width": "width", "seed": "seed", "style": "style", "min_side": "min side",
+           "backgrounds": "backgrounds", "foregrounds": "foregrounds"}
+
+
+def stored_parameters(version_dir: str) -> dict | None:
+    """The parameters a built dataset stored (see ``Alphablend.parameters``), read from its metadata.json
+    without TFDS; None when there is none. Datasets from before ``num_examples`` was stored give the
+    example counts their summary records."""
+    try:
+        with open(os.path.join(version_dir, "metadata.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    if "num_examples" not in meta:
+        examples = (meta.get("summary") or {}).get("examples") or {}
+        meta["num_examples"] = {"train": examples.get("train", 0), "test": examples.get("test", 0)}
+    return meta
+
+
+def parameter_diff(stored: dict, requested: dict) -> list[str]:
+    """One line per parameter that differs: ``"seed: 0 -> 7"``."""
+    lines = []
+    for key, label in _LABELS.items():
+        a, b = stored.get(key), requested.get(key)
+        if key in ("backgrounds", "foregrounds"):
+            a = _abs(a)
+        if a != b:
+            lines.append(f"{label}: {a} -> {b}")
+    for split in ("train", "test"):
+        a = int((stored.get("num_examples") or {}).get(split, 0))
+        b = int(requested["num_examples"][split])
+        if a != b:
+            lines.append(f"{split} examples: {a} -> {b}")
+    return lines
 
 
 def summary_lines(summary: dict) -> list[str]:

@@ -16,6 +16,7 @@ collects (kind, reason, path) tuples about odd files for the build summary.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Callable
 
 import numpy as np
@@ -138,6 +139,17 @@ class ProceduralBackgrounds:
         return self.fn(rng, h, w)
 
 
+class SourceError(ValueError):
+    """A user folder that cannot give a single sample; the text names the folder and what was wrong."""
+
+
+_REASONS = {"corrupt": "corrupt or unreadable", "tiny": "tiny (shorter side under {min_side} px)",
+            "no_alpha": "no_alpha (no alpha channel; this task's layers need one)",
+            "empty_alpha": "empty_alpha (fully transparent)", "float_range": "float_range (float values outside "
+            "[0, 1])", "int_range": "int_range (integer values outside their bit depth)",
+            "unreadable": "unreadable (permission denied)", "missing": "missing"}
+
+
 class _Folder:
     """Shared logic: a header-scanned file list and a retrying random pick."""
 
@@ -145,10 +157,33 @@ class _Folder:
 
     def __init__(self, folder: str, min_side: int):
         self.report = images.FolderReport()
-        self.paths = images.scan(folder, min_side, self.report)
         self.min_side = min_side
-        if not self.paths:
-            raise ValueError(f"no usable images in {folder!r}: {self.report.counts()}")
+        if not os.path.isdir(folder):
+            raise SourceError(f"{folder}: not a folder")
+        self.paths = images.scan(folder, min_side, self.report)
+        self._check(folder)
+
+    def _check(self, folder: str) -> None:
+        """Raises SourceError unless one file really decodes as a usable image (a header scan passes
+        truncated files, and foregrounds without alpha), naming what was wrong with the others."""
+        if not self.report.files:
+            raise SourceError(f"{folder}: no image files ({', '.join(sorted(images.IMAGE_EXTS))}, searched "
+                              "recursively); point it at a folder of images")
+        rejected = {reason: len(paths) for reason, paths in self.report.skipped.items()}
+        for path in self.paths:
+            events: list = []
+            if self.load(path, events) is not None:
+                return
+            for kind, reason, _ in events:
+                if kind == "skipped":
+                    rejected[reason] = rejected.get(reason, 0) + 1
+        what = ", ".join(f"{n} {_REASONS.get(r, r).format(min_side=self.min_side)}"
+                         for r, n in sorted(rejected.items()))
+        raise SourceError(f"{folder}: no usable image among {self.report.files} image file(s): {what}; "
+                          "add usable images or choose another folder")
+
+    def load(self, path: str, events: list):
+        raise NotImplementedError
 
     def _pick(self, rng, events, load):
         # The draws depend only on rng and the files, so a sample is the same
@@ -165,12 +200,14 @@ class FolderBackgrounds(_Folder):
     """The user's photos; ``<stem>.txt`` beside an image is its description."""
 
     def __init__(self, folder: str, min_side: int, native: tuple[float, float] | None = None):
-        super().__init__(folder, min_side)
         self.native = native
+        super().__init__(folder, min_side)
+
+    def load(self, path, events, draft_hw=None):
+        return images.load_rgb(path, events, self.min_side, draft_hw=draft_hw)
 
     def sample(self, rng, h, w, events):
-        path, a = self._pick(rng, events, lambda p, ev: images.load_rgb(
-            p, ev, self.min_side, draft_hw=None if self.native else (h, w)))
+        path, a = self._pick(rng, events, lambda p, ev: self.load(p, ev, None if self.native else (h, w)))
         desc = images.sidecar_caption(path) or "a natural photograph"
         return random_view(a, rng, h, w, native=self.native), desc
 
@@ -192,12 +229,14 @@ class FolderForegrounds(_Folder):
     """
 
     def __init__(self, folder: str, task: str, min_side: int = 16):
-        super().__init__(folder, min_side)
         self.task = task
+        super().__init__(folder, min_side)
+
+    def load(self, path, events):
+        return images.load_rgba(path, events, self.min_side, emission=self.task in ("flare", "cell"))
 
     def sample(self, rng, h, w, events):
-        emission = self.task in ("flare", "cell")
-        path, a = self._pick(rng, events, lambda p, ev: images.load_rgba(p, ev, self.min_side, emission))
+        path, a = self._pick(rng, events, self.load)
         desc = images.sidecar_caption(path) or _FG_DEFAULT_DESC[self.task]
         if self.task in _FULL_FRAME:
             return random_view(a, rng, h, w, jitter=False, min_scale=0.6), desc

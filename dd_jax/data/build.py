@@ -10,6 +10,17 @@ as array_record files; read it with ``tfds.builder_from_directory`` or
 ``tfds.data_source``. TensorFlow is not needed. Progress bars come from TFDS;
 a summary (examples written, odd user files converted / skipped) is printed
 at the end and stored in the dataset's metadata.
+
+A dataset that already exists is reused when it was built with the same
+parameters (size, counts, seed, style, min side, user folders; stored in its
+metadata) and refused, with the differences listed, when not: ``--overwrite``
+deletes it and builds it again. A killed build leaves nothing that reads as
+a dataset. User folders are checked before anything is written: one without
+a usable image is refused with what was wrong with its files.
+
+Exit status: 0 built (or reused), 1 built but some user files were skipped
+or some samples failed (see the summary), 2 usage or input error (one line
+naming the path and what to do).
 """
 
 from __future__ import annotations
@@ -43,8 +54,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="skip background photos with a shorter side (default: half the output's)")
     p.add_argument("--logo-config", default="high", choices=["high", "mid", "gray"])
     p.add_argument("--manual-dir", default=None, help="LOGO root (holding 10khigh/ ...)")
-    p.add_argument("--overwrite", action="store_true", help="rebuild an existing dataset")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete an existing dataset of this task (OUT/alphablend/<task>/<version>) and build it "
+                        "again; without it, a dataset built with other parameters is refused")
     args = p.parse_args(argv)
+    for flag in ("train", "test", "workers", "size", "height", "width", "min_side"):
+        value = getattr(args, flag)
+        if value is not None and value < 0:
+            p.error(f"--{flag.replace('_', '-')} must not be negative (got {value})")
+    if args.task != "logo" and args.train == 0 and args.test == 0:
+        p.error("--train and --test are both 0: nothing to build")
+    for flag in ("backgrounds", "foregrounds", "manual_dir"):
+        path = getattr(args, flag)
+        if path is not None and not os.path.isdir(path):
+            p.error(f"--{flag.replace('_', '-')} {path}: not a folder")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out}: not a folder")
     if args.size is not None and (args.height or args.width):
         p.error("give --size or --height/--width, not both")
     args.height = args.height or args.size or 512
@@ -56,11 +81,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+class InputError(ValueError):
+    """A build refused before anything was written; the text says why and what to do."""
+
+
+def check_existing(builder, args: argparse.Namespace) -> bool:
+    """Whether a complete dataset with the requested parameters is already there (True: reuse it).
+
+    Raises InputError for a folder in the dataset's place that TFDS did not write, and (without
+    --overwrite) for a dataset built with other parameters, listing each difference."""
+    from dd_jax.data import alphablend  # pylint: disable=g-import-not-at-top
+
+    path = os.fspath(builder.data_path)
+    if not os.path.lexists(path):
+        return False
+    if not os.path.isfile(os.path.join(path, "dataset_info.json")):
+        raise InputError(f"{path} exists but is not a dataset (no dataset_info.json); move it away or choose "
+                         "another --out")
+    if args.overwrite:
+        return False
+    if args.task == "logo":
+        return True
+    stored = alphablend.stored_parameters(path)
+    diff = ["metadata.json missing or unreadable"] if stored is None else \
+        alphablend.parameter_diff(stored, builder.parameters())
+    if diff:
+        raise InputError("\n".join([f"{path} was built with other parameters (stored -> requested):"]
+                                    + [f"  {d}" for d in diff]
+                                    + ["pass --overwrite to delete it and build again, or choose another --out"]))
+    return True
+
+
 def build(args: argparse.Namespace):
-    """Builds and returns the (prepared) TFDS builder."""
+    """Builds and returns the (prepared) TFDS builder. Raises InputError (nothing written) for refusals."""
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-    from dd_jax.data import alphablend, logo  # pylint: disable=g-import-not-at-top
+    from dd_jax.data import alphablend, backgrounds, logo  # pylint: disable=g-import-not-at-top
 
     if args.task == "logo":
         builder = logo.Logo(config=args.logo_config, data_dir=args.out, file_format="array_record")
@@ -70,20 +126,45 @@ def build(args: argparse.Namespace):
             height=args.height, width=args.width, num_train=args.train, num_test=args.test,
             backgrounds=args.backgrounds, foregrounds=args.foregrounds, seed=args.seed,
             workers=args.workers, min_side=args.min_side, style=args.style)
+    if check_existing(builder, args):
+        print(f"{builder.data_path} is already built with these parameters: reusing it "
+              "(--overwrite builds it again)")
+        builder.reused = True
+        return builder
+    if args.task != "logo":
+        try:
+            builder.prepare_sources()  # a user folder without a usable image: refused before TFDS writes
+        except backgrounds.SourceError as e:
+            raise InputError(str(e)) from e
     mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if args.overwrite
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
     cfg = tfds.download.DownloadConfig(manual_dir=args.manual_dir, download_mode=mode,
                                        try_download_gcs=False)
-    builder.download_and_prepare(download_config=cfg)
+    try:
+        builder.download_and_prepare(download_config=cfg)
+    except alphablend.BuildError as e:
+        raise InputError(str(e)) from e
     return builder
+
+
+def skipped_anything(summary: dict) -> bool:
+    """Whether the build skipped user files or failed samples (exit status 1)."""
+    if summary.get("failed_samples") or any(summary.get("skipped", {}).values()):
+        return True
+    return any(any((summary.get(name) or {}).get("skipped", {}).values()) for name in ("backgrounds", "foregrounds"))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.time()
-    builder = build(args)
+    try:
+        builder = build(args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     summary = dict(builder.info.metadata.get("summary", {}))
-    print(f"\nwrote {builder.data_dir} in {time.time() - t0:.1f}s")
+    if not getattr(builder, "reused", False):
+        print(f"\nwrote {builder.data_dir} in {time.time() - t0:.1f}s")
     if args.task == "logo":
         print(json.dumps(summary, indent=1))
     else:
@@ -91,7 +172,7 @@ def main(argv=None) -> int:
 
         print("\n".join(alphablend.summary_lines(summary)))
     sys.stdout.flush()
-    return 0
+    return 1 if skipped_anything(summary) else 0
 
 
 if __name__ == "__main__":
