@@ -90,7 +90,7 @@ def check_existing(builder, args: argparse.Namespace) -> bool:
 
     Raises InputError for a folder in the dataset's place that TFDS did not write, and (without
     --overwrite) for a dataset built with other parameters, listing each difference."""
-    from dd_jax.data import alphablend  # pylint: disable=g-import-not-at-top
+    from dd_jax.data import alphablend, pipeline  # pylint: disable=g-import-not-at-top
 
     path = os.fspath(builder.data_path)
     if not os.path.lexists(path):
@@ -100,6 +100,10 @@ def check_existing(builder, args: argparse.Namespace) -> bool:
                          "another --out")
     if args.overwrite:
         return False
+    try:
+        pipeline.check_features(path)  # what a reader would refuse is not reused
+    except ValueError as e:
+        raise InputError(f"{e} (or pass --overwrite)") from e
     if args.task == "logo":
         return True
     stored = alphablend.stored_parameters(path)

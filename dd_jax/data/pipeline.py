@@ -38,6 +38,7 @@ triple is exactly the stored one.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Sequence
 
@@ -49,6 +50,40 @@ from dd_jax.data import blend
 
 
 # ----------------------------------------------------------------- sources
+# TFDS imports the module named by every "pythonClassName" in a dataset's features.json when it opens the
+# dataset, so a crafted data dir could run code. Only the feature classes our builders write are accepted.
+ALLOWED_FEATURES = frozenset(f"tensorflow_datasets.core.features.{c}" for c in (
+    "features_dict.FeaturesDict", "image_feature.Image", "text_feature.Text", "class_label_feature.ClassLabel"))
+
+
+def check_features(version_dir: str) -> None:
+    """Raises ValueError (naming the file) unless ``features.json`` names only ``ALLOWED_FEATURES``.
+
+    Run before TFDS reads the dataset: TFDS would import any module named there."""
+    path = os.path.join(version_dir, "features.json")
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable ({e}); rebuild the dataset with python -m dd_jax.data.build") from e
+    names, stack = set(), [spec]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "pythonClassName":
+                    names.add(value if isinstance(value, str) else repr(value))
+                else:
+                    stack.append(value)
+        elif isinstance(node, list):
+            stack.extend(node)
+    other = sorted(names - ALLOWED_FEATURES)
+    if other or not names:
+        raise ValueError(f"{path} names feature classes our builders never write ({', '.join(other) or 'none'}); "
+                         "TFDS would import them, running their code: refused. Rebuild the dataset with "
+                         "python -m dd_jax.data.build")
+
+
 def _versions(path: str) -> list[str]:
     if not os.path.isdir(path):
         return []
@@ -61,8 +96,15 @@ def find_dataset_dir(data_dir: str, task: str) -> tuple[str, str]:
     """(version directory, dataset name) of ``task`` under a build ``--out`` dir.
 
     ``task`` is a subtask name, ``logo`` (any LOGO config) or ``logo/<config>``;
-    ``data_dir`` may also be a version directory itself.
+    ``data_dir`` may also be a version directory itself. The directory's
+    ``features.json`` is checked (``check_features``) before TFDS can read it.
     """
+    found = _find_dataset_dir(data_dir, task)
+    check_features(found[0])
+    return found
+
+
+def _find_dataset_dir(data_dir: str, task: str) -> tuple[str, str]:
     if os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
         parts = os.path.normpath(data_dir).split(os.sep)
         return data_dir, "/".join(parts[-3:-1])
