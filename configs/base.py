@@ -83,6 +83,9 @@ def get_config() -> ml_collections.ConfigDict:
     t.checkpoint_every = 1000
     t.keep_checkpoints = 3
     t.preview_every = 1000
+    t.sync_every = 10  # steps between the processes' agreement on stopping (a signal, stop_after): one host sync
+    t.gpu_memory_fraction = 0.0  # JAX's GPU memory pool (XLA_PYTHON_CLIENT_MEM_FRACTION, set by dd_jax.train before
+    #                              JAX starts unless the environment sets it); 0 = JAX's default, 0.75
 
     # Device mesh (dd_jax.sharding.make_mesh): sizes of the data / fsdp / tensor axes over all devices of all
     # processes, -1 = the rest. Default: everything on fsdp -- the batch is split over every device as in plain

@@ -92,6 +92,13 @@ def _any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
+def agrees_on_stop_at(step: int, sync_every: int, process_count: int | None = None) -> bool:
+    """Whether the processes exchange their stop flags after `step`: every step on one process (no collective),
+    else only at multiples of `sync_every`, the same steps on every process (so they stop at the same step)."""
+    n = jax.process_count() if process_count is None else process_count
+    return n == 1 or step % max(1, sync_every) == 0
+
+
 class _Stop:
     """Turns SIGTERM/SIGINT into a flag the loop checks after each step."""
 
@@ -126,10 +133,14 @@ class Checkpoints:
     def latest(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_state: dict) -> None:
+    def save(self, step: int, state, data_state: dict, wait: bool = True) -> None:
+        """Saves; `wait=False` returns once the arrays are copied to the host (orbax's blocking part: with no
+        device-to-host byte limit every array is transferred before `save` returns, so the next step may
+        donate them) and writes the files in the background (the next save or `close` waits for it)."""
         self.manager.save(step, args=self.ocp.args.Composite(state=self.ocp.args.StandardSave(state),
                                                              data=self.ocp.args.JsonSave(data_state)))
-        self.manager.wait_until_finished()
+        if wait:
+            self.manager.wait_until_finished()
 
     def restore(self, step: int, abstract_state):
         target = jax.tree.map(self.ocp.utils.to_shape_dtype_struct, abstract_state)
@@ -431,10 +442,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         summary["last_loss"] = mean_loss
         return True
 
-    def save(step: int):
+    def save(step: int, wait: bool):
         flush(step)  # raises before saving if a loss went bad
-        ckpts.save(step, train_state(), data_it.get_state())
+        ckpts.save(step, train_state(), data_it.get_state(), wait=wait)
 
+    # Stopping: stop_after is the same on every process, a signal reaches processes at different steps. With
+    # several processes they agree on a signal (one allgather) only every `sync_every` steps, at multiples of it:
+    # every process then checks at the same steps and stops at the same one.
+    sync_every = max(1, int(t.get("sync_every", 10) or 1))
     step = start
     try:
         with _Stop() as stop:
@@ -444,25 +459,27 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
                     loss, gnorm = step_fn(system.model, optimizer, batch, jax.random.fold_in(base_key, step))
                 step += 1
                 pending.append((step, loss, gnorm))
-                if hostmem.applied() and len(pending) > 1:  # the step before is done: its memory is all back
+                if len(pending) > 1:  # at most one step in flight: the step before is done, its memory back
                     pending[-2][1].block_until_ready()
                     hostmem.trim_if_grown()
                 if step % t.log_every == 0:
                     flush(step)
-                if step % t.checkpoint_every == 0 or step == t.steps:
-                    save(step)
+                ending = step == t.steps or (stop_after is not None and step >= stop_after)
+                if agrees_on_stop_at(step, sync_every):
+                    ending = _any_process(ending or bool(stop.signal))
+                if step % t.checkpoint_every == 0 or ending:
+                    save(step, wait=ending)  # asynchronous unless the run ends here
                 if t.preview_every and step % t.preview_every == 0:  # every process: the sampler is sharded
                     with jax.set_mesh(mesh):
                         _preview(system, preview_batch, jax.random.key(0), config.sample.steps,
                                  os.path.join(workdir, "previews", f"step_{step}.png"), writer, step)
-                if _any_process(bool(stop.signal) or (stop_after is not None and step >= stop_after)):
-                    if ckpts.latest() != step:
-                        save(step)
+                if ending and step < t.steps:
                     why = stop.signal or ("stop_after" if stop_after is not None and step >= stop_after
                                           else "another process's signal")
                     print(f"{why}: saved a checkpoint at step {step}; rerun the same command to resume",
                           file=sys.stderr)
                     summary["interrupted"] = why
+                if ending:
                     break
     finally:
         ckpts.close()
@@ -474,6 +491,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     return summary
 
 
+def set_gpu_memory_fraction(config) -> str | None:
+    """Exports `train.gpu_memory_fraction` as XLA_PYTHON_CLIENT_MEM_FRACTION (JAX's GPU memory pool; its default
+    is 0.75) unless the environment sets it; JAX reads it when it starts its GPU client, so call this first."""
+    frac = float(config.train.get("gpu_memory_fraction", 0.0) or 0.0)
+    if frac and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ:
+        if not 0.0 < frac <= 1.0:
+            raise ValueError(f"train.gpu_memory_fraction={frac}: a fraction of GPU memory in (0, 1]")
+        os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{frac:g}"
+    return os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
+
+
 def main(argv):
     from absl import flags
 
@@ -481,6 +509,7 @@ def main(argv):
 
     del argv
     FLAGS = flags.FLAGS
+    set_gpu_memory_fraction(FLAGS.config)  # before JAX starts a GPU client
     sharding.maybe_initialize_distributed(FLAGS.config.get("distributed"))  # before any other JAX call
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     try:

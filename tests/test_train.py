@@ -169,3 +169,26 @@ def test_text_source_cache_or_online_encoders():
     assert train.text_source(c) == (None, "/models/encoders")
     c.text.kind = "task"  # learned task conditioning: no text at all
     assert train.text_source(c) == (None, None)
+
+
+def test_processes_agree_on_stopping_at_the_same_steps():
+    """With several processes the stop flags are exchanged only at multiples of train.sync_every (the same steps
+    on every process, so they stop together); a single process checks its signal flag after every step."""
+    steps = range(1, 31)
+    assert [s for s in steps if train.agrees_on_stop_at(s, 10, process_count=4)] == [10, 20, 30]
+    assert all(train.agrees_on_stop_at(s, 10, process_count=1) for s in steps)
+    assert all(train.agrees_on_stop_at(s, 1, process_count=4) for s in steps)
+    # a signal that reaches one process after step 13 and another after step 17: both stop at step 20
+    first_stop = {p: next(s for s in steps if s >= got and train.agrees_on_stop_at(s, 10, process_count=2))
+                  for p, got in ((0, 13), (1, 17))}
+    assert first_stop == {0: 20, 1: 20}
+
+
+def test_gpu_memory_fraction_is_exported_unless_the_environment_sets_it(monkeypatch):
+    from configs import gpu_h100
+
+    c = gpu_h100.get_config()
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    assert train.set_gpu_memory_fraction(c) == "0.9"
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+    assert train.set_gpu_memory_fraction(c) == "0.5"
