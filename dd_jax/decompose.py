@@ -63,19 +63,11 @@ def list_inputs(paths: list[str]) -> list[str]:
 
 
 def read_rgb(path: str) -> np.ndarray:
-    """float32 [H, W, 3] in [0, 1]; any PIL mode (16-bit, palette, CMYK, RGBA over white)."""
-    with Image.open(path) as im:
-        if max(im.size) > MAX_SIDE:
-            raise ValueError(f"{im.size[0]}x{im.size[1]} is larger than {MAX_SIDE} on a side")
-        im.load()
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(im, np.float32)
-            arr = arr / (65535.0 if arr.max() > 255 else 255.0)
-            return np.repeat(arr[..., None], 3, axis=-1)
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            rgba = np.asarray(im.convert("RGBA"), np.float32) / 255.0
-            return rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:])
-        return np.asarray(im.convert("RGB"), np.float32) / 255.0
+    """float32 [H, W, 3] in [0, 1] through the shared reader (`dd_jax.data.images.read_rgb`: EXIF
+    orientation, 16-bit by bit depth, float images as they are, RGBA over white); raises ImageError."""
+    from dd_jax.data import images  # pylint: disable=g-import-not-at-top
+
+    return images.read_rgb(path, max_side=MAX_SIDE)
 
 
 def task_from_name(path: str) -> str | None:
