@@ -219,6 +219,21 @@ def test_build_killed_at_a_random_point(tmp_path, seed):
     assert _dataset_state(out, 60) == "complete"
 
 
+def test_reader_ignores_a_build_killed_just_before_its_rename(tmp_path):
+    """TFDS writes dataset_info.json into incomplete.* and then renames it: a kill between the two must
+    not leave something a reader takes for the dataset."""
+    from dd_jax.data import pipeline
+
+    out = tmp_path / "ds"
+    assert build("--task", "xray", "--out", out, "--size", 32, "--train", 2, "--test", 0)[0] == 0
+    task_dir = out / "alphablend" / "xray"
+    shutil.copytree(task_dir / "1.0.0", task_dir / "incomplete.ab12cd")
+    assert pipeline.find_dataset_dir(str(out), "xray")[0] == str(task_dir / "1.0.0")
+    shutil.rmtree(task_dir / "1.0.0")
+    with pytest.raises(FileNotFoundError):
+        pipeline.find_dataset_dir(str(out), "xray")
+
+
 @pytest.mark.parametrize("flag", ["--train", "--test", "--workers"])
 def test_build_refuses_negative_counts(flag):
     from dd_jax.data import build as b

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Sequence
 
 import grain
@@ -85,11 +86,14 @@ def check_features(version_dir: str) -> None:
 
 
 def _versions(path: str) -> list[str]:
+    """Complete version directories (``1.0.0``) of a dataset, oldest first. TFDS builds into
+    ``incomplete.*`` and renames at the end; a build killed after it wrote ``dataset_info.json`` but
+    before the rename leaves one holding that file, which is not a dataset to read."""
     if not os.path.isdir(path):
         return []
     out = [os.path.join(path, v) for v in os.listdir(path)
-           if os.path.isfile(os.path.join(path, v, "dataset_info.json"))]
-    return sorted(out, key=lambda p: [int(x) if x.isdigit() else x for x in os.path.basename(p).split(".")])
+           if re.fullmatch(r"\d+\.\d+\.\d+", v) and os.path.isfile(os.path.join(path, v, "dataset_info.json"))]
+    return sorted(out, key=lambda p: [int(x) for x in os.path.basename(p).split(".")])
 
 
 def find_dataset_dir(data_dir: str, task: str) -> tuple[str, str]:
