@@ -5,11 +5,14 @@
         --lora-rank 128 --scan --remat dots_no_batch --attention auto          # a GPU / TPU run
     python -m dd_jax.benchmark --preset flux-dev ... --compile-only   # FLOPs + XLA memory analysis, no run
 
-The train step is the ICD LoRA step: `layers` image layers of (H/16)x(W/16)
-tokens each (the first is the clean condition, the others noisy targets),
-`txt` text tokens, one forward + backward w.r.t. the LoRA parameters
-(every attention/MLP projection of every block, rank r) + AdamW. The
-sampling step is one Euler step (a forward + the update of the targets).
+The train step is the production ICD LoRA step (`flow.make_train_step`, the
+`TrainStep` `dd_jax.train` runs: LoRA and AdamW state donated, the base a
+read-only input): `layers` image layers of (H/16)x(W/16) tokens each (the
+first is the clean condition, the others noisy targets), `txt` text tokens,
+one forward + backward w.r.t. the LoRA parameters (every attention/MLP
+projection of every block, rank r) + AdamW. The sampling step is the
+production sampler (`sampling.sample`) for one Euler step (a forward + the
+update of the targets).
 Both are compiled ahead of time. FLOP/s and the peak fraction use the
 analytic model FLOPs of `dd_jax.perf` (XLA's cost analysis, reported beside
 them, counts a cuDNN or Pallas attention kernel as 0 FLOPs and counts remat
@@ -204,56 +207,65 @@ def build_model(args, params):
     return model
 
 
-def make_steps(graphdef, n_cond: int, lr: float = 1e-4):
-    """(train_step, sample_step, init_opt) as pure functions of (lora, rest) states."""
+def production_inputs(args, params, x: dict) -> tuple[Any, Any, Any]:
+    """(spec, flow.Batch, sampler inputs) of the ICD step `dd_jax.train` runs, from the host inputs `x`: the
+    image tokens split into the condition and target layers."""
+    from dd_jax import flow, icd
+
+    s = shapes(args)
+    n = s["tokens_per_layer"]
+    targets = ("x", "y")[: args.layers - 1]
+    spec = icd.LayerSpec(targets=targets, cloned=tuple(t for t in ("y",) if t in targets))
     import jax
-    import jax.numpy as jnp
-    import optax
+
+    def cut(a, lo, hi):  # tokens lo:hi of every example (abstract inputs with --compile-only)
+        if isinstance(a, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct((a.shape[0], hi - lo) + a.shape[2:], a.dtype)
+        return a[:, lo:hi]
+
+    layers = {name: cut(x["img"], i * n, (i + 1) * n) for i, name in enumerate(spec.layers)}
+    batch = flow.Batch(layers=layers, txt=x["txt"], txt_ids=x["txt_ids"], y=x["y"],
+                       grid=(args.height // 16, args.width // 16))
+    return spec, batch, (layers[spec.condition], x["txt"], x["y"])
+
+
+def production_steps(spec, lr: float = 1e-4):
+    """(train step, optimizer factory): `flow.make_train_step` / `flow.make_optimizer` as `dd_jax.train` builds
+    them (configs/base.py: logit-normal shifted t, guidance input 3.5, AdamW with global-norm clipping at 1)."""
     from flax import nnx
 
-    tx = optax.adamw(lr)
+    from dd_jax import flow
 
-    def forward(lora_p, rest, x):
-        model = nnx.merge(graphdef, lora_p, rest)
-        return model(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"], x["y"], x["guidance"])
-
-    def train_step(lora_p, opt_state, rest, x):
-        def loss_fn(lp):
-            pred = forward(lp, rest, x)[:, n_cond:].astype(jnp.float32)
-            return jnp.mean(jnp.square(pred - x["target"]))
-
-        loss, grads = jax.value_and_grad(loss_fn)(lora_p)
-        updates, opt_state = tx.update(grads, opt_state, lora_p)
-        return optax.apply_updates(lora_p, updates), opt_state, loss
-
-    def sample_step(lora_p, rest, x, dt):
-        v = forward(lora_p, rest, x)[:, n_cond:]
-        img = x["img"].at[:, n_cond:].add((dt * v).astype(x["img"].dtype))
-        return img
-
-    return train_step, sample_step, tx.init
+    step = flow.make_train_step(spec, wrt=nnx.LoRAParam, guidance=3.5, t_sampling="logit_normal", shift=True)
+    return step, lambda model: flow.make_optimizer(model, lr, wrt=nnx.LoRAParam, clip_norm=1.0)
 
 
 def run_jax(args, params) -> dict[str, Any]:
+    """Our train step (the production `flow.TrainStep`, donated) and sampling step (the production sampler,
+    one Euler step), compiled ahead of time and run as `dd_jax.train` / `dd_jax.system.decompose` run them."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    s = shapes(args)
-    graphdef, lora_p, rest = nnx.split(build_model(args, params), nnx.LoRAParam, ...)
-    train_step, sample_step, init_opt = make_steps(graphdef, s["tokens_per_layer"])
+    from dd_jax import sampling
+
+    model = build_model(args, params)
     host = host_inputs(args, params)
     dtype = jnp.dtype(args.dtype)
     x = {k: (v.astype(dtype) if k in ("img", "txt", "y") else v) for k, v in host.items()}
     if args.compile_only:
         x = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in x.items()}
-        opt = jax.eval_shape(init_opt, lora_p)
     else:
         x = {k: jnp.asarray(v) for k, v in x.items()}
-        opt = jax.jit(init_opt)(lora_p)
+    spec, batch, (cond, txt, vec) = production_inputs(args, params, x)
+    step, make_opt = production_steps(spec)
+    opt = nnx.eval_shape(lambda: make_opt(model)) if args.compile_only else make_opt(model)
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype) if args.compile_only else jax.random.key(0)
+    grid = batch.grid
+    sample_args = (spec, cond, txt, vec, key, grid, 1, 3.5)
     t0 = time.perf_counter()
-    lowered_train = jax.jit(train_step, donate_argnums=(0, 1)).lower(lora_p, opt, rest, x)
-    lowered_sample = jax.jit(sample_step).lower(lora_p, rest, x, -0.05)
+    lowered_train = step.lower(model, opt, batch, key)
+    lowered_sample = sampling.lower_sample(model, *sample_args)
     train, sample = lowered_train.compile(), lowered_sample.compile()
     compile_s = time.perf_counter() - t0
     device = jax.devices()[0]
@@ -262,10 +274,11 @@ def run_jax(args, params) -> dict[str, Any]:
     flops_of = {"train": train, "sample": sample}
     if args.scan:  # XLA counts a while loop's body once: count the unscanned program (lowered only)
         flat = argparse.Namespace(**{**vars(args), "scan": False, "compile_only": True})
-        fg, flp, frest = nnx.split(build_model(flat, params), nnx.LoRAParam, ...)
-        ftrain, fsample, _ = make_steps(fg, s["tokens_per_layer"])
-        flops_of = {"train": jax.jit(ftrain).lower(flp, jax.eval_shape(init_opt, flp), frest, x),
-                    "sample": jax.jit(fsample).lower(flp, frest, x, -0.05)}
+        fmodel = build_model(flat, params)
+        fopt = nnx.eval_shape(lambda: make_opt(fmodel))
+        akey = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+        flops_of = {"train": step.lower(fmodel, fopt, batch, akey),
+                    "sample": sampling.lower_sample(fmodel, spec, cond, txt, vec, akey, grid, 1, 3.5)}
     out["flops_source"] = "XLA cost analysis of the " + ("unscanned program (lowered)" if args.scan
                                                          else "compiled step")
     for name, c in (("train", train), ("sample", sample)):
@@ -280,21 +293,21 @@ def run_jax(args, params) -> dict[str, Any]:
             peak = getattr(mem, "peak_memory_in_bytes", None)
             if peak:
                 out[f"{name}_memory"]["peak_memory_in_bytes"] = int(peak)
-    n_lora = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(lora_p))
-    n_base = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(rest))
+    n_lora = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+    n_base = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Not(nnx.LoRAParam))))
     out.update(lora_params=n_lora, base_params=n_base)
     if args.compile_only:
         return out
 
-    state_box = [lora_p, opt]
-
     def steps_of(train, sample):
         def one_train():
-            lp, op, loss = train(state_box[0], state_box[1], rest, x)
-            state_box[0], state_box[1] = lp, op
+            loss, _ = step(model, opt, batch, key, executable=train)
             loss.block_until_ready()
 
-        return {"train": one_train, "sample": lambda: sample(state_box[0], rest, x, -0.05).block_until_ready()}
+        def one_sample():
+            jax.block_until_ready(sampling.sample(model, *sample_args, executable=sample))
+
+        return {"train": one_train, "sample": one_sample}
 
     out["steps"] = steps_of(train, sample)
     # the same programs compiled with other XLA options, timed in turn with the default by time_steps

@@ -199,9 +199,15 @@ class TrainStep:
         o = self._splits.get(optimizer)
         return m, o, (m.layout, o.layout, m.values(0), o.values(0), m.values(2), m.values(1))
 
-    def __call__(self, model, optimizer: nnx.Optimizer, batch, key: jax.Array):
+    def __call__(self, model, optimizer: nnx.Optimizer, batch, key: jax.Array, *, executable=None):
+        """One step; `executable`: a compiled `.lower(...)` of these shapes (e.g. with other XLA options)
+        to run instead of the jitted function (the same program)."""
         m, o, args = self._args(model, optimizer)
-        trainable, opt_state, mutable, loss, grad_norm = self._jit(*args, batch, key)
+        if executable is None:
+            out = self._jit(*args, batch, key)
+        else:
+            out = executable(*args[2:], batch, key)  # a Compiled takes the non-static arguments
+        trainable, opt_state, mutable, loss, grad_norm = out
         m.assign(0, trainable)
         m.assign(2, mutable)
         o.assign(0, opt_state)

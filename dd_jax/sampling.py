@@ -31,14 +31,17 @@ def _args(transformer, spec, cond, txt, vec, key, grid, steps, guidance, shift, 
 
 def sample(transformer, spec: icd.LayerSpec, cond: jax.Array, txt: jax.Array, vec: jax.Array, key: jax.Array,
            grid: tuple[int, int], steps: int, guidance: float | None = None, shift: bool = True,
-           prediction: str = "velocity", residual: tuple[str, ...] = ()) -> dict[str, jax.Array]:
+           prediction: str = "velocity", residual: tuple[str, ...] = (), *, executable=None) -> dict[str, jax.Array]:
     """Target-layer tokens {name: [B, h*w, C]} for condition tokens `cond` [B, h*w, C].
 
     `prediction` and `residual` say how the network's output is read (see `flow`). The transformer's
     state is a read-only input of the compiled sampler, which returns the samples only (`partition`:
-    the transformer is split once per object; after changing its structure call `forget(transformer)`)."""
-    return _sample(*_args(transformer, spec, cond, txt, vec, key, grid, steps, guidance, shift, prediction,
-                          residual))
+    the transformer is split once per object; after changing its structure call `forget(transformer)`).
+    `executable`: a compiled `lower_sample(...)` of these arguments to run instead (the same program)."""
+    args = _args(transformer, spec, cond, txt, vec, key, grid, steps, guidance, shift, prediction, residual)
+    if executable is not None:
+        return executable(*(args[i] for i in _DYNAMIC))
+    return _sample(*args)
 
 
 def lower_sample(transformer, spec: icd.LayerSpec, cond, txt, vec, key, grid: tuple[int, int], steps: int,
@@ -56,7 +59,11 @@ def forget(transformer) -> None:
     _SPLITS.forget(transformer)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 7, 8, 9, 10, 11, 12))
+_STATIC = (0, 2, 7, 8, 9, 10, 11, 12)
+_DYNAMIC = (1, 3, 4, 5, 6)  # what a compiled sampler takes: state, cond, txt, vec, key
+
+
+@functools.partial(jax.jit, static_argnums=_STATIC)
 def _sample(layout, state, spec, cond, txt, vec, key, grid, steps, guidance, shift, prediction, residual):
     transformer = layout.merge(state)
     h, w = grid
