@@ -5,6 +5,8 @@ import io
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -132,6 +134,26 @@ def test_weights_and_samples(setup, tmp_path):
     assert evaluate.NA not in md.split("## Summary")[1]
     # two samples: a per-image value is the mean of the two samples' values
     assert len(r["per_image"]["background/model/rmse"]) == 2
+
+
+def test_model_rows_are_a_direct_decomposition(setup):
+    """At the working size both modes are one tile per image: the numbers of sampling the stored composites."""
+    root, data, model = setup
+    system = train.load_trained(model)
+    comp, bg, _ = stored(data, "xray")
+    want = []
+    for b, start in enumerate(range(0, len(comp), 2)):  # batches of 2, the last padded with its last image
+        c = comp[start:start + 2]
+        n = len(c)
+        c = np.concatenate([c, np.repeat(c[-1:], 2 - n, 0)])
+        key = jax.random.fold_in(jax.random.key(0), b)
+        y = system_lib.decompose(system, jnp.asarray(c * 2 - 1), jnp.full((2,), blend.TASK_INDEX["xray"]), key, 1)
+        want += list(np.asarray(metrics.rmse(np.clip((np.asarray(y["y"]) + 1) / 2, 0, 1)[:n], bg[start:start + n])))
+    for mode in ("tile", "resize"):
+        rep = quiet(evaluate.run, data, str(root / f"direct_{mode}"), model, tasks=["xray"], batch_size=2, steps=1,
+                    mode=mode)
+        assert rep["mode"] == mode
+        np.testing.assert_allclose(rep["tasks"]["xray"]["per_image"]["background/model/rmse"], want, rtol=1e-4)
 
 
 def make_logo(root):

@@ -279,14 +279,20 @@ def foreground_rgba(task: str, fg_render, composite, background):
     Emissive layers (cell, flare): alpha is the emission's brightest channel;
     alpha-over layers (watermark, glassware, occlusion): alpha estimated from
     the composite, background and rendering (``estimate_alpha``), so it follows
-    the overlay's edges at the resolution of those images; X-ray: the item's
+    the overlay's edges at the resolution of those images, and zero where the
+    background equals the composite (change below ~1/255); X-ray: the item's
     transmittance (``transmittance_to_rgba``).
     """
     _check_task(task)
     if task in EMISSIVE:
         return emission_to_rgba(fg_render)
     if task in RECOMPOSE_NEEDS_ALPHA:
-        return rgba_from_alone(task, fg_render, layer_alpha(task, fg_render, composite, background))
+        xp = _xp(fg_render, composite, background)
+        alpha = layer_alpha(task, fg_render, composite, background)
+        # where the background is the composite (change under ~1/255) there is no layer: no faint sampling noise
+        change = xp.max(xp.abs(composite - background), axis=-1, keepdims=True)
+        alpha = alpha * xp.clip((change - 0.5 / 255) / (1.0 / 255), 0.0, 1.0)
+        return rgba_from_alone(task, fg_render, alpha)
     return transmittance_to_rgba(fg_render)
 
 
