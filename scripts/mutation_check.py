@@ -97,10 +97,13 @@ def main(argv=None) -> int:
     p.add_argument("-j", "--workers", type=int, default=2, help="mutations tested at once (one repo copy each)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per pytest run")
     p.add_argument("--no-baseline", action="store_true", help="skip the run of the unmutated tests")
+    p.add_argument("--start", type=int, default=1, help="begin at this mutation (1-based; to resume a run)")
+    p.add_argument("--tmp", default=os.path.join(os.path.expanduser("~"), ".cache", "dd_jax_mutation_check"),
+                   help="where the repository copies live (not /tmp: other jobs may clean it mid-run)")
     p.add_argument("--list", action="store_true", help="print the mutations and exit")
     args = p.parse_args(argv)
 
-    muts = [m for m in load(args.mutations) if args.only in m["name"]]
+    muts = [m for m in load(args.mutations)[max(args.start, 1) - 1:] if args.only in m["name"]]
     if args.list:
         for m in muts:
             print(f"{m['name']}\n    {m['file']}: {' '.join(m['tests'])}")
@@ -110,7 +113,8 @@ def main(argv=None) -> int:
         raise SystemExit("no mutation matches --only")
 
     t0 = time.time()
-    tmp = tempfile.mkdtemp(prefix="mutation_check_")
+    os.makedirs(args.tmp, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="run_", dir=args.tmp)
     try:
         copies = [copy_repo(os.path.join(tmp, f"repo{i}")) for i in range(max(1, args.workers))]
         check_imports_from(copies[0])
@@ -135,6 +139,8 @@ def main(argv=None) -> int:
         def one(m):
             root = free.pop()
             try:
+                if not os.path.isdir(root):
+                    return "ERROR", f"the copy {root} vanished", 0.0
                 err = m["error"] or mutate(root, m)
                 if err:
                     return "ERROR", err, 0.0
@@ -147,7 +153,8 @@ def main(argv=None) -> int:
                     return "CAUGHT", last_line(out), secs
                 return "ERROR", f"pytest exit {rc}: {last_line(out)}", secs  # collection/usage errors
             finally:
-                restore(root, m)
+                if os.path.isdir(root):
+                    restore(root, m)
                 free.append(root)
 
         with cf.ThreadPoolExecutor(max_workers=len(copies)) as pool:
