@@ -19,6 +19,8 @@ from weights_conversion import autoencoder as ae_maps
 from weights_conversion import convert
 from weights_conversion.safetensors_reader import CheckpointError
 
+pytestmark = pytest.mark.matrix  # also run on the Python 3.12 leg of .ci/run
+
 SCALE, SHIFT = 0.3611, 0.1159
 # compiled once per shape: much faster on CPU than op-by-op dispatch
 encode = nnx.jit(lambda model, images: model.encode(images))

@@ -18,6 +18,7 @@ from tolerance import rel_err
 from dd_jax.models import clip, tokenizers
 from weights_conversion import clip as clip_maps
 
+pytestmark = pytest.mark.matrix  # also run on the Python 3.12 leg of .ci/run
 
 
 def _torch(model, ids):

@@ -16,6 +16,8 @@ from dd_jax.models import t5
 from weights_conversion import t5 as t5_maps
 from weights_conversion.safetensors_reader import CheckpointError, SafetensorsReader
 
+pytestmark = pytest.mark.matrix  # also run on the Python 3.12 leg of .ci/run
+
 
 def _state(folder) -> dict:
     reader = SafetensorsReader.open(str(folder))

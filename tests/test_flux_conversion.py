@@ -20,6 +20,8 @@ from dd_jax.models import flux
 from weights_conversion import convert
 from weights_conversion.safetensors_reader import CheckpointError
 
+pytestmark = pytest.mark.matrix  # also run on the Python 3.12 leg of .ci/run
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -77,6 +77,7 @@ def test_merge_matches_unmerged():
     assert_close(_forward(m, b), unmerged, 1e-5, "merged forward")
 
 
+@pytest.mark.matrix
 def test_train_step_touches_only_lora_and_fits_a_batch():
     m = _model()
     lora.apply_lora(m, rank=8, alpha=8)

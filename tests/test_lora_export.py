@@ -53,6 +53,7 @@ def _diffusers_with(model, path):
     return torch_model
 
 
+@pytest.mark.matrix
 def test_exported_lora_reproduces_ours_in_diffusers(base, tmp_path):
     model, converted, _ = base
     ours = flux.load(converted)

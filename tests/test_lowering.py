@@ -34,6 +34,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.matrix  # also run on the Python 3.12 leg of .ci/run
+
 TXT = 16
 H = W = 64  # 4x4 tokens per layer through the tiny VAE (8x) and 2x2 packing
 

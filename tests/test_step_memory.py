@@ -14,6 +14,8 @@ from flax import nnx
 from dd_jax import flow, icd, lora, sampling
 from dd_jax.models import flux
 
+pytestmark = pytest.mark.matrix  # also run on the Python 3.12 leg of .ci/run
+
 SPEC = icd.LayerSpec()
 PARAMS = flux.FluxParams.from_dict({**flux.PRESETS["tiny"].to_dict(), "depth": 1, "depth_single_blocks": 1})
 B, GRID = 2, (2, 2)

@@ -30,6 +30,7 @@ def _cli(workdir, c):
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.matrix
 def test_resume_after_sigkill_logs_the_uninterrupted_losses(data_dir, tmp_path):
     c = th.small_config(data_dir, steps=100, checkpoint_every=30, log_every=5)
     full = tmp_path / "full"
