@@ -25,7 +25,13 @@ import time
 import tomllib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IGNORE = shutil.ignore_patterns(".git", ".venv*", "data", "runs", "__pycache__", ".pytest_cache", "*.egg-info")
+TOP_LEVEL_SKIP = (".git", "data", "runs", ".pytest_cache")  # only at the root: dd_jax/data is code
+
+
+def IGNORE(directory: str, names: list[str]) -> set[str]:
+    top = os.path.realpath(directory) == os.path.realpath(REPO)
+    return {n for n in names if n == "__pycache__" or n.endswith(".egg-info")
+            or (top and (n in TOP_LEVEL_SKIP or n.startswith(".venv")))}
 
 
 def load(path: str) -> list[dict]:
@@ -56,11 +62,13 @@ def run_tests(root: str, tests: list[str], timeout: float) -> tuple[int, str, fl
         return -1, f"timeout after {timeout:.0f}s\n{e.stdout or ''}", time.time() - start
 
 
-def check_imports_from(root: str) -> None:
+def check_imports_from(root: str, files: set[str]) -> None:
+    """Every module the mutations touch must import from the copy, not from the working tree."""
+    modules = sorted(f[:-3].replace("/", ".") for f in files if f.endswith(".py"))
     env = dict(os.environ, PYTHONPATH=root)
-    out = subprocess.run([sys.executable, "-c", "import dd_jax, weights_conversion; "
-                          "print(dd_jax.__file__); print(weights_conversion.__file__)"],
-                         cwd=root, env=env, capture_output=True, text=True, check=True).stdout.split()
+    code = "import importlib\n" + "".join(f"print(importlib.import_module({m!r}).__file__)\n" for m in modules)
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
     for f in out:
         if not os.path.realpath(f).startswith(os.path.realpath(root) + os.sep):
             raise SystemExit(f"the copy imports {f}, not its own modules: the check would test the working tree")
@@ -117,7 +125,7 @@ def main(argv=None) -> int:
     tmp = tempfile.mkdtemp(prefix="run_", dir=args.tmp)
     try:
         copies = [copy_repo(os.path.join(tmp, f"repo{i}")) for i in range(max(1, args.workers))]
-        check_imports_from(copies[0])
+        check_imports_from(copies[0], {m["file"] for m in muts})
         for m in muts:  # every snippet present before anything runs
             m["error"] = None
             with open(os.path.join(REPO, m["file"])) as f:
