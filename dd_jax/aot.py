@@ -2,7 +2,7 @@
 
 `compile_train_step(config)` builds the model and optimizer with
 `nnx.eval_shape` (nothing is allocated), lowers the production step (the
-`flow.TrainStep` train.py runs: trainable and optimizer state donated, the
+`flow.TrainStep` train.py runs, `flow.system_step`: trainable and optimizer state donated, the
 frozen base a read-only input) on ShapeDtypeStructs of a batch and compiles
 it for the local backend, so the paper's flux-dev LoRA step can be checked,
 costed (XLA's cost analysis) and sized (XLA's memory analysis) on a machine
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dd_jax import system as system_lib
+from dd_jax import flow, system as system_lib
 
 
 @dataclasses.dataclass
@@ -51,17 +51,16 @@ def abstract_batch(config, batch_size: int | None = None, txt_len: int = 512) ->
 
 def compile_train_step(config, batch_size: int | None = None, txt_len: int = 512, compile: bool = True,
                        platforms: tuple[str, ...] | None = None) -> CompiledStep:
-    """The production train step (`train.make_step`, what `train.py` runs) lowered on abstract shapes and,
+    """The production train step (`flow.system_step`, what `train.py` runs) lowered on abstract shapes and,
     with `compile`, compiled for the local backend (`platforms`: lower for other backends, no compile)."""
-    from dd_jax import train
 
     def init():
         model = system_lib.build_model(config, load_weights=False)
-        return model, train._optimizer(system_lib.wrap(model, config))
+        return model, flow.system_optimizer(system_lib.wrap(model, config))
 
     model, optimizer = nnx.eval_shape(init)
     system = system_lib.wrap(model, config)
-    step = train.make_step(system)
+    step = flow.system_step(system)
     batch = abstract_batch(config, batch_size, txt_len)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
     lowered = step.lower(model, optimizer, batch, key, platforms=platforms)

@@ -44,7 +44,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from dd_jax import hostmem, inference
+from dd_jax import checkpoints, hostmem, inference
 from dd_jax.data import blend
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")
@@ -115,14 +115,12 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
         task: str | None = None, steps: int | None = None, seed: int = 0, num_samples: int = 1,
         batch_size: int = 16, guidance: float | None = None, detail_transfer: bool = True,
         prompt: str | None = None, mode: str | None = None, overlap: int | None = None) -> dict:
-    from dd_jax import train
-
     if task is not None and task not in blend.TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(blend.TASKS)}")
     if mode is not None and mode not in inference.MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(inference.MODES)}")
     config = load_config_file(config_file) if config_file else None
-    system = train.load_trained(checkpoint or DEFAULT_MODEL, config)
+    system = checkpoints.load_trained(checkpoint or DEFAULT_MODEL, config)
     head = inference.load_task_head(checkpoint or DEFAULT_MODEL)  # None: uncalibrated task choice
     cfg = system.config
     steps = steps or cfg.sample.steps

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dd_jax import hostmem, inference, metrics
+from dd_jax import checkpoints, hostmem, inference, metrics
 from dd_jax.data import blend, pipeline
 from dd_jax.decompose import DEFAULT_MODEL, load_config_file
 
@@ -317,12 +317,11 @@ def run(data_dir: str, output: str, checkpoint: str | None = None, *, tasks="all
 
     `nets` replaces the LPIPS / FID networks loaded from the weight files.
     """
-    from dd_jax import train
     from dd_jax.metrics import report as report_lib
 
     checkpoint = checkpoint or DEFAULT_MODEL
     config = load_config_file(config_file) if config_file else None
-    system = train.load_trained(checkpoint, config)
+    system = checkpoints.load_trained(checkpoint, config)
     cfg = system.config
     steps = steps or cfg.sample.steps
     working = (int(cfg.data.height), int(cfg.data.width))

@@ -289,4 +289,23 @@ def learning_rate_at(step: int, learning_rate: float, warmup_steps: int = 0, dec
     return learning_rate
 
 
+
+# ------------------------------------------------------------------ a system's step and optimizer
+def system_step(system, jit: bool = True) -> TrainStep:
+    """The training step of a `dd_jax.system.System`, set by its config's `train` fields: the step
+    `python -m dd_jax.train` runs (and `dd_jax.aot`, the benchmarks and memory plans lower)."""
+    t = system.config.train
+    return make_train_step(system.spec, wrt=system.trainable(), guidance=system.guidance, prepare=system.prepare,
+                           t_sampling=t.t_sampling, shift=t.t_shift, jit=jit, loss=t.get("loss", "velocity"),
+                           **system.output_reading())
+
+
+def system_optimizer(system) -> nnx.Optimizer:
+    """The optimizer of a `dd_jax.system.System`'s trainable partition, set by its config's `train` fields
+    (training, and the optimizer state a checkpoint holds)."""
+    t = system.config.train
+    return make_optimizer(system.model, t.learning_rate, wrt=system.trainable(), weight_decay=t.weight_decay,
+                          warmup_steps=t.warmup_steps, clip_norm=t.clip_norm,
+                          decay_steps=t.steps if t.decay else None)
+
 jax.tree_util.register_dataclass(Batch, data_fields=["layers", "txt", "txt_ids", "y"], meta_fields=["grid"])

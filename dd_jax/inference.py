@@ -422,7 +422,7 @@ def _fit_main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--overwrite", action="store_true", help="replace an existing task_head.json")
     args = ap.parse_args(argv)
-    from dd_jax import train
+    from dd_jax import checkpoints
     from dd_jax.decompose import DEFAULT_MODEL
     from dd_jax.evaluate import Examples
 
@@ -431,7 +431,7 @@ def _fit_main(argv=None) -> int:
     if os.path.exists(dest) and not args.overwrite:
         print(f"error: {dest} exists (--overwrite replaces it)", file=sys.stderr)
         return 2
-    system = train.load_trained(path)
+    system = checkpoints.load_trained(path)
     steps = system.config.sample.steps
 
     def collect(data):

@@ -1,19 +1,25 @@
 """Training: `python -m dd_jax.train --config configs/xray.py --workdir DIR [--config.train.steps=100]`.
 
 One jitted flow-matching step per batch (ICD layout, loss on the noisy
-layers), AdamW on the trainable partition (LoRA parameters, or everything
-when training from scratch). The workdir holds
+layers: `flow.system_step`), AdamW on the trainable partition (LoRA
+parameters, or everything when training from scratch). The workdir
+(`dd_jax.checkpoints` owns its layout: configs, checkpoints, export) holds
 
-    config.json            the resolved config (what `decompose` rebuilds from)
+    config.json, config.<step>.json   the config of the latest (re)run, and of every one (by start step)
     checkpoints/<step>/    orbax: trainable params + optimizer state, data iterator state
     export/                trainable params only, a dd_jax model folder (at the end)
     metrics.jsonl          every step's loss, and the logged scalars
     tb/                    TensorBoard event files (scalars, preview images)
     previews/step_N.png    composite | predicted layers | truth
 
-A run resumes from the newest checkpoint in its workdir. SIGTERM/SIGINT save
-a checkpoint before exiting; a non-finite loss stops the run with a message
-and keeps the last good checkpoint.
+Everything is validated before the workdir is touched (`validate`: the config
+builds, the data exists, a rerun keeps the architecture); errors are one line,
+exit status 2. A run resumes from the newest checkpoint that restores (newer
+ones that do not are moved to skipped_checkpoints/, one line each).
+SIGTERM/SIGINT save a checkpoint before exiting; a non-finite loss stops the
+run with a message (exit 3) and keeps the last good checkpoint; a full disk
+stops it with one line (exit 2), removing the partial checkpoint or export
+and keeping what was written before.
 
 Sharding (`config.mesh`, `dd_jax.sharding`): the model and optimizer state
 are placed on a (data, fsdp, tensor) mesh over every device of every
@@ -29,6 +35,7 @@ the export folder.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -42,7 +49,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from dd_jax import flow, hostmem, sharding, system as system_lib
+from dd_jax import checkpoints, flow, hostmem, sharding, system as system_lib
+from dd_jax.checkpoints import RunError, to_host
 from dd_jax.data import pipeline
 from dd_jax.models import store
 
@@ -53,33 +61,12 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def save_config(config, path: str) -> None:
-    with open(path, "w") as f:
-        f.write(config.to_json_best_effort(indent=1))
-
-
-def load_config(path: str) -> ml_collections.ConfigDict:
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
 def device_batch(batch: dict, mesh=None, rules=None) -> dict:
     """The model's inputs of a process-local numpy batch; with `mesh`, global arrays split over (data, fsdp)."""
     arrays = {k: v for k, v in batch.items() if k in ARRAY_KEYS}
     if mesh is None:
         return {k: jnp.asarray(v) for k, v in arrays.items()}
     return sharding.shard_batch(arrays, mesh, rules)
-
-
-def to_host(tree):
-    """Numpy copies of (possibly sharded, multi-process) arrays; every process must call it (a collective
-    when some array spans other processes' devices)."""
-    if jax.process_count() == 1:
-        return jax.tree.map(np.asarray, tree)
-    from jax.experimental import multihost_utils
-
-    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
-                        if isinstance(x, jax.Array) and not x.is_fully_addressable else np.asarray(x), tree)
 
 
 def _any_process(flag: bool) -> bool:
@@ -119,121 +106,9 @@ class _Stop:
             signal.signal(s, h)
 
 
-class Checkpoints:
-    """Orbax CheckpointManager over (trainable state, optimizer state, data iterator state)."""
-
-    def __init__(self, directory: str, keep: int):
-        import orbax.checkpoint as ocp
-
-        self.ocp = ocp
-        self.manager = ocp.CheckpointManager(
-            os.path.abspath(directory), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-            item_names=("state", "data"))
-
-    def latest(self) -> int | None:
-        return self.manager.latest_step()
-
-    def save(self, step: int, state, data_state: dict, wait: bool = True) -> None:
-        """Saves; `wait=False` returns once the arrays are copied to the host (orbax's blocking part: with no
-        device-to-host byte limit every array is transferred before `save` returns, so the next step may
-        donate them) and writes the files in the background (the next save or `close` waits for it)."""
-        self.manager.save(step, args=self.ocp.args.Composite(state=self.ocp.args.StandardSave(state),
-                                                             data=self.ocp.args.JsonSave(data_state)))
-        if wait:
-            self.manager.wait_until_finished()
-
-    def restore(self, step: int, abstract_state):
-        target = jax.tree.map(self.ocp.utils.to_shape_dtype_struct, abstract_state)
-        out = self.manager.restore(step, args=self.ocp.args.Composite(
-            state=self.ocp.args.StandardRestore(target), data=self.ocp.args.JsonRestore()))
-        return out.state, out.data
-
-    def close(self):
-        self.manager.close()
-
-
-def export(system: system_lib.System, out_dir: str) -> str:
-    """Writes the trainable parameters + config as a dd_jax model folder (no optimizer state).
-
-    Sharded parameters are gathered to the host first; with several processes every process must call
-    this (the gather is a collective) and process 0 writes the folder."""
-    state = nnx.state(system.model, system.trainable())
-    flat = to_host({".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(state)})
-    out_dir = os.path.abspath(out_dir)
-    meta = dict(model="decomposer", config=json.loads(system.config.to_json_best_effort()),
-                dtype=str(next(iter(flat.values())).dtype), overwrite=True)
-    if jax.process_index() != 0:
-        return out_dir
-    return store.write_flat(out_dir, flat, **meta)
-
-
-def read_params(system: system_lib.System, path: str) -> None:
-    """Sets the system's trainable parameters from a model folder (an export) or a run workdir's export."""
-    path = os.fspath(path)
-    if not os.path.isfile(os.path.join(path, store.META_FILE)) and os.path.isdir(os.path.join(path, "export")):
-        path = os.path.join(path, "export")
-    if not os.path.isfile(os.path.join(path, store.META_FILE)):
-        raise FileNotFoundError(f"{path}: not a trained model folder (no {store.META_FILE}) nor a run with an export")
-    state = nnx.state(system.model, system.trainable())
-    variables = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
-    missing = set(variables)
-    for _, arrays in store.read_groups(path):
-        for name, arr in arrays.items():
-            if name not in variables:
-                raise KeyError(f"{path}: parameter {name!r} is not in the model the config builds")
-            if tuple(arr.shape) != tuple(variables[name].get_value().shape):
-                raise ValueError(f"{path}: parameter {name!r} has shape {tuple(arr.shape)}, the model's is "
-                                 f"{tuple(variables[name].get_value().shape)}")
-            variables[name].set_value(jnp.asarray(arr, variables[name].get_value().dtype))
-            missing.discard(name)
-    if missing:
-        raise KeyError(f"{path}: no value for {len(missing)} parameter(s), e.g. {sorted(missing)[0]!r}")
-    nnx.update(system.model, state)
-
-
-def load_trained(path: str, config=None, load_weights: bool = True) -> system_lib.System:
-    """A trained system from an export folder, or a run workdir (its export, else newest checkpoint)."""
-    path = os.fspath(path)
-    if os.path.isfile(os.path.join(path, store.META_FILE)):
-        meta = store.read_meta(path)
-        config = config or ml_collections.ConfigDict(meta["config"])
-        system = system_lib.build(config, load_weights=load_weights)
-        read_params(system, path)
-        return system
-    if os.path.isdir(os.path.join(path, "export")):
-        return load_trained(os.path.join(path, "export"), config, load_weights)
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path}: neither a trained model folder nor a training workdir")
-    config = config or load_config(os.path.join(path, "config.json"))
-    system = system_lib.build(config, load_weights=load_weights)
-    ckpts = Checkpoints(os.path.join(path, "checkpoints"), keep=1000)
-    step = ckpts.latest()
-    if step is None:
-        raise FileNotFoundError(f"{path}: no checkpoint yet")
-    optimizer = _optimizer(system)
-    state, _ = ckpts.restore(step, {"params": nnx.state(system.model, system.trainable()),
-                                    "opt": nnx.state(optimizer, nnx.OptState)})
-    nnx.update(system.model, state["params"])
-    ckpts.close()
-    return system
-
-
-def _optimizer(system: system_lib.System) -> nnx.Optimizer:
-    t = system.config.train
-    return flow.make_optimizer(system.model, t.learning_rate, wrt=system.trainable(), weight_decay=t.weight_decay,
-                               warmup_steps=t.warmup_steps, clip_norm=t.clip_norm,
-                               decay_steps=t.steps if t.decay else None)
-
-
 def make_step(system: system_lib.System, jit: bool = True) -> flow.TrainStep:
-    """The training step this module runs (a `flow.TrainStep`; `.lower(...)` for AOT, memory plans, benchmarks)."""
-    t = system.config.train
-    return flow.make_train_step(system.spec, wrt=system.trainable(), guidance=system.guidance,
-                                prepare=system.prepare, t_sampling=t.t_sampling, shift=t.t_shift, jit=jit,
-                                loss=t.get("loss", "velocity"), **system.output_reading())
-
-
-_make_step = make_step
+    """The training step this module runs (`flow.system_step`; `.lower(...)` for AOT, memory plans, benchmarks)."""
+    return flow.system_step(system, jit=jit)
 
 
 def _preview_inputs(batch: dict, mesh) -> dict:
@@ -355,44 +230,154 @@ class ProcessData:
             it.set_state(state["iterator"])
 
 
+def _end_partial_line(path: str) -> None:
+    """Ends a last line a killed run left unfinished, so lines appended after it stay whole."""
+    try:
+        with open(path, "rb+") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+    except FileNotFoundError:
+        pass
+
+
+def check_data(config) -> None:
+    """The data the run reads exists: every task of `data.tasks` built under `data.dir`, with examples in its
+    train split (read from dataset_info.json: nothing imported, nothing opened). RunError otherwise."""
+    d = config.data
+    if not d.dir or not os.path.isdir(d.dir):
+        raise RunError(f"data.dir {d.dir!r}: no such folder; build the data first (python -m dd_jax.data.build "
+                       f"--out DIR) and pass --config.data.dir=DIR")
+    tasks = pipeline.resolve_tasks(d.dir, d.tasks)
+    if not tasks:
+        raise RunError(f"data.dir {d.dir!r} holds no dataset (data.tasks={d.tasks!r}); build one with "
+                       f"python -m dd_jax.data.build --out {d.dir}")
+    for task in tasks:
+        try:
+            version_dir, _ = pipeline.find_dataset_dir(d.dir, task)
+        except (FileNotFoundError, ValueError) as e:
+            raise RunError(f"data.dir {d.dir!r}: {e}") from e
+        try:
+            with open(os.path.join(version_dir, "dataset_info.json")) as f:
+                splits = {s.get("name"): s for s in json.load(f).get("splits", [])}
+        except (OSError, ValueError, AttributeError) as e:
+            raise RunError(f"{version_dir}/dataset_info.json: unreadable ({e}); rebuild the dataset") from e
+        n = sum(int(x) for x in splits.get("train", {}).get("shardLengths", []))
+        if n == 0:
+            raise RunError(f"{version_dir}: the dataset for {task!r} has no train examples; rebuild it with "
+                           f"--train N")
+
+
+def check_config(config) -> None:
+    """The config builds a model: every part made abstractly (`nnx.eval_shape`: nothing allocated, no
+    weights read) with its optimizer; the weight paths it names exist. RunError naming what is wrong."""
+    t = config.train
+    if int(t.steps) < 1:
+        raise RunError(f"train.steps={t.steps}: a run trains at least one step (an untrained model is not "
+                       f"exported)")
+    if int(t.get("checkpoint_every", 1)) < 1 or int(t.get("log_every", 1)) < 1:
+        raise RunError("train.checkpoint_every and train.log_every must be >= 1")
+    try:
+        checkpoint, ae_path = system_lib.weight_paths(config)
+        for field, path in (("model.checkpoint", checkpoint), ("autoencoder.path", ae_path)):
+            if path and not os.path.isdir(path):
+                raise FileNotFoundError(f"{field} {path!r}: no such folder")
+        if t.get("init_from") and not os.path.isdir(t.init_from):
+            raise FileNotFoundError(f"train.init_from {t.init_from!r}: no such model folder or run")
+
+        def init():
+            model = system_lib.build_model(config, load_weights=False)
+            return model, flow.system_optimizer(system_lib.wrap(model, config))
+
+        nnx.eval_shape(init)
+    except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError, AssertionError) as e:
+        raise RunError(f"the config does not build a model: {checkpoints.one_line(e)}") from e
+
+
+def validate(config, workdir: str, mesh) -> None:
+    """Everything checked before the run directory is touched: the config builds (`check_config`), the
+    batch splits over the mesh, the data exists, and a rerun keeps the run's architecture."""
+    check_config(config)
+    try:
+        check_batch(config, mesh)
+    except ValueError as e:
+        raise RunError(str(e)) from e
+    check_data(config)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise RunError(f"--workdir {workdir}: not a folder")
+    checkpoints.check_rerun(workdir, config)
+
+
+class DiskFull(RunError):
+    """A write failed for lack of space; what was written before is kept."""
+
+
+def _disk_full(e: BaseException) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict:
     """Runs (or resumes) training; returns a summary. `stop_after` ends early (tests).
 
+    Nothing in `workdir` is touched before the config is validated (`validate`). A resume restores the
+    newest checkpoint that restores (newer ones that do not are moved to skipped_checkpoints/, one line
+    each); the config it runs with is kept as config.<start step>.json and becomes config.json.
+
     Multi-process runs call `sharding.maybe_initialize_distributed` first (as `main` does)."""
-    os.makedirs(workdir, exist_ok=True)
-    cfg_path = os.path.join(workdir, "config.json")
-    if jax.process_index() == 0:
-        save_config(config, cfg_path)
     t = config.train
     mesh_cfg = config.get("mesh") or {}
     rules = mesh_cfg.get("rules") or None
     mesh = sharding.make_mesh(mesh_cfg)
-    check_batch(config, mesh)
-    ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), t.keep_checkpoints)
-    latest = ckpts.latest()
+    validate(config, workdir, mesh)
+    os.makedirs(workdir, exist_ok=True)
+    ckpt_dir = os.path.join(workdir, checkpoints.CHECKPOINTS)
+    ckpts = checkpoints.Checkpoints(ckpt_dir, t.keep_checkpoints)
+    has_checkpoints = bool(ckpts.steps())
     with jax.set_mesh(mesh):
         # a converted base is read straight into its shards (never whole on one device)
         system = system_lib.build(config, shardings=lambda m: sharding.flat_shardings(m, mesh, rules))
-        if t.get("init_from") and latest is None:
-            read_params(system, t.init_from)
+        if t.get("init_from") and not has_checkpoints:
+            checkpoints.read_params(system, t.init_from)
             print(f"starting from the parameters of {t.init_from}", file=sys.stderr)
         sharding.shard_model(system.model, mesh, rules)
-        optimizer = _optimizer(system)
+        optimizer = flow.system_optimizer(system)
         sharding.shard_model(optimizer, mesh, rules)
     step_fn = make_step(system)
     data_it = ProcessData(config)
     start = 0
 
     def train_state():
-        return {"params": nnx.state(system.model, system.trainable()), "opt": nnx.state(optimizer, nnx.OptState)}
+        return checkpoints.train_state(system, optimizer)
 
+    latest, state, data_state, skipped = ckpts.restore_newest(train_state())
+    if skipped:  # set aside (never deleted): the run saves those steps again
+        ckpts.close()
+        if jax.process_index() == 0:
+            checkpoints.move_aside(workdir, [s for s, _ in skipped])
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("dd_jax.train: skipped checkpoints moved")
+        ckpts = checkpoints.Checkpoints(ckpt_dir, t.keep_checkpoints)
     if latest is not None:
-        state, data_state = ckpts.restore(latest, train_state())
         nnx.update(system.model, state["params"])
         nnx.update(optimizer, state["opt"])
         data_it.set_state(data_state)
         start = latest
         print(f"resumed from step {start} ({workdir})", file=sys.stderr)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if jax.process_index() == 0:
+        checkpoints.record_config(workdir, config, start)
+        _end_partial_line(metrics_path)
     n_train = system_lib.count_params(system.model, system.trainable())
     print(f"training {n_train / 1e6:.2f}M parameters ({'LoRA' if config.lora.enabled else 'all'}) for "
           f"{t.steps} steps, batch {config.data.batch_size}, {config.data.height}x{config.data.width}, "
@@ -403,7 +388,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     # previews: the first examples of the data stream (the same ones across resumes)
     preview_batch = _preview_inputs(device_batch(next(ProcessData(config, worker_count=0)), mesh, rules), mesh) \
         if t.preview_every else None
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
     base_key = jax.random.key(t.seed)
     pending: list[tuple[int, jax.Array, jax.Array]] = []
     t_last, step_last = time.time(), start
@@ -442,9 +426,27 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         summary["last_loss"] = mean_loss
         return True
 
+    in_flight = None  # the step of an asynchronous save whose files may still be being written
+
+    def save_failed(e: BaseException, step: int) -> BaseException:
+        """A clear error for a save that ran out of space (its partial files removed); else `e` itself."""
+        if not _disk_full(e):
+            return e
+        ckpts.remove_partial()
+        done = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(ckpt_dir) else []
+        kept = f"the checkpoint of step {max(done)}" if done else "no checkpoint"
+        return DiskFull(f"no space left on device while saving the checkpoint of step {step} in {ckpt_dir}: it is "
+                        f"not saved and its partial files are removed; {kept} and metrics.jsonl are kept. Free "
+                        f"space and rerun the same command to resume")
+
     def save(step: int, wait: bool):
+        nonlocal in_flight
         flush(step)  # raises before saving if a loss went bad
-        ckpts.save(step, train_state(), data_it.get_state(), wait=wait)
+        try:
+            ckpts.save(step, train_state(), data_it.get_state(), wait=wait)
+        except Exception as e:  # an earlier asynchronous save's failure surfaces here
+            raise save_failed(e, in_flight or step) from e
+        in_flight = None if wait else step
 
     # Stopping: stop_after is the same on every process, a signal reaches processes at different steps. With
     # several processes they agree on a signal (one allgather) only every `sync_every` steps, at multiples of it:
@@ -481,13 +483,31 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
                     summary["interrupted"] = why
                 if ending:
                     break
+    except BaseException:
+        try:
+            ckpts.close()  # after a failed save orbax may fail again here: the first error is the one to report
+        except Exception:  # noqa: BLE001
+            pass
+        raise
+    else:
+        try:
+            ckpts.close()
+        except Exception as e:
+            raise save_failed(e, in_flight or step) from e
     finally:
-        ckpts.close()
         if writer is not None:
             writer.close()
     summary["step"] = step
     if step >= t.steps:
-        summary["export"] = export(system, os.path.join(workdir, "export"))  # every process gathers, 0 writes
+        export_dir = os.path.join(workdir, checkpoints.EXPORT)
+        try:  # every process gathers, 0 writes
+            summary["export"] = checkpoints.export(system, export_dir, step)
+        except Exception as e:
+            if not _disk_full(e):
+                raise
+            raise DiskFull(f"no space left on device while writing {export_dir}: the new export is not written "
+                           f"(its partial folder is removed; an earlier export stays as it was); the checkpoint of "
+                           f"step {step} is kept. Free space and rerun the same command to export") from e
     return summary
 
 
@@ -517,6 +537,24 @@ def main(argv):
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
+    except RunError as e:  # a config, data dir or run that cannot be used; a full disk
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _parse_flags(argv):
+    """absl's parser, with a config override naming a field the config lacks as one line (exit 2)."""
+    from absl import app
+
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:  # ml_collections: an override of a field the config does not have
+        missing = str(e).strip("\"'").split("'")[0]
+        args = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+        named = [a for a in args if a.split(".")[-1] == missing or f".{missing}." in a] or args
+        print(f"error: {', '.join(named) if named else missing}: the config has no field {missing!r} "
+              f"(see configs/base.py for the fields)", file=sys.stderr)
+        sys.exit(2)
 
 
 def _define_flags():
@@ -533,4 +571,4 @@ if __name__ == "__main__":
 
     hostmem.keep_freed_host_memory()  # before JAX starts its CPU client
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -257,24 +257,18 @@ def config_for(dry: bool, height: int, width: int, remat: str):
 
 
 def production_step(system):
-    """The train step dd_jax.train runs (`train.make_step`), built here without importing dd_jax.train (whose
-    input pipeline needs Grain); tests/test_device_check.py checks the two pass the same arguments."""
+    """The train step dd_jax.train runs (`flow.system_step`; dd_jax.train itself is not imported: its input
+    pipeline needs Grain)."""
     from dd_jax import flow
 
-    t = system.config.train
-    return flow.make_train_step(system.spec, wrt=system.trainable(), guidance=system.guidance,
-                                prepare=system.prepare, t_sampling=t.t_sampling, shift=t.t_shift, jit=True,
-                                loss=t.get("loss", "velocity"), **system.output_reading())
+    return flow.system_step(system)
 
 
 def production_optimizer(system):
-    """`train._optimizer` (checked the same way)."""
+    """The optimizer dd_jax.train builds (`flow.system_optimizer`)."""
     from dd_jax import flow
 
-    t = system.config.train
-    return flow.make_optimizer(system.model, t.learning_rate, wrt=system.trainable(), weight_decay=t.weight_decay,
-                               warmup_steps=t.warmup_steps, clip_norm=t.clip_norm,
-                               decay_steps=t.steps if t.decay else None)
+    return flow.system_optimizer(system)
 
 
 def build_on_device(config):

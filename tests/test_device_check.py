@@ -39,8 +39,8 @@ def test_dry_run_writes_every_section_ok(tmp_path):
 
 
 def test_builds_the_step_and_optimizer_train_runs(monkeypatch):
-    """device_check cannot import dd_jax.train (its input pipeline needs Grain, which GPU hosts lack); its
-    copies must call flow with exactly the arguments train's do."""
+    """device_check cannot import dd_jax.train (its input pipeline needs Grain, which GPU hosts lack); it builds
+    the step and optimizer with flow's, which train uses: the same calls to flow."""
     from flax import nnx
 
     from dd_jax import flow, system as system_lib, train
@@ -54,7 +54,8 @@ def test_builds_the_step_and_optimizer_train_runs(monkeypatch):
     config = device_check.config_for(True, 64, 64, "proj")
     config.train.decay = True
     system = system_lib.wrap(nnx.eval_shape(lambda: system_lib.build_model(config, load_weights=False)), config)
-    for build in (train.make_step, device_check.production_step, train._optimizer, device_check.production_optimizer):
+    for build in (train.make_step, device_check.production_step, flow.system_optimizer,
+                  device_check.production_optimizer):
         build(system)
     (a, b), (c, d) = calls["make_train_step"], calls["make_optimizer"]
     assert a == b and c == d

@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs import tiny
-from dd_jax import evaluate, metrics, system as system_lib, train
+from dd_jax import checkpoints, evaluate, metrics, system as system_lib
 from dd_jax.data import blend, build
 from dd_jax.metrics import report as report_lib
 from dd_jax.metrics.weights import save_module
@@ -48,7 +48,7 @@ def setup(tmp_path_factory):
         quiet(build.main, ["--task", task, "--out", str(data), "--train", "0", "--test", "3",
                            "--size", str(SIZE), "--seed", "1234"])
     model = str(root / "model")
-    train.export(system_lib.build(tiny_config(data)), model)  # untrained: the numbers only need to be consistent
+    checkpoints.export(system_lib.build(tiny_config(data)), model)  # untrained: the numbers only need to be consistent
     return root, str(data), model
 
 
@@ -139,7 +139,7 @@ def test_weights_and_samples(setup, tmp_path):
 def test_model_rows_are_a_direct_decomposition(setup):
     """At the working size both modes are one tile per image: the numbers of sampling the stored composites."""
     root, data, model = setup
-    system = train.load_trained(model)
+    system = checkpoints.load_trained(model)
     comp, bg, _ = stored(data, "xray")
     want = []
     for b, start in enumerate(range(0, len(comp), 2)):  # batches of 2, the last padded with its last image

@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 import flux_reference as fr
 from tolerance import rel_err
 from configs import flux as flux_config
-from dd_jax import lora, system as system_lib, train
+from dd_jax import checkpoints, lora, system as system_lib
 from dd_jax.models import flux
 from weights_conversion import convert, lora_export
 
@@ -100,7 +100,7 @@ def test_export_cli_from_a_run_export_folder(base, tmp_path):
     system = system_lib.build(_run_config(converted))
     _randomize_b(system.model.transformer, seed=1)
     run = tmp_path / "run"
-    train.export(system, str(run / "export"))
+    checkpoints.export(system, str(run / "export"))
     out = tmp_path / "out" / "run_lora.safetensors"
     r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "export_lora.py"), "--checkpoint", str(run),
                         "--output", str(out)], capture_output=True, text=True, cwd=REPO)
@@ -152,5 +152,5 @@ def test_bad_input(tmp_path, base):
     c.model.params = ml_collections.ConfigDict(dict(hidden_size=32, num_heads=2, depth=1, depth_single_blocks=1,
                                                     in_channels=16, out_channels=16, vec_in_dim=8, context_in_dim=8,
                                                     axes_dim=(4, 6, 6)))
-    train.export(system_lib.build(c), str(tmp_path / "full" / "export"))
+    checkpoints.export(system_lib.build(c), str(tmp_path / "full" / "export"))
     assert lora_export.main(["--checkpoint", str(tmp_path / "full"), "--output", str(tmp_path / "y.safetensors")]) == 2

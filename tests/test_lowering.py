@@ -64,14 +64,14 @@ def _lower(platform: str, attention: str, mesh=None, batch_size: int = 1) -> dic
     import jax.numpy as jnp
     from flax import nnx
 
-    from dd_jax import aot, lora, sampling, sharding, system as system_lib, train
+    from dd_jax import aot, flow, lora, sampling, sharding, system as system_lib
 
     config = _config(platform, attention)
     config.data.batch_size = batch_size
 
     def init():
         model = system_lib.build_model(config, load_weights=False)
-        return model, train._optimizer(system_lib.wrap(model, config))
+        return model, flow.system_optimizer(system_lib.wrap(model, config))
 
     model, optimizer = nnx.eval_shape(init)
     batch = aot.abstract_batch(config, txt_len=TXT)
@@ -90,7 +90,7 @@ def _lower(platform: str, attention: str, mesh=None, batch_size: int = 1) -> dic
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh, ndim=len(v.shape)))
                  for k, v in batch.items()}
     system = system_lib.wrap(model, config)
-    step = train.make_step(system)
+    step = flow.system_step(system)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
     train_text = step.lower(model, optimizer, batch, key, platforms=(platform,)).as_text()
     parts = step.partition_bytes(model, optimizer)

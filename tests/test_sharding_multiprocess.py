@@ -126,10 +126,10 @@ def test_two_processes_train_like_one(reference, tmp_path):
     # the checkpoint the two processes wrote together restores whole in one process (one device)
     from flax import nnx
 
-    from dd_jax import train
+    from dd_jax import checkpoints
 
     os.rename(two / "export", tmp_path / "moved")
-    restored = train.load_trained(str(two))
+    restored = checkpoints.load_trained(str(two))
     state = nnx.state(restored.model, restored.trainable())
     flat = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
     assert sorted(flat) == sorted(exported)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import train_helpers as th
-from dd_jax import train
+from dd_jax import checkpoints, system as system_lib, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,7 +47,7 @@ def test_resume_after_sigkill_logs_the_uninterrupted_losses(data_dir, tmp_path):
     proc.wait()
     logged = th.losses(str(run))
     assert max(logged) < 100, "the run finished before it could be killed"
-    assert train.Checkpoints(str(run / "checkpoints"), 3).latest() >= 30
+    assert checkpoints.Checkpoints(str(run / "checkpoints"), 3).latest() >= 30
 
     proc = _cli(run, c)
     out, _ = proc.communicate(timeout=600)
@@ -73,7 +73,7 @@ def test_sigterm_saves_and_the_run_continues(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "device_batch", batch_then_sigterm)
     summary = train.train(c, str(tmp_path))
     assert summary["interrupted"] == "SIGTERM" and summary["step"] == 3
-    assert train.Checkpoints(str(tmp_path / "checkpoints"), 3).latest() == 3
+    assert checkpoints.Checkpoints(str(tmp_path / "checkpoints"), 3).latest() == 3
     assert "export" not in summary
     monkeypatch.setattr(train, "device_batch", real)
     summary = train.train(c, str(tmp_path))
@@ -95,7 +95,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, m
     monkeypatch.setattr(train, "device_batch", poisoned)
     with pytest.raises(train.NonFiniteLoss, match="step 6"):
         train.train(c, str(tmp_path))
-    assert train.Checkpoints(str(tmp_path / "checkpoints"), 3).latest() == 4
+    assert checkpoints.Checkpoints(str(tmp_path / "checkpoints"), 3).latest() == 4
     logged = th.losses(str(tmp_path))
     assert math.isnan(logged[6]) and all(math.isfinite(logged[s]) for s in range(1, 6))
 
@@ -103,19 +103,19 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, m
 def test_export_reloads_the_trained_model(data_dir, tmp_path):
     c = th.small_config(data_dir, steps=4)
     summary = train.train(c, str(tmp_path))
-    exported = train.load_trained(summary["export"])
+    exported = checkpoints.load_trained(summary["export"])
     os.rename(summary["export"], str(tmp_path / "moved"))
-    from_checkpoint = train.load_trained(str(tmp_path))  # a workdir without export: its newest checkpoint
+    from_checkpoint = checkpoints.load_trained(str(tmp_path))  # a workdir without export: its newest checkpoint
     a = from_checkpoint.model.transformer.img_in.kernel[...]
     np.testing.assert_array_equal(np.asarray(a), np.asarray(exported.model.transformer.img_in.kernel[...]))
     np.testing.assert_array_equal(np.asarray(from_checkpoint.model.conditioner.tokens[...]),
                                   np.asarray(exported.model.conditioner.tokens[...]))
-    fresh = train.system_lib.build(c)
+    fresh = system_lib.build(c)
     assert not np.array_equal(np.asarray(a), np.asarray(fresh.model.transformer.img_in.kernel[...]))
     # a new run started from it (train.init_from: parameters only) begins exactly there
-    c0 = th.small_config(data_dir, steps=0)
+    c0 = th.small_config(data_dir, steps=1, learning_rate=0.0)  # one step that changes nothing
     c0.train.init_from = str(tmp_path / "moved")
-    started = train.load_trained(train.train(c0, str(tmp_path / "warm"))["export"])
+    started = checkpoints.load_trained(train.train(c0, str(tmp_path / "warm"))["export"])
     np.testing.assert_array_equal(np.asarray(started.model.transformer.img_in.kernel[...]), np.asarray(a))
     c0.model.params.vec_in_dim = 2 * c0.model.params.vec_in_dim
     with pytest.raises(ValueError, match="shape"):

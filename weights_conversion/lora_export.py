@@ -18,8 +18,10 @@ when the file carries no alphas. So:
 - our scale alpha / r is folded into B, so every loader (peft's default
   alpha = r, ComfyUI, ...) reproduces our update exactly.
 
-Sources: a training workdir (its export/, else its newest checkpoint) or an
-export folder (`dd_jax.train.export`); or a live model (`from_model`).
+Sources: a training workdir (its newest trained weights, as `dd_jax.checkpoints`
+chooses them for decompose: the newest checkpoint that restores or the export,
+whichever is later) or an export folder (`dd_jax.checkpoints.export`); or a
+live model (`from_model`).
 """
 
 from __future__ import annotations
@@ -131,59 +133,11 @@ def from_model(transformer, path: str, *, dtype: str = "float32", prefix: str = 
 
 
 # ------------------------------------------------------------------ training runs
-def _export_dir(path: str) -> str | None:
-    from dd_jax.models import store  # pylint: disable=g-import-not-at-top
-
-    for p in (path, os.path.join(path, "export")):
-        if os.path.isfile(os.path.join(p, store.META_FILE)):
-            return p
-    return None
-
-
-def _flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            if set(v) == {"value"} and not isinstance(v["value"], Mapping):  # an nnx Variable's pure dict
-                out[key] = np.asarray(v["value"])
-            else:
-                out.update(_flatten(v, key))
-        elif hasattr(v, "get_value"):
-            out[key] = np.asarray(v.get_value())
-        else:
-            out[key] = np.asarray(v)
-    return out
-
-
 def read_run(path: str) -> tuple[dict[str, np.ndarray], dict]:
-    """(flat trainable params, config dict) of an export folder or a training workdir."""
-    from dd_jax.models import store  # pylint: disable=g-import-not-at-top
+    """(flat trainable params, config dict) of an export folder or a training workdir (`dd_jax.checkpoints`)."""
+    from dd_jax import checkpoints  # pylint: disable=g-import-not-at-top  (JAX and orbax only when reading a run)
 
-    path = os.fspath(path)
-    export = _export_dir(path)
-    if export is not None:
-        meta = store.read_meta(export)
-        flat = {}
-        for _, arrays in store.read_groups(export):
-            flat.update({k: np.asarray(v) for k, v in arrays.items()})
-        return flat, meta["config"]
-    cfg_file = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_file):
-        raise FileNotFoundError(f"{path}: neither a trained model folder (export) nor a training workdir")
-    with open(cfg_file) as f:
-        config = json.load(f)
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
-    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(path, "checkpoints")), item_names=("state", "data"))
-    try:
-        step = manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"{path}: no checkpoint yet")
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
-    finally:
-        manager.close()
-    return _flatten(state["params"]), config
+    return checkpoints.read_trained_flat(path)
 
 
 def export_run(checkpoint: str, output: str, *, dtype: str = "float32", prefix: str = PREFIX) -> dict:

@@ -174,7 +174,8 @@ class GroupedWriter:
     temporary folder, and nothing is left at `out_dir`.
     """
 
-    def __init__(self, out_dir: str, *, model: str, config: Mapping[str, Any], dtype: str, overwrite: bool = False):
+    def __init__(self, out_dir: str, *, model: str, config: Mapping[str, Any], dtype: str, overwrite: bool = False,
+                 extra: Mapping[str, Any] | None = None):
         self.out_dir = os.path.abspath(os.fspath(out_dir))
         check_replaceable(self.out_dir, overwrite)
         parent = os.path.dirname(self.out_dir)
@@ -184,7 +185,8 @@ class GroupedWriter:
             print(f"note: {', '.join(stale)} left by an interrupted (or running) write of {self.out_dir}; "
                   "delete them when no conversion runs", file=sys.stderr)
         self.tmp_dir = _new_sibling(self.out_dir, "partial")
-        self.meta = {"format": FORMAT, "model": model, "config": dict(config), "dtype": dtype, "groups": []}
+        self.meta = {"format": FORMAT, "model": model, "config": dict(config), "dtype": dtype, "groups": [],
+                     **dict(extra or {})}  # extra: e.g. the step an export was trained to
         self._ckptr = _local_checkpointer()
         self.overwrite = overwrite
 
@@ -226,12 +228,13 @@ class GroupedWriter:
 
 
 def write_flat(out_dir: str, flat: Mapping[str, np.ndarray], *, model: str, config: Mapping[str, Any],
-               dtype: str, group_fn: Callable[[str], str] = default_group, overwrite: bool = False) -> str:
-    """Writes an in-memory flat parameter dict (small models, saving trained weights)."""
+               dtype: str, group_fn: Callable[[str], str] = default_group, overwrite: bool = False,
+               extra: Mapping[str, Any] | None = None) -> str:
+    """Writes an in-memory flat parameter dict (small models, saving trained weights); `extra`: more metadata."""
     groups: dict[str, dict[str, np.ndarray]] = {}
     for path, arr in flat.items():
         groups.setdefault(group_fn(path), {})[path] = np.asarray(arr)
-    with GroupedWriter(out_dir, model=model, config=config, dtype=dtype, overwrite=overwrite) as w:
+    with GroupedWriter(out_dir, model=model, config=config, dtype=dtype, overwrite=overwrite, extra=extra) as w:
         for g, items in groups.items():
             w.write_group(g, items)
         return w.commit()
