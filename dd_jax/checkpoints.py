@@ -217,14 +217,23 @@ class Checkpoints:
             return []
         return sorted(os.path.join(self.directory, n) for n in os.listdir(self.directory) if _is_partial(n))
 
-    def remove_partial(self) -> list[str]:
-        """Removes what `partial` lists (only orbax's temporary names, never a committed checkpoint)."""
+    def remove_partial(self, settle: float = 0.0) -> list[str]:
+        """Removes what `partial` lists (only orbax's temporary names, never a committed checkpoint). After a
+        failed save orbax's background threads may still write into its folder after `close`: with `settle`
+        the removal is repeated until the folder stays gone for a moment (at most `settle` seconds)."""
         import shutil
+        import time
 
-        gone = self.partial()
-        for p in gone:
-            shutil.rmtree(p, ignore_errors=True)
-        return gone
+        gone, deadline, quiet = [], time.monotonic() + settle, 0
+        while True:
+            found = self.partial()
+            for p in found:
+                shutil.rmtree(p, ignore_errors=True)
+            gone += [p for p in found if p not in gone]
+            quiet = quiet + 1 if not found else 0
+            if time.monotonic() >= deadline or quiet >= 3:
+                return gone
+            time.sleep(0.1)
 
     def save(self, step: int, state, data_state: dict, wait: bool = True) -> None:
         """Saves; `wait=False` returns once the arrays are copied to the host (orbax's blocking part: with no
@@ -416,9 +425,7 @@ def _newest(run: str, sources: list[Weights], read: Callable[[Weights], object],
             skipped.append(f"{w.describe()}: {one_line(e)}")
             log(f"skipping {w.path}: it does not restore ({one_line(e)})")
             continue
-        newer = [s for s in sources if s.step is not None and w.step is not None and s.step > w.step]
-        note = "; newer ones did not restore" if newer else ""
-        log(f"loading weights from {w.describe()}{note}")
+        log(f"loading weights from {w.describe()}")
         return w, out
     if skipped:
         raise RunError(f"{run}: no trained weights restore (" + "; ".join(skipped) + ")")

@@ -9,7 +9,19 @@ For every input it writes, at the input's own size,
   overlay's edges), added light (cell, flare: alpha = brightest channel) or
   X-ray transmittance (the layer over white is the item as scanned).
 With `--num-samples K > 1` the files are `<stem>_s<k>_background.png`, ...
-Existing input files are never written over.
+Inputs that share a stem get names that tell them apart: the extension is
+added (`a/x.png`, `a/x.jpg` -> `x_png_...`, `x_jpg_...`), and the folder too
+when the file names are the same (`a/x.jpg`, `b/x.jpg` -> `a_x_jpg_...`,
+`b_x_jpg_...`).
+
+Nothing is written over: if an output file exists the run stops before the
+model runs, unless `--overwrite` is given (which replaces those outputs, never
+an input). The output folder is checked first (not a file, not under a file,
+writable); each file is written under a temporary name and renamed. A write
+that fails (a full disk) stops the run with one line, its partial file
+removed and the files written before kept. Exit status: 0 all inputs done,
+1 some inputs skipped (unreadable; each is reported), 2 usage or input
+error, or a write that failed.
 
 Without `--checkpoint`, the small model shipped with the package is used
 (dd_jax/assets/tiny, configs/tiny.py). The task (blend law) comes from
@@ -35,9 +47,12 @@ text cache, else encode it with the converted T5/CLIP of `text.encoders` /
 from __future__ import annotations
 
 import argparse
+import collections
+import errno
 import importlib.util
 import os
 import sys
+import tempfile
 import time
 
 import jax
@@ -53,13 +68,66 @@ MAX_SIDE = 16384  # refuse larger inputs rather than running out of memory half-
 
 
 def list_inputs(paths: list[str]) -> list[str]:
-    files = []
+    """Image files of folders (sorted) and files as given; a file given twice is listed once."""
+    files, seen = [], set()
     for p in paths:
         if os.path.isdir(p):
-            files += sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(IMAGE_EXTENSIONS))
+            found = sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(IMAGE_EXTENSIONS))
         else:
-            files.append(p)
+            found = [p]
+        for f in found:
+            if os.path.realpath(f) not in seen:
+                seen.add(os.path.realpath(f))
+                files.append(f)
     return files
+
+
+def output_stems(files: list[str]) -> dict[str, str]:
+    """Each input's output name stem: its file's stem; inputs sharing a stem get their extension added, and
+    those sharing the file name too their parent folder(s), until every stem is unique."""
+    stems = {f: os.path.splitext(os.path.basename(f))[0] for f in files}
+
+    def clashing() -> set[str]:
+        counts = collections.Counter(stems.values())
+        return {f for f, s in stems.items() if counts[s] > 1}
+
+    for f in clashing():
+        stem, ext = os.path.splitext(os.path.basename(f))
+        stems[f] = f"{stem}_{ext.lstrip('.')}" if ext else stem
+    depth = 1
+    while clashing() and depth <= 8:
+        for f in clashing():
+            parts = os.path.normpath(os.path.abspath(f)).split(os.sep)
+            stem, ext = os.path.splitext(parts[-1])
+            parents = [p for p in parts[-1 - depth:-1] if p]
+            stems[f] = "_".join(parents + [stem] + ([ext.lstrip(".")] if ext else []))
+        depth += 1
+    for f in sorted(clashing()):  # still the same (e.g. only the case differs): number them
+        stems[f] = f"{stems[f]}_{files.index(f)}"
+    return stems
+
+
+def check_output_folder(output: str) -> None:
+    """Raises ValueError (one line) unless `output` is, or can be made, a writable folder: checked before
+    any model runs. Nothing is created."""
+    if os.path.lexists(output) and not os.path.isdir(output):
+        raise ValueError(f"--output {output}: exists and is not a folder; choose a folder")
+    existing = os.path.abspath(output)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--output {output}: {existing} is a file, so no folder can be made under it")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".dd_jax-write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--output {output}: {existing} is not writable ({e.strerror or e}); choose another "
+                         f"folder") from e
+
+
+class WriteError(ValueError):
+    """An output could not be written (e.g. the disk is full); what was written before is kept."""
 
 
 def read_rgb(path: str) -> np.ndarray:
@@ -77,9 +145,18 @@ def task_from_name(path: str) -> str | None:
 
 
 def save_png(path: str, img: np.ndarray) -> None:
+    """Writes a PNG under a temporary name in the same folder, then renames it to `path` (a killed or failed
+    write leaves no partial `path`, and removes its temporary file when it can)."""
     if img.dtype != np.uint8:
         img = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
-    Image.fromarray(img).save(path)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.partial-{os.getpid()}")
+    try:
+        Image.fromarray(img).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_config_file(path: str):
@@ -114,26 +191,48 @@ class _Progress:
 def run(inputs: list[str], output: str, checkpoint: str | None = None, config_file: str | None = None,
         task: str | None = None, steps: int | None = None, seed: int = 0, num_samples: int = 1,
         batch_size: int = 16, guidance: float | None = None, detail_transfer: bool = True,
-        prompt: str | None = None, mode: str | None = None, overlap: int | None = None) -> dict:
+        prompt: str | None = None, mode: str | None = None, overlap: int | None = None,
+        overwrite: bool = False) -> dict:
+    """Decomposes `inputs` into `output` (see the module docstring); returns a summary with `written`
+    (decompositions), `files` (written), `skipped` (unreadable inputs), `tasks`. Raises ValueError (one line)
+    for bad arguments or outputs that exist (without `overwrite`), WriteError when a write fails."""
     if task is not None and task not in blend.TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(blend.TASKS)}")
     if mode is not None and mode not in inference.MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(inference.MODES)}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps {steps}: at least one sampling step")
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError("--num-samples and --batch-size must be >= 1")
+    check_output_folder(output)
+    files = list_inputs(inputs)
+    if not files:
+        raise ValueError(f"no image files in {', '.join(inputs)} ({', '.join(IMAGE_EXTENSIONS)})")
     config = load_config_file(config_file) if config_file else None
     system = checkpoints.load_trained(checkpoint or DEFAULT_MODEL, config)
     head = inference.load_task_head(checkpoint or DEFAULT_MODEL)  # None: uncalibrated task choice
     cfg = system.config
-    steps = steps or cfg.sample.steps
+    steps = cfg.sample.steps if steps is None else steps
     mode = mode or inference.default_mode(cfg)
     tile = inference.working_size(system)
     overlap = inference.default_overlap(tile) if overlap is None else overlap
     if mode == "tile" and not 0 <= overlap < min(tile):
         raise ValueError(f"--overlap must be in [0, {min(tile)}) for tiles of {tile[0]}x{tile[1]}")
-    files = list_inputs(inputs)
-    os.makedirs(output, exist_ok=True)
     protected = {os.path.realpath(f) for f in files}
     has_fg = "x" in system.spec.targets
-    skipped, written, tasks_used = [], 0, {}
+    stems = output_stems(files)
+    layers_out = ("background", "foreground") if has_fg else ("background",)
+    planned = [os.path.join(output, f"{stems[f]}{f'_s{k}' if num_samples > 1 else ''}_{layer}.png")
+               for f in files for k in range(num_samples) for layer in layers_out]
+    existing = [p for p in planned if os.path.lexists(p) and (not overwrite or os.path.realpath(p) in protected)]
+    if existing:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        if any(os.path.realpath(p) in protected for p in existing):
+            raise ValueError(f"{existing[0]}{more} would be written over an input; choose another --output")
+        raise ValueError(f"{existing[0]}{more} exists; decompose writes over no file it did not write in this "
+                         f"run: pass --overwrite to replace its outputs, or choose another --output")
+    os.makedirs(output, exist_ok=True)
+    skipped, written, tasks_used, done = [], 0, {}, []
     t0 = time.time()
     progress = _Progress(t0)
     key = jax.random.key(seed)
@@ -171,7 +270,7 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
                                         detail_transfer=detail_transfer, progress=progress)
     for tag, layers in stream:
         path, name, k, t = tag
-        stem = os.path.splitext(name)[0] + (f"_s{k}" if num_samples > 1 else "")
+        stem = stems[path] + (f"_s{k}" if num_samples > 1 else "")
         outs = {"background": layers.background}
         note = ""
         if has_fg:
@@ -181,14 +280,19 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
             note = f", recomposition RMSE {err * 255:.2f}/255"
         for layer, img in outs.items():
             dest = os.path.join(output, f"{stem}_{layer}.png")
-            if os.path.realpath(dest) in protected:
-                print(f"not writing {dest}: it is an input", file=sys.stderr)
-                continue
-            save_png(dest, img)
+            if os.path.realpath(dest) in protected:  # checked above; an input that appeared since
+                raise ValueError(f"{dest} would be written over an input; choose another --output")
+            try:
+                save_png(dest, img)
+            except OSError as e:
+                why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+                raise WriteError(f"{why} writing {dest}: stopped, its partial file removed; the {len(done)} "
+                                 f"file(s) written before ({written} decomposition(s)) are kept in {output}") from e
+            done.append(dest)
         progress.finish(tag, inference.tile_count(*layers.composite.shape[:2], tile, overlap)
                         if mode == "tile" else 1, note)
         written += 1
-    return {"written": written, "skipped": skipped, "output": output, "tasks": tasks_used}
+    return {"written": written, "files": done, "skipped": skipped, "output": output, "tasks": tasks_used}
 
 
 def main(argv=None) -> int:
@@ -212,18 +316,22 @@ def main(argv=None) -> int:
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--no-detail-transfer", action="store_true", help="--mode resize: plain resize of the background")
     ap.add_argument("--prompt", default=None, help="text prompt for T5/CLIP-conditioned models (default: the task's)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace output files that exist (never an input); without it the run refuses them")
     args = ap.parse_args(argv)
     if args.num_samples < 1 or args.batch_size < 1:
         ap.error("--num-samples and --batch-size must be >= 1")
+    if args.steps is not None and args.steps < 1:
+        ap.error(f"--steps {args.steps}: at least one sampling step")
     try:
         out = run(args.input, args.output, args.checkpoint, args.config, args.task, args.steps, args.seed,
                   args.num_samples, args.batch_size, args.guidance, not args.no_detail_transfer, args.prompt,
-                  args.mode, args.overlap)
+                  args.mode, args.overlap, overwrite=args.overwrite)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out['written']} decomposition(s) to {args.output}; skipped {len(out['skipped'])}", file=sys.stderr)
-    return 0 if out["written"] or not out["skipped"] else 1
+    return 1 if out["skipped"] else 0  # 0: every input done; 1: some skipped (each reported above)
 
 
 if __name__ == "__main__":

@@ -298,17 +298,17 @@ def check_config(config) -> None:
 
 
 def validate(config, workdir: str, mesh) -> None:
-    """Everything checked before the run directory is touched: the config builds (`check_config`), the
-    batch splits over the mesh, the data exists, and a rerun keeps the run's architecture."""
+    """Everything checked before the run directory is touched: a rerun keeps the run's architecture, the
+    config builds (`check_config`), the batch splits over the mesh, the data exists."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise RunError(f"--workdir {workdir}: not a folder")
+    checkpoints.check_rerun(workdir, config)
     check_config(config)
     try:
         check_batch(config, mesh)
     except ValueError as e:
         raise RunError(str(e)) from e
     check_data(config)
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise RunError(f"--workdir {workdir}: not a folder")
-    checkpoints.check_rerun(workdir, config)
 
 
 class DiskFull(RunError):
@@ -432,7 +432,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         """A clear error for a save that ran out of space (its partial files removed); else `e` itself."""
         if not _disk_full(e):
             return e
-        ckpts.remove_partial()
+        try:
+            ckpts.close()  # waits for orbax's background writes, which fail too
+        except Exception:  # noqa: BLE001
+            pass
+        ckpts.remove_partial(settle=5.0)
         done = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(ckpt_dir) else []
         kept = f"the checkpoint of step {max(done)}" if done else "no checkpoint"
         return DiskFull(f"no space left on device while saving the checkpoint of step {step} in {ckpt_dir}: it is "

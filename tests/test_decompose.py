@@ -38,7 +38,7 @@ def test_folder_of_mixed_inputs(model_dir, tmp_path, monkeypatch, capsys):
     Image.fromarray(rng.integers(0, 255, (32, 32, 3), np.uint8)).save(src / "holiday.png")  # no task in the name
     out = tmp_path / "out"
     assert decompose.main(["--input", str(src), "--output", str(out), "--checkpoint", model_dir,
-                           "--batch-size", "2", "--steps", "2"]) == 0
+                           "--batch-size", "2", "--steps", "2"]) == 1  # one input skipped
     err = capsys.readouterr().err
     files = sorted(os.listdir(out))
     stems = ("watermark_a", "xray_b", "watermark_gray", "cell_wide", "holiday")
@@ -77,6 +77,107 @@ def test_only_bad_inputs_fail(model_dir, tmp_path):
                            "--task", "cell"]) == 1
     assert decompose.main(["--input", str(bad), "--output", str(tmp_path / "o"), "--checkpoint",
                            str(tmp_path / "nowhere")]) == 2
+
+
+@pytest.mark.parametrize("steps", ["0", "-3"])
+def test_steps_must_be_positive(model_dir, tmp_path, steps):
+    """Defect 9: --steps 0 meant the config's 2, --steps -3 failed inside the sampler."""
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    with pytest.raises(SystemExit) as e:
+        decompose.main(["--input", str(img), "--output", str(tmp_path / "o"), "--checkpoint", model_dir,
+                        "--steps", steps, "--task", "cell"])
+    assert e.value.code == 2 and not os.path.exists(tmp_path / "o")
+
+
+def test_same_stems_get_distinct_names(model_dir, tmp_path):
+    """Defect 2: a/xray_1.png, a/xray_1.jpg and b/xray_1.jpg wrote one pair, clobbering each other."""
+    rng = np.random.default_rng(4)
+    for rel in ("a/xray_1.png", "a/xray_1.jpg", "b/xray_1.jpg", "b/cell_2.png"):
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), np.uint8)).save(tmp_path / rel)
+    out = tmp_path / "out"
+    assert decompose.main(["--input", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(out),
+                           "--checkpoint", model_dir, "--steps", "1"]) == 0
+    stems = ("xray_1_png", "a_xray_1_jpg", "b_xray_1_jpg", "cell_2")
+    assert sorted(os.listdir(out)) == sorted(f"{s}_{k}.png" for s in stems for k in ("background", "foreground"))
+
+
+def test_existing_files_are_not_written_over(model_dir, tmp_path, capsys):
+    """Defect 2: --output equal to the input folder replaced the user's *_background.png."""
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(src / "xray_1.png")
+    mine = src / "xray_1_background.png"
+    mine.write_bytes(b"the user's own file")
+    args = ["--output", str(src), "--checkpoint", model_dir, "--steps", "1"]
+    assert decompose.main(["--input", str(src / "xray_1.png")] + args) == 2
+    assert "xray_1_background.png exists" in capsys.readouterr().err and mine.read_bytes() == b"the user's own file"
+    assert sorted(os.listdir(src)) == ["xray_1.png", "xray_1_background.png"]
+    # the folder as input: the user's file is an input too, never written over, even with --overwrite
+    assert decompose.main(["--input", str(src), "--overwrite"] + args) == 2
+    assert "over an input" in capsys.readouterr().err and mine.read_bytes() == b"the user's own file"
+    # --overwrite replaces outputs (not inputs)
+    assert decompose.main(["--input", str(src / "xray_1.png"), "--overwrite"] + args) == 0
+    assert Image.open(mine).size == (16, 16)
+
+
+def test_output_folder_is_checked_before_the_model_runs(model_dir, tmp_path, monkeypatch, capsys):
+    """Defect 8: an --output that is a file or under one was a traceback; a read-only one failed only after
+    the model had run."""
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    monkeypatch.setattr(decompose.checkpoints, "load_trained", lambda *a, **k: pytest.fail("the model was loaded"))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    real = decompose.tempfile.mkstemp
+
+    def mkstemp(*a, dir=None, **k):  # as a read-only folder answers a user that is not root
+        if os.path.realpath(dir) == os.path.realpath(ro):
+            raise PermissionError(13, "Permission denied", dir)
+        return real(*a, dir=dir, **k)
+
+    monkeypatch.setattr(decompose.tempfile, "mkstemp", mkstemp)
+    for output, word in ((afile, "not a folder"), (afile / "sub", "is a file"), (ro, "not writable"),
+                         (ro / "new", "not writable")):
+        assert decompose.main(["--input", str(img), "--output", str(output), "--task", "cell"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and word in err[0], err
+    assert os.listdir(ro) == [] and afile.read_text() == "x"
+
+
+def test_disk_full_while_writing_stops_clearly_and_keeps_what_was_written(model_dir, tmp_path, monkeypatch, capsys):
+    """An injected OSError(ENOSPC) at the third file: exit 2 with one line, no partial file, the two files
+    written before and the folder's other files kept."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("xray_1.png", "xray_2.png", "xray_3.png"):
+        Image.fromarray(np.full((16, 16, 3), 60, np.uint8)).save(src / name)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("kept")
+    real, calls = Image.Image.save, []
+
+    def save(self, fp, *a, **k):
+        calls.append(fp)
+        if len(calls) == 3:
+            with open(fp, "wb") as f:
+                f.write(b"\x89PNG half")  # a partial write, then the disk is full
+            raise OSError(28, "No space left on device", fp)
+        return real(self, fp, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    assert decompose.main(["--input", str(src), "--output", str(out), "--checkpoint", model_dir, "--steps", "1"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and "no space left on device" in err[0] and "2 file(s) written before" in err[0], err
+    assert sorted(os.listdir(out)) == ["notes.txt", "xray_1_background.png", "xray_1_foreground.png"]
+    assert (out / "notes.txt").read_text() == "kept"
+    monkeypatch.undo()
+    for f in ("xray_1_background.png", "xray_1_foreground.png"):
+        assert Image.open(out / f).size == (16, 16)
 
 
 def test_alpha_estimate_inverts_alpha_over():

@@ -1,13 +1,11 @@
-"""The training program: resume after SIGKILL, SIGTERM saves, NaN stops, export and reload."""
+"""The training program: SIGTERM saves, NaN stops, export and reload (SIGKILL and other faults:
+tests/test_faults.py)."""
 
 from __future__ import annotations
 
 import math
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -16,47 +14,10 @@ import pytest
 import train_helpers as th
 from dd_jax import checkpoints, system as system_lib, train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return th.make_dataset(tmp_path_factory.mktemp("data"))
-
-
-def _cli(workdir, c):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([sys.executable, "-m", "dd_jax.train", f"--workdir={workdir}"] + th.config_args(c),
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-@pytest.mark.matrix
-def test_resume_after_sigkill_logs_the_uninterrupted_losses(data_dir, tmp_path):
-    c = th.small_config(data_dir, steps=100, checkpoint_every=30, log_every=5)
-    full = tmp_path / "full"
-    train.train(c, str(full))  # uninterrupted reference, in process
-    ref = th.losses(str(full))
-    assert sorted(ref) == list(range(1, 101))
-
-    run = tmp_path / "killed"
-    proc = _cli(run, c)
-    deadline = time.time() + 300
-    while not os.path.isdir(run / "checkpoints" / "30") and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    logged = th.losses(str(run))
-    assert max(logged) < 100, "the run finished before it could be killed"
-    assert checkpoints.Checkpoints(str(run / "checkpoints"), 3).latest() >= 30
-
-    proc = _cli(run, c)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out
-    assert "resumed from step" in out
-    resumed = th.losses(str(run))
-    assert sorted(resumed) == list(range(1, 101))
-    for step in range(1, 101):
-        assert resumed[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), step
 
 
 def test_sigterm_saves_and_the_run_continues(data_dir, tmp_path, monkeypatch):
