@@ -29,6 +29,7 @@ from dd_jax.metrics.inception import FORMAT, InceptionV3  # noqa: E402
 from dd_jax.metrics.resize import resize_bilinear  # noqa: E402
 from dd_jax.metrics.weights import assign_flat, load_flat, save_flat  # noqa: E402
 from optional_deps import needs  # noqa: E402
+from tolerance import rel_err  # noqa: E402
 from weights_conversion import inception as conv  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
@@ -240,9 +241,6 @@ def build_reference(seed: int = 0) -> Inception3:
     return net.eval()
 
 
-def _rel_err(a, b):
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
 
 @pytest.fixture(scope="module")
 def ref():
@@ -275,7 +273,7 @@ def test_features_match_reference(ref):
     want = reference_features(fid_blocks(net), x, resize=False)
     got = fid.features(ours, x, resize=False)
     assert got.shape == (2, 2048)
-    assert _rel_err(got, want) < 1e-4
+    assert rel_err(got, want) < 1e-4
 
 
 def test_fid_pipeline_matches_reference_with_resize(ref):
@@ -283,7 +281,7 @@ def test_fid_pipeline_matches_reference_with_resize(ref):
     x = np.random.default_rng(1).uniform(size=(3, 40, 56, 3)).astype(np.float32)
     want = reference_features(fid_blocks(net), x, resize=True)
     got = fid.features(ours, x, batch_size=2)  # 2 batches, the last one padded
-    assert _rel_err(got, want) < 1e-4
+    assert rel_err(got, want) < 1e-4
 
 
 @pytest.mark.parametrize("src,dst", [((40, 56), (299, 299)), ((512, 333), (299, 299)),
@@ -382,7 +380,7 @@ def test_fid_helper_torchscript_real_weights(tmp_path):
         t = F.interpolate(t, size=(299, 299), mode="bilinear", align_corners=False)
         want = jit(2 * t - 1).numpy()
     got = fid.features(ours, x)
-    assert _rel_err(got, want) < 1e-5, np.max(np.abs(got - want))
+    assert rel_err(got, want) < 1e-5, np.max(np.abs(got - want))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,6 +412,6 @@ def test_reference_equals_pytorch_fid_code(ref, monkeypatch):
         x = np.random.default_rng(4).uniform(size=(2, 64, 48, 3)).astype(np.float32)
         with torch.no_grad():
             out = model(torch.from_numpy(x).permute(0, 3, 1, 2))[0][:, :, 0, 0].numpy()
-        np.testing.assert_allclose(out, reference_features(fid_blocks(net), x), rtol=0, atol=1e-6)
+        assert rel_err(out, reference_features(fid_blocks(net), x)) <= 1e-5
     finally:
         sys.modules.pop("pytorch_fid.inception", None)
