@@ -536,6 +536,7 @@ def main(argv):
     set_gpu_memory_fraction(FLAGS.config)  # before JAX starts a GPU client
     sharding.maybe_initialize_distributed(FLAGS.config.get("distributed"))  # before any other JAX call
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    logging.get_absl_logger().addFilter(_no_orbax_tracebacks)  # a failed save: orbax's lines, our one error
     try:
         train(FLAGS.config, FLAGS.workdir)
     except NonFiniteLoss as e:
@@ -546,12 +547,24 @@ def main(argv):
         sys.exit(2)
 
 
+def _no_orbax_tracebacks(record) -> bool:
+    """Keeps orbax's error records to their message line (their tracebacks run to a hundred lines; the
+    error that stops the run is reported once, in one line, by `main`)."""
+    if "orbax" in (record.pathname or ""):
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
 def _parse_flags(argv):
-    """absl's parser, with a config override naming a field the config lacks as one line (exit 2)."""
-    from absl import app
+    """absl's parser with one-line errors and exit status 2: a bad flag or value, a missing required flag, a
+    config override naming a field the config lacks."""
+    from absl import flags
 
     try:
-        return app.parse_flags_with_usage(argv)
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     except (AttributeError, KeyError) as e:  # ml_collections: an override of a field the config does not have
         missing = str(e).strip("\"'").split("'")[0]
         args = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
