@@ -158,13 +158,6 @@ def record_config(workdir: str, config, step: int) -> str:
     return name
 
 
-def config_history(workdir: str) -> list[str]:
-    """The recorded configs of a run (`config.<step>[.<n>].json`), oldest first."""
-    names = [f for f in os.listdir(workdir) if f.startswith("config.") and f.endswith(".json") and f != CONFIG_FILE]
-    key = lambda f: [int(x) if x.isdigit() else -1 for x in f[len("config."):-len(".json")].split(".")]
-    return [os.path.join(workdir, f) for f in sorted(names, key=key)]
-
-
 # ------------------------------------------------------------------ host copies
 def to_host(tree):
     """Numpy copies of (possibly sharded, multi-process) arrays; every process must call it (a collective
