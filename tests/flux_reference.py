@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 
@@ -79,3 +81,33 @@ def jax_forward(model, x) -> np.ndarray:
     return np.asarray(model(jnp.asarray(x["img"]), jnp.asarray(x["img_ids"]), jnp.asarray(x["txt"]),
                             jnp.asarray(x["txt_ids"]), jnp.asarray(x["timesteps"]), jnp.asarray(x["y"]),
                             None if x["guidance"] is None else jnp.asarray(x["guidance"])), np.float32)
+
+
+def random_bfl_state(params, seed: int, scale: float = 0.2) -> dict:
+    """Random float32 weights under BFL names: our module paths with torch's `.weight` and [out, in] layout."""
+    from flax import nnx
+
+    from dd_jax.models import flux
+
+    rng = np.random.default_rng(seed)
+    _, st = nnx.split(flux.abstract(params))
+    state = {}
+    for path, var in nnx.to_flat_state(st):
+        shape = var.get_value().shape
+        name = ".".join(map(str, path))
+        if name.endswith(".kernel"):
+            name, shape = name[: -len("kernel")] + "weight", shape[::-1]
+        state[name] = (rng.standard_normal(shape) * scale).astype(np.float32)
+    return state
+
+
+def bfl_to_diffusers(state: dict, hidden: int) -> dict:
+    """diffusers' own BFL -> diffusers conversion, with its hard-coded 3072 width replaced."""
+    from diffusers.loaders import single_file_utils
+
+    src = inspect.getsource(single_file_utils.convert_flux_transformer_checkpoint_to_diffusers)
+    assert src.count("inner_dim = 3072") == 1
+    namespace = dict(vars(single_file_utils))
+    exec(src.replace("inner_dim = 3072", f"inner_dim = {hidden}"), namespace)
+    return namespace["convert_flux_transformer_checkpoint_to_diffusers"](
+        {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})

@@ -46,18 +46,11 @@ PARAMS = flux.FluxParams(in_channels=16, out_channels=16, vec_in_dim=20, context
 @pytest.fixture(scope="module")
 def bfl_file(tmp_path_factory):
     """A tiny random BFL single-file transformer (names = our paths, torch's [out, in] layout)."""
-    from flax import nnx
     from safetensors.numpy import save_file
 
-    rng = np.random.default_rng(0)
-    _, st = nnx.split(flux.abstract(PARAMS))
-    state = {}
-    for path, var in nnx.to_flat_state(st):
-        shape = var.get_value().shape
-        name = ".".join(map(str, path))
-        if name.endswith(".kernel"):
-            name, shape = name[: -len("kernel")] + "weight", shape[::-1]
-        state[name] = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+    import flux_reference as fr
+
+    state = fr.random_bfl_state(PARAMS, seed=0, scale=0.1)
     path = tmp_path_factory.mktemp("bfl") / "flux1-tiny.safetensors"
     save_file(state, str(path))
     return str(path)

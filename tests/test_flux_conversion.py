@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import subprocess
 import sys
@@ -63,34 +62,6 @@ def test_guidance_free_sharded_pipeline_folder(tmp_path):
     assert rel_err(fr.jax_forward(ours_model, x), fr.diffusers_forward(model, x)) <= 1e-4
 
 
-def _bfl_to_diffusers(state: dict, hidden: int) -> dict:
-    """diffusers' own BFL -> diffusers conversion, with its hard-coded 3072 width replaced."""
-    from diffusers.loaders import single_file_utils
-
-    src = inspect.getsource(single_file_utils.convert_flux_transformer_checkpoint_to_diffusers)
-    assert src.count("inner_dim = 3072") == 1
-    namespace = dict(vars(single_file_utils))
-    exec(src.replace("inner_dim = 3072", f"inner_dim = {hidden}"), namespace)
-    return namespace["convert_flux_transformer_checkpoint_to_diffusers"](
-        {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
-
-
-def _random_bfl_state(params: flux.FluxParams, seed: int) -> dict:
-    """Random weights under BFL names: our module paths with torch's `.weight` and [out, in] layout."""
-    from flax import nnx
-
-    rng = np.random.default_rng(seed)
-    _, st = nnx.split(flux.abstract(params))
-    state = {}
-    for path, var in nnx.to_flat_state(st):
-        shape = var.get_value().shape
-        name = ".".join(map(str, path))
-        if name.endswith(".kernel"):
-            name, shape = name[: -len("kernel")] + "weight", shape[::-1]
-        state[name] = (rng.standard_normal(shape) * 0.2).astype(np.float32)
-    return state
-
-
 @pytest.fixture(scope="module")
 def bfl_checkpoint(tmp_path_factory):
     from diffusers import FluxTransformer2DModel
@@ -98,10 +69,10 @@ def bfl_checkpoint(tmp_path_factory):
     params = flux.FluxParams(in_channels=16, out_channels=16, vec_in_dim=20, context_in_dim=24, hidden_size=64,
                              mlp_ratio=4.0, num_heads=4, depth=2, depth_single_blocks=3, axes_dim=(4, 6, 6),
                              theta=10_000, qkv_bias=True, guidance_embed=True)
-    state = _random_bfl_state(params, seed=7)
+    state = fr.random_bfl_state(params, seed=7)
     reference = FluxTransformer2DModel(**{**fr.TINY, "num_single_layers": 3, "guidance_embeds": True}).eval()
     # strict: every BFL name must land on a diffusers parameter, and cover all of them
-    reference.load_state_dict(_bfl_to_diffusers(dict(state), params.hidden_size), strict=True)
+    reference.load_state_dict(fr.bfl_to_diffusers(dict(state), params.hidden_size), strict=True)
     path = tmp_path_factory.mktemp("bfl") / "flux1-tiny.safetensors"
     save_file(state, str(path))
     return reference, str(path), params

@@ -67,17 +67,15 @@ def test_bfl_file_parity_sees_position(tmp_path, monkeypatch):
     """A BFL single file (theta and axes_dim are not stored in it: the converter supplies them)."""
     from diffusers import FluxTransformer2DModel
 
-    from test_flux_conversion import _bfl_to_diffusers, _random_bfl_state
-
     params = flux.FluxParams(in_channels=16, out_channels=16, vec_in_dim=20, context_in_dim=24, hidden_size=64,
                              mlp_ratio=4.0, num_heads=4, depth=2, depth_single_blocks=2, axes_dim=(4, 6, 6),
                              theta=10_000, qkv_bias=True, guidance_embed=True)
-    state = _random_bfl_state(params, seed=7)
+    state = fr.random_bfl_state(params, seed=7)
     for name in state:
         if name.endswith(("query_norm.scale", "key_norm.scale")):
             state[name] = np.full_like(state[name], fr.PEAKED_QK)
     reference = FluxTransformer2DModel(**{**fr.TINY, "guidance_embeds": True}).eval()
-    reference.load_state_dict(_bfl_to_diffusers(dict(state), params.hidden_size), strict=True)
+    reference.load_state_dict(fr.bfl_to_diffusers(dict(state), params.hidden_size), strict=True)
     save_file(state, str(tmp_path / "flux1-tiny.safetensors"))
     assert convert.main(["--source", str(tmp_path / "flux1-tiny.safetensors"), "--output", str(tmp_path / "o"),
                          "--axes-dim", "4,6,6", "--quiet"]) == 0

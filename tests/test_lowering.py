@@ -29,10 +29,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 
 import pytest
+
+import host_devices
 
 pytestmark = pytest.mark.matrix  # also run on the Python 3.12 leg of .ci/run
 
@@ -194,12 +195,7 @@ def _tpu_worker() -> dict:
 
 
 def test_tpu_splash_fsdp8():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True, text=True, env=env,
-                       cwd=root, timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = host_devices.run_with_8_devices(__file__)
     # Mosaic splash kernels: forward in both programs, dq and dkv backward kernels in the train step
     assert {"splash_mha_fwd_segmented_residuals", "splash_mha_dq_segmented_no_residuals",
             "splash_mha_dkv_segmented_no_residuals"} <= set(out["train_kernels"]), out

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
+
+import host_devices
 
 MESHES = [tuple(int(x) for x in m.split(",")[:3]) + (m.endswith("s"),) for m in os.environ.get("DD_MESHES", "8,1,1;2,4,1;2,2,2,s").split(";")]
 STEPS = 2
@@ -127,12 +128,7 @@ def _worker() -> dict:
 
 
 def test_sharded_step_matches_single_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True, text=True, env=env,
-                       cwd=root, timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = host_devices.run_with_8_devices(__file__)
     ref = out["reference"]
     for m in out["meshes"]:
         for a, b in zip(m["losses"], ref):
