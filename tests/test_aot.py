@@ -26,6 +26,9 @@ def test_paper_config_compiles_on_abstract_shapes():
     sizes = r.partition_bytes
     assert sizes["frozen"] > sizes["trainable"] > 0 and sizes["optimizer"] > 0
     if r.memory is not None:
-        assert r.memory.argument_size_in_bytes >= sum(sizes.values())
+        # jit drops inputs the step never reads (the frozen VAE decoder), so the arguments hold all of the
+        # donated state but may hold less than the whole frozen base
+        assert r.memory.argument_size_in_bytes >= sizes["trainable"] + sizes["optimizer"]
+        assert r.memory.argument_size_in_bytes > sizes["frozen"] // 2
         assert r.memory.alias_size_in_bytes >= sizes["trainable"] + sizes["optimizer"]
         assert r.memory.output_size_in_bytes < sizes["frozen"]

@@ -109,7 +109,10 @@ def _compare(one, two):
     assert sorted(ea) == sorted(eb) and ea
     for k in ea:
         assert ea[k].shape == eb[k].shape, k
-        assert_close(eb[k], ea[k], 1e-4, k)
+        # AdamW normalises each element's update, so an element whose gradient is near zero moves by up to
+        # the learning rate whatever its gradient's last bits: parameters after a few steps agree to ~1e-4
+        # of their scale (1.7e-4 measured on img_mod.lin.kernel), not to float32 rounding
+        assert_close(eb[k], ea[k], 1e-3, k)
 
     pa, pb = (_png(w / "previews" / f"step_{STEPS}.png") for w in (one, two))
     assert pa.shape == pb.shape and np.abs(pa - pb).max() <= 1
