@@ -140,6 +140,21 @@ def test_sampler_gives_the_model_t_on_the_schedule_of_all_noisy_tokens(targets):
         np.testing.assert_allclose(np.asarray(outs[1.0][name] - outs[0.0][name]), drift, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("targets", [("x", "y"), ("y",)])
+def test_training_t_is_shifted_for_all_noisy_tokens(targets):
+    """flow.sample_noise with shift: uniform t mapped by time_shift(mu(h*w*len(targets))), by hand."""
+    spec = icd.LayerSpec(targets=targets)
+    h, w, bsz = 16, 16, 64
+    batch = flow.Batch(layers={n: jnp.zeros((bsz, h * w, 4)) for n in spec.layers}, txt=jnp.zeros((bsz, 1, 4)),
+                       txt_ids=jnp.zeros((1, 3)), y=jnp.zeros((bsz, 4)), grid=(h, w))
+    key = jax.random.key(3)
+    t, noise = flow.sample_noise(key, spec, batch, "uniform", shift=True)
+    u = np.asarray(jax.random.uniform(jax.random.split(key, len(targets) + 1)[0], (bsz,), minval=1e-5, maxval=1.0))
+    mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (h * w * len(targets) - 256)
+    np.testing.assert_allclose(np.asarray(t), math.exp(mu) / (math.exp(mu) + 1.0 / u - 1.0), rtol=1e-5)
+    assert sorted(noise) == sorted(targets)
+
+
 # ------------------------------------------------------------------ RoPE against diffusers
 def test_rope_matches_diffusers_flux_pos_embed():
     """Our rotation tables and their application against diffusers' FluxPosEmbed and apply_rotary_emb.
