@@ -110,6 +110,7 @@ def _worker() -> dict:
                                         if k.endswith(".mu." + prefix + "img_mlp.0.lora_a"))),
             "kernel_after": pspec(model.double_blocks.img_mlp[0].kernel.get_value() if scan
                                  else model.double_blocks[0].img_mlp[0].kernel.get_value()),
+            "all": {k: pspec(v) for k, v in place.items()},
         })
     # splash attention (Pallas; interpret mode on CPU) under the 2x2x2 mesh runs per shard in a shard_map
     small = flux.FluxParams.from_dict({**params.to_dict(), "depth_single_blocks": 1})
@@ -145,6 +146,57 @@ def test_sharded_step_matches_single_device():
     m3 = by[(2, 2, 2)]
     assert m3["kernel"] == [None, "fsdp", "tensor"] == m3["kernel_after"]
     assert m3["lora_a"] == [None, "fsdp"] == m3["adam_mu_lora_a"] and m3["lora_b"] == [None, None, "tensor"]
+    check_every_placement(m3)
+
+
+# Every parameter's placement under data x fsdp x tensor, written out by role (Megatron-style): a
+# column-parallel layer splits its output over tensor, a row-parallel one its input; both split the other
+# (model) axis over fsdp, except the embeddings' raw inputs; LoRA A follows the kernel's input axis and B its
+# output axis; a bias follows the kernel's output axis; modulations split only their input; norms replicate.
+COLUMN = ("qkv", "img_mlp.0", "txt_mlp.0", "linear1", "in_layer")
+ROW = ("proj", "img_mlp.2", "txt_mlp.2", "linear2", "out_layer")
+
+
+def expected_placement(name: str) -> list:
+    layer, leaf = name.rsplit(".", 1)
+    if leaf == "scale":
+        return []
+    if layer.endswith(("mod.lin", "modulation.lin", "adaLN_modulation.1", "final_layer.linear")):
+        kernel = ["fsdp", None]
+    elif layer in ("img_in", "txt_in"):
+        kernel = [None, "fsdp"]
+    elif layer.endswith(COLUMN):
+        kernel = [None if layer.endswith("in_layer") else "fsdp", "tensor"]
+    elif layer.endswith(ROW):
+        kernel = ["tensor", "fsdp"]
+    else:
+        raise AssertionError(f"no role for {name}")
+    want = {"kernel": kernel, "bias": [kernel[1]], "lora_a": [kernel[0], None], "lora_b": [None, kernel[1]]}[leaf]
+    while want and want[-1] is None:
+        want.pop()
+    return want
+
+
+def test_expected_placement_covers_every_role():
+    assert expected_placement("double_blocks.0.img_attn.qkv.lora_b") == [None, "tensor"]
+    assert expected_placement("single_blocks.0.modulation.lin.bias") == []
+    assert expected_placement("time_in.in_layer.kernel") == [None, "tensor"]
+
+
+def check_every_placement(mesh_result: dict) -> None:
+    """All parameters of a 2x2x2 mesh (scanned stacks have a leading, unsplit layer axis)."""
+    scan = mesh_result["scan"]
+    wrong = {}
+    for name, got in mesh_result["all"].items():
+        stacked = scan and name.startswith(("double_blocks.", "single_blocks."))
+        want = expected_placement(name.replace("double_blocks.", "double_blocks.0.").replace(
+            "single_blocks.", "single_blocks.0.") if stacked else name)
+        if stacked and want:
+            want = [None, *want]
+        if got != want:
+            wrong[name] = (got, want)
+    assert len(mesh_result["all"]) > 50 and not wrong, wrong
+
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
