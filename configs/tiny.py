@@ -3,9 +3,9 @@
 A 3+3-block MMDiT (hidden 128), a space-to-depth pixel autoencoder in place
 of the Flux VAE and a learned task conditioning in place of T5/CLIP, on all
 six AlphaBlend subtasks at 64x64 (one task-conditioned model). This is the
-shipped default model (dd_jax/assets/tiny); see README for the exact run.
+shipped default model (dd_jax/assets/tiny); see docs/shipped_model.md for the exact run.
 
-What makes so small a model work (each measured in README / flow.py):
+What makes so small a model work (each measured in docs/shipped_model.md / flow.py):
 x0-prediction with the x0 loss, the background read as a residual of the
 composite (`train.residual`), and adaLN-Zero initialisation (it starts as
 the identity decomposition and learns what the foreground changed).
@@ -43,5 +43,5 @@ def get_config():
     c.train.checkpoint_every = 500
     c.train.preview_every = 1000
     c.sample.tile = True  # native resolution in 64x64 tiles (decompose / evaluate --mode tile)
-    c.sample.steps = 2  # chosen on the seed-0 test split (validation): lowest background RMSE (README)
+    c.sample.steps = 2  # chosen on the seed-0 test split (validation): lowest background RMSE (docs/shipped_model.md)
     return c

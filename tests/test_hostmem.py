@@ -20,7 +20,7 @@ import jax, jax.numpy as jnp
 f = jax.jit(lambda x, w: jnp.tanh(x @ w) @ w.T)
 x, w = jnp.ones((256, 256), jnp.float32), jnp.ones((256, 65536), jnp.float32) * 1e-3
 # XLA frees the temporary on a worker thread, possibly after block_until_ready returns; on a busy machine the
-# next call can then allocate before that free lands and the heap grows (the README's RSS cost). The pause
+# next call can then allocate before that free lands and the heap grows (the RSS cost in docs/speed.md). The pause
 # lets each free land, so what is measured is only whether freed memory is reused or returned to the OS.
 def call():
     f(x, w).block_until_ready()
