@@ -12,7 +12,12 @@ and compares the predicted layers with the stored ones:
   to the identity's; the summary gives the mean of these ratios;
 * LOGO datasets (``--tasks logo/high`` ...) also get the LOGO papers'
   protocol: background RMSE (0-255), RMSEw inside the watermark mask, PSNR
-  and the pytorch_ssim (zero-padded) SSIM.
+  and the pytorch_ssim (zero-padded) SSIM;
+* CLWD and Flare7K++ datasets (``--protocol clwd|flare7k``, or ``--tasks
+  clwd`` / ``flare7k/real`` ...) also get their own protocol
+  (``dd_jax.metrics.protocols``): CLWD's PSNR, SSIM, RMSE, RMSEw inside its
+  Mask and the foreground's alpha error; Flare7K++'s PSNR, SSIM, LPIPS and
+  the glare / streak / global PSNRs inside its colour-coded masks.
 
 It writes ``REPORT_DIR/metrics.json`` (settings, per-subtask means and the
 per-image values), ``REPORT_DIR/report.md`` (the tables) and
@@ -46,10 +51,12 @@ import numpy as np
 
 from dd_jax import checkpoints, hostmem, inference, metrics
 from dd_jax.data import blend, pipeline
+from dd_jax.metrics import protocols
 from dd_jax.decompose import DEFAULT_MODEL, load_config_file
 
 NA = "n/a (no weights)"
-LOGO_LABELS = {"logo/high": "LOGO-H", "logo/mid": "LOGO-L", "logo/gray": "LOGO-Gray"}
+LOGO_LABELS = {"logo/high": "LOGO-H", "logo/mid": "LOGO-L", "logo/gray": "LOGO-Gray", "clwd/default": "CLWD",
+               "flare7k/real": "Flare7K++-real", "flare7k/synthetic": "Flare7K++-synthetic"}
 PIXEL_METRICS = ("rmse", "ssim", "psnr", "rmse_w", "ssim_zero_pad")
 PSNR_CAP = 100.0  # dB, for identical images (infinite PSNR)
 LAYERS = ("background", "foreground")
@@ -58,29 +65,32 @@ METHODS = ("identity", "model")
 
 # ------------------------------------------------------------------ data
 def resolve_tasks(data_dir: str, tasks) -> list[str]:
-    """`all` / a list of subtasks, `logo`, `logo/<config>` -> dataset keys present under data_dir."""
+    """`all` / a list of subtasks, a benchmark (`logo`, `clwd`, `flare7k`), `<benchmark>/<config>` -> dataset
+    keys present under data_dir."""
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     out = []
     for t in tasks:
         if t == "all":
-            out += pipeline.resolve_tasks(data_dir, "all") + _logo_configs(data_dir)
-        elif t == "logo":
-            out += _logo_configs(data_dir) or ["logo"]
+            out += pipeline.resolve_tasks(data_dir, "all")
+            for bench in pipeline.BENCHMARKS:
+                out += _benchmark_configs(data_dir, bench)
+        elif t in pipeline.BENCHMARKS:
+            out += _benchmark_configs(data_dir, t) or [t]
         else:
             out.append(t)
     return list(dict.fromkeys(out))
 
 
-def _logo_configs(data_dir: str) -> list[str]:
-    root = os.path.join(data_dir, "logo")
+def _benchmark_configs(data_dir: str, bench: str = "logo") -> list[str]:
+    root = os.path.join(data_dir, bench)
     if not os.path.isdir(root):
         return []
-    return [f"logo/{c}" for c in sorted(os.listdir(root)) if pipeline._versions(os.path.join(root, c))]
+    return [f"{bench}/{c}" for c in sorted(os.listdir(root)) if pipeline._versions(os.path.join(root, c))]
 
 
 def label(dataset: str) -> str:
     """Table header of a dataset ('alphablend/xray' -> 'xray', 'logo/high' -> 'LOGO-H')."""
-    if dataset.startswith("logo/"):
+    if dataset.split("/", 1)[0] in pipeline.BENCHMARKS:
         return LOGO_LABELS.get(dataset, dataset)
     return dataset.split("/", 1)[-1]
 
@@ -118,10 +128,16 @@ class Examples:
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < self.n:
             raise IndexError(i)
-        ex = self.prepare.random_map(dict(self.source[i]), self.rng)
-        return {"index": i, "task": int(ex["task"]),
-                **{k: pipeline.to_unit(ex[k]).astype(np.float32)
-                   for k in ("composite", "background", "foreground", "foreground_rgba")}}
+        rec = dict(self.source[i])
+        ex = self.prepare.random_map(rec, self.rng)
+        out = {"index": i, "task": int(ex["task"]),
+               **{k: pipeline.to_unit(ex[k]).astype(np.float32)
+                  for k in ("composite", "background", "foreground", "foreground_rgba")}}
+        if "mask" in rec:  # a benchmark's evaluation mask (CLWD, Flare7K++), fitted as the images are
+            m = np.asarray(rec["mask"])
+            m = pipeline._fit(m[..., 0] if m.shape[-1] == 1 else m, *self.size, 0.5, 0.5)
+            out["mask"] = (m.reshape(*self.size, -1).astype(np.float32) / 255.0)
+        return out
 
 
 # ------------------------------------------------------------------ metric networks
@@ -204,8 +220,11 @@ class TaskResult:
 def evaluate_task(system, examples: Examples, result: TaskResult, nets: Networks, *, steps: int,
                   seed: int, batch_size: int, num_samples: int, guidance, key_offset: int, progress=None,
                   mode: str | None = None, overlap: int | None = None) -> int:
-    """Runs the model over `examples` and fills `result`; returns the number of batches run."""
+    """Runs the model over `examples` and fills `result`; returns the number of batches run.
+
+    A CLWD or Flare7K++ dataset also gets its protocol's values (``protocol/<method>/<metric>``)."""
     has_fg = "x" in system.spec.targets
+    protocol = protocols.protocol_for(result.dataset)
     n_batches = 0
     for start in range(0, len(examples), batch_size):
         chunk = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
@@ -229,6 +248,16 @@ def evaluate_task(system, examples: Examples, result: TaskResult, nets: Networks
             for k, v in record(layer, "identity", comp, truth):
                 result.add(k, v)
         ident_rmse = result.values["background/identity/rmse"][-1]
+        lp = nets.lpips_distance if nets.lpips is not None else None
+
+        def bench(pred_bg, pred_fg):
+            return protocols.per_image(protocol, pred_bg=pred_bg[:n], bg=bg[:n], comp=comp[:n],
+                                       fg_rgba=get("foreground_rgba")[:n], mask=get("mask")[:n],
+                                       pred_fg=None if pred_fg is None else pred_fg[:n], lpips=lp)
+
+        if protocol:
+            for kk, v in bench(comp, comp).items():  # identity: the composite as both layers
+                result.add(f"protocol/identity/{kk}", v)
         if nets.inception is not None:
             for name, imgs in (("background/truth", bg), ("foreground/truth", fg), ("composite", comp)):
                 result.features[name].append(nets.fid_features(imgs)[:n])
@@ -246,6 +275,9 @@ def evaluate_task(system, examples: Examples, result: TaskResult, nets: Networks
             if x is not None:
                 for kk, v in record("foreground", "model", x, fg):
                     per_sample[kk].append(v)
+            if protocol:
+                for kk, v in bench(y, x).items():
+                    per_sample[f"protocol/model/{kk}"].append(v)
             if nets.inception is not None:
                 result.features["background/model"].append(nets.fid_features(y)[:n])
                 if x is not None:
@@ -285,7 +317,14 @@ def summarize(result: TaskResult, nets: Networks, has_fg: bool) -> dict:
             out[layer][method] = row
     ident = out["background"]["identity"]["rmse"]
     out["background"]["rmse_ratio"] = out["background"]["model"]["rmse"] / ident if ident > 0 else None
-    out["per_image"] = {"index": list(result.indices), **{k: [round(float(x), 5) for x in v] for k, v in per.items()}}
+    protocol = protocols.protocol_for(result.dataset)
+    if protocol:
+        out["protocol"] = {"name": protocol, **{
+            method: protocols.summarize(protocol, {k.rsplit("/", 1)[1]: v for k, v in per.items()
+                                                  if k.startswith(f"protocol/{method}/")})
+            for method in METHODS}}
+    out["per_image"] = {"index": list(result.indices),
+                        **{k: [None if np.isnan(x) else round(float(x), 5) for x in v] for k, v in per.items()}}
     out["cases"] = {k: {"index": v[1], "background_rmse": round(v[0], 4), "identity_rmse": round(v[3], 4)}
                     for k, v in result.cases.items()}
     return out
@@ -375,8 +414,12 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default=None, help="export folder or training workdir (default: shipped model)")
     ap.add_argument("--config", default=None, help="config file overriding the checkpoint's")
     ap.add_argument("--split", default="test")
-    ap.add_argument("--tasks", nargs="+", default=["all"],
-                    help="subtasks, logo, logo/<high|mid|gray>, or all (default)")
+    ap.add_argument("--tasks", nargs="+", default=None,
+                    help="subtasks, logo, logo/<high|mid|gray>, clwd, flare7k, flare7k/<real|synthetic>, or all "
+                         "(default)")
+    ap.add_argument("--protocol", default=None, choices=protocols.PROTOCOLS,
+                    help="evaluate the built CLWD or Flare7K++ datasets under --data with that benchmark's own "
+                         "metrics (as --tasks clwd / flare7k; see dd_jax.metrics.protocols)")
     ap.add_argument("--steps", type=int, default=None, help="Euler steps (default: the config's sample.steps)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-samples", type=int, default=1, help="samples per image (metrics are averaged)")
@@ -393,6 +436,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.num_samples < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         ap.error("--num-samples, --batch-size and --limit must be >= 1")
+    if args.protocol:
+        other = [t for t in args.tasks or [] if t.split("/", 1)[0] != args.protocol]
+        if other:
+            ap.error(f"--protocol {args.protocol} evaluates {args.protocol} datasets only; drop --tasks {' '.join(other)}")
+        args.tasks = args.tasks or [args.protocol]
+    args.tasks = args.tasks or ["all"]
     try:
         report = run(args.data, args.output, args.checkpoint, tasks=args.tasks, split=args.split,
                      config_file=args.config, steps=args.steps, seed=args.seed, num_samples=args.num_samples,

@@ -1,11 +1,14 @@
-"""Build an AlphaBlend subtask (or the LOGO benchmark) as a TFDS dataset.
+"""Build an AlphaBlend subtask (or a public benchmark: LOGO, CLWD, Flare7K++) as a TFDS dataset.
 
   python -m dd_jax.data.build --task xray --out DIR --train 5000 --test 300 \
       [--size 512 | --height 512 --width 1024] [--backgrounds DIR] \
       [--foregrounds DIR] [--seed 0] [--workers 2] [--min-side 256]
   python -m dd_jax.data.build --task logo --logo-config high --manual-dir LOGO_ROOT --out DIR
+  python -m dd_jax.data.build --task clwd --manual-dir CLWD_ROOT --out DIR
+  python -m dd_jax.data.build --task flare7k --flare7k-config real --manual-dir FLARE7KPP_ROOT --out DIR
 
 The dataset lands in DIR/alphablend/<task>/1.0.0 (DIR/logo/<config>/1.0.0)
+(DIR/clwd/default/1.0.0, DIR/flare7k/<config>/1.0.0)
 as array_record files; read it with ``tfds.builder_from_directory`` or
 ``tfds.data_source``. TensorFlow is not needed. Progress bars come from TFDS;
 a summary (examples written, odd user files converted / skipped) is printed
@@ -16,7 +19,9 @@ parameters (size, counts, seed, style, min side, user folders; stored in its
 metadata) and refused, with the differences listed, when not: ``--overwrite``
 deletes it and builds it again. A killed build leaves nothing that reads as
 a dataset. User folders are checked before anything is written: one without
-a usable image is refused with what was wrong with its files.
+a usable image is refused with what was wrong with its files; a CLWD or
+Flare7K++ tree whose folders do not hold the same names is refused (one line),
+and a benchmark dataset built from another source folder is not reused.
 
 Exit status: 0 built (or reused), 1 built but some user files were skipped
 or some samples failed (see the summary), 2 usage or input error (one line
@@ -33,10 +38,12 @@ import time
 
 from dd_jax.data import blend
 
+BENCHMARKS = ("logo", "clwd", "flare7k")  # public benchmarks read from a folder the user supplies
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dd_jax.data.build", description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", required=True, choices=list(blend.TASKS) + ["logo"])
+    p.add_argument("--task", required=True, choices=list(blend.TASKS) + list(BENCHMARKS))
     p.add_argument("--out", required=True, help="TFDS data_dir to write into")
     p.add_argument("--train", type=int, default=5000, help="training examples")
     p.add_argument("--test", type=int, default=300, help="test examples")
@@ -53,7 +60,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-side", type=int, default=None,
                    help="skip background photos with a shorter side (default: half the output's)")
     p.add_argument("--logo-config", default="high", choices=["high", "mid", "gray"])
-    p.add_argument("--manual-dir", default=None, help="LOGO root (holding 10khigh/ ...)")
+    p.add_argument("--flare7k-config", default="real", choices=["real", "synthetic"],
+                   help="Flare7K++ test set: test_data/real or test_data/synthetic")
+    p.add_argument("--manual-dir", default=None,
+                   help="benchmark folder as published: LOGO root (holding 10khigh/ ...), CLWD (train/, test/), "
+                        "Flare7K++ (test_data/)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete an existing dataset of this task (OUT/alphablend/<task>/<version>) and build it "
                         "again; without it, a dataset built with other parameters is refused")
@@ -62,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, flag)
         if value is not None and value < 0:
             p.error(f"--{flag.replace('_', '-')} must not be negative (got {value})")
-    if args.task != "logo" and args.train == 0 and args.test == 0:
+    if args.task not in BENCHMARKS and args.train == 0 and args.test == 0:
         p.error("--train and --test are both 0: nothing to build")
     for flag in ("backgrounds", "foregrounds", "manual_dir"):
         path = getattr(args, flag)
@@ -76,8 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.width = args.width or args.size or 512
     if args.height < 16 or args.width < 16:
         p.error("sizes below 16 px are not supported")
-    if args.task == "logo" and not args.manual_dir:
-        p.error("--task logo needs --manual-dir")
+    if args.task in BENCHMARKS and not args.manual_dir:
+        p.error(f"--task {args.task} needs --manual-dir (the benchmark's folder, supplied by you)")
     return args
 
 
@@ -106,6 +117,14 @@ def check_existing(builder, args: argparse.Namespace) -> bool:
         raise InputError(f"{e} (or pass --overwrite)") from e
     if args.task == "logo":
         return True
+    if args.task in BENCHMARKS:
+        from dd_jax.data import public  # pylint: disable=g-import-not-at-top
+
+        was, now = public.stored_source(path), builder.parameters()["source"]
+        if was != now:
+            raise InputError(f"{path} was built from another folder ({was} -> {now}); pass --overwrite to delete "
+                             "it and build again, or choose another --out")
+        return True
     stored = alphablend.stored_parameters(path)
     diff = ["metadata.json missing or unreadable"] if stored is None else \
         alphablend.parameter_diff(stored, builder.parameters())
@@ -120,10 +139,15 @@ def build(args: argparse.Namespace):
     """Builds and returns the (prepared) TFDS builder. Raises InputError (nothing written) for refusals."""
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-    from dd_jax.data import alphablend, backgrounds, logo  # pylint: disable=g-import-not-at-top
+    from dd_jax.data import alphablend, backgrounds, clwd, flare7k, logo, public  # pylint: disable=g-import-not-at-top
 
     if args.task == "logo":
         builder = logo.Logo(config=args.logo_config, data_dir=args.out, file_format="array_record")
+    elif args.task == "clwd":
+        builder = clwd.Clwd(config="default", source=args.manual_dir, data_dir=args.out, file_format="array_record")
+    elif args.task == "flare7k":
+        builder = flare7k.Flare7k(config=args.flare7k_config, source=args.manual_dir, data_dir=args.out,
+                                  file_format="array_record")
     else:
         builder = alphablend.Alphablend(
             config=args.task, data_dir=args.out, file_format="array_record",
@@ -135,7 +159,12 @@ def build(args: argparse.Namespace):
               "(--overwrite builds it again)")
         builder.reused = True
         return builder
-    if args.task != "logo":
+    if args.task in ("clwd", "flare7k"):
+        try:
+            builder.check_source()  # a malformed tree: refused before TFDS writes
+        except public.SourceError as e:
+            raise InputError(str(e)) from e
+    elif args.task != "logo":
         try:
             builder.prepare_sources()  # a user folder without a usable image: refused before TFDS writes
         except backgrounds.SourceError as e:
@@ -169,7 +198,7 @@ def main(argv=None) -> int:
     summary = dict(builder.info.metadata.get("summary", {}))
     if not getattr(builder, "reused", False):
         print(f"\nwrote {builder.data_dir} in {time.time() - t0:.1f}s")
-    if args.task == "logo":
+    if args.task in BENCHMARKS:
         print(json.dumps(summary, indent=1))
     else:
         from dd_jax.data import alphablend  # pylint: disable=g-import-not-at-top

@@ -96,10 +96,14 @@ def _versions(path: str) -> list[str]:
     return sorted(out, key=lambda p: [int(x) for x in os.path.basename(p).split(".")])
 
 
+BENCHMARKS = ("logo", "clwd", "flare7k")  # built from user-supplied folders: DIR/<benchmark>/<config>/<version>
+
+
 def find_dataset_dir(data_dir: str, task: str) -> tuple[str, str]:
     """(version directory, dataset name) of ``task`` under a build ``--out`` dir.
 
-    ``task`` is a subtask name, ``logo`` (any LOGO config) or ``logo/<config>``;
+    ``task`` is a subtask name, a benchmark (``logo``, ``clwd``, ``flare7k``: its
+    first config present) or ``<benchmark>/<config>`` (``logo/high``, ``flare7k/real``);
     ``data_dir`` may also be a version directory itself. The directory's
     ``features.json`` is checked (``check_features``) before TFDS can read it.
     """
@@ -112,13 +116,14 @@ def _find_dataset_dir(data_dir: str, task: str) -> tuple[str, str]:
     if os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
         parts = os.path.normpath(data_dir).split(os.sep)
         return data_dir, "/".join(parts[-3:-1])
-    if task.startswith("logo"):
-        configs = [task.split("/", 1)[1]] if "/" in task else sorted(os.listdir(os.path.join(data_dir, "logo"))) \
-            if os.path.isdir(os.path.join(data_dir, "logo")) else []
+    bench = task.split("/", 1)[0]
+    if bench in BENCHMARKS:
+        configs = [task.split("/", 1)[1]] if "/" in task else sorted(os.listdir(os.path.join(data_dir, bench))) \
+            if os.path.isdir(os.path.join(data_dir, bench)) else []
         for cfg in configs:
-            found = _versions(os.path.join(data_dir, "logo", cfg))
+            found = _versions(os.path.join(data_dir, bench, cfg))
             if found:
-                return found[-1], f"logo/{cfg}"
+                return found[-1], f"{bench}/{cfg}"
     else:
         found = _versions(os.path.join(data_dir, "alphablend", task))
         if found:

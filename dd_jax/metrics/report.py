@@ -8,6 +8,8 @@
   row per method (identity baseline, model), RMSE / SSIM / LPIPS / FID per
   subtask, three subtasks per block;
 * the LOGO papers' protocol (RMSE, RMSEw, PSNR, pytorch_ssim SSIM) for LOGO
+  datasets;
+* the CLWD and Flare7K++ protocols (``dd_jax.metrics.protocols``) for those
   datasets.
 """
 
@@ -108,6 +110,32 @@ def logo_table(report: dict) -> list[str]:
             "means over images.", ""] + _table(header, rows) + [""]
 
 
+def protocol_tables(report: dict) -> list[str]:
+    """One table per benchmark protocol (CLWD, Flare7K++) present in the report."""
+    from dd_jax.metrics import protocols  # pylint: disable=g-import-not-at-top
+
+    lines = []
+    for name in protocols.PROTOCOLS:
+        tasks = [t for t in ordered(report["tasks"], BACKGROUND_ORDER)
+                 if (report["tasks"][t].get("protocol") or {}).get("name") == name]
+        if not tasks:
+            continue
+        cols = protocols.COLUMNS[name]
+        rows = []
+        for t in tasks:
+            r = report["tasks"][t]
+            for method in ("identity", "model"):
+                m = r["protocol"][method]
+                cells = []
+                for key, _, form in cols:
+                    v = m.get(key)
+                    cells.append("-" if v is None else v if isinstance(v, str) else form.format(v))
+                rows.append([t, METHOD_NAMES[method]] + cells + [str(r["n"])])
+        lines += [f"## {protocols.TITLES[name]}", "", protocols.NOTES[name], ""]
+        lines += _table(["dataset", "method"] + [h for _, h, _ in cols] + ["n"], rows) + [""]
+    return lines
+
+
 def markdown(report: dict) -> str:
     sizes = sorted({tuple(r["eval_size"]) for r in report["tasks"].values()})
     w = report["working_size"]
@@ -142,6 +170,7 @@ def markdown(report: dict) -> str:
     lines += ["## Table 1: background", ""] + paper_table(report, "background", BACKGROUND_ORDER)
     lines += ["## Table 3: foreground", ""] + paper_table(report, "foreground", FOREGROUND_ORDER)
     lines += logo_table(report)
+    lines += protocol_tables(report)
     lines += ["## Worst and best cases", "",
               "By the model's background RMSE (first sample; the identity baseline's RMSE beside it); columns: " + " | ".join(COLUMNS) + ".", "",
               "![worst and best cases](cases.png)", ""]
