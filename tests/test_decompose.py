@@ -15,6 +15,11 @@ from dd_jax import decompose, inference, sampling, train
 from dd_jax.data import blend
 
 
+def outputs(folder) -> list[str]:
+    """The files of an output folder but the run's JSON sidecar (tests/test_layers_output.py checks it)."""
+    return sorted(f for f in os.listdir(folder) if not f.startswith(decompose.SIDECAR_PREFIX))
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     data = th.make_dataset(tmp_path_factory.mktemp("data"), train=8, test=0)
@@ -40,7 +45,7 @@ def test_folder_of_mixed_inputs(model_dir, tmp_path, monkeypatch, capsys):
     assert decompose.main(["--input", str(src), "--output", str(out), "--checkpoint", model_dir,
                            "--batch-size", "2", "--steps", "2"]) == 1  # one input skipped
     err = capsys.readouterr().err
-    files = sorted(os.listdir(out))
+    files = outputs(out)
     stems = ("watermark_a", "xray_b", "watermark_gray", "cell_wide", "holiday")
     assert files == sorted(f"{s}_{k}.png" for s in stems for k in ("background", "foreground"))
     bg = Image.open(out / "watermark_a_background.png")
@@ -63,7 +68,7 @@ def test_task_flag_and_samples(model_dir, tmp_path):
     out = tmp_path / "out"
     assert decompose.main(["--input", str(img), "--output", str(out), "--checkpoint", model_dir, "--task", "cell",
                            "--num-samples", "2", "--steps", "2", "--seed", "3"]) == 0
-    assert sorted(os.listdir(out)) == ["photo_s0_background.png", "photo_s0_foreground.png",
+    assert outputs(out) == ["photo_s0_background.png", "photo_s0_foreground.png",
                                        "photo_s1_background.png", "photo_s1_foreground.png"]
     a = np.asarray(Image.open(out / "photo_s0_background.png"))
     b = np.asarray(Image.open(out / "photo_s1_background.png"))
@@ -100,7 +105,7 @@ def test_same_stems_get_distinct_names(model_dir, tmp_path):
     assert decompose.main(["--input", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(out),
                            "--checkpoint", model_dir, "--steps", "1"]) == 0
     stems = ("xray_1_png", "a_xray_1_jpg", "b_xray_1_jpg", "cell_2")
-    assert sorted(os.listdir(out)) == sorted(f"{s}_{k}.png" for s in stems for k in ("background", "foreground"))
+    assert outputs(out) == sorted(f"{s}_{k}.png" for s in stems for k in ("background", "foreground"))
 
 
 def test_existing_files_are_not_written_over(model_dir, tmp_path, capsys):

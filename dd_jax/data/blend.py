@@ -296,7 +296,18 @@ def foreground_rgba(task: str, fg_render, composite, background):
     return transmittance_to_rgba(fg_render)
 
 
+def rmse(a, b) -> float:
+    """Root mean square difference of two images (on their own scale)."""
+    return float(np.sqrt(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)))
+
+
 def recompose_error(task: str, fg_render, composite, background) -> float:
     """RMSE (0-1 scale) of the composite against the law re-applied to the predicted layers."""
-    rec = recompose(task, fg_render, background, layer_alpha(task, fg_render, composite, background))
-    return float(np.sqrt(np.mean((np.asarray(rec, np.float64) - np.asarray(composite, np.float64)) ** 2)))
+    return rmse(recompose(task, fg_render, background, layer_alpha(task, fg_render, composite, background)), composite)
+
+
+def layers_error(task: str, foreground_rgba, background, image) -> float:
+    """RMSE (0-1 scale) of `image` against the law applied to a straight RGBA foreground over a background (e.g.
+    the layers decompose writes, as uint8: divided by 255 here)."""
+    scale = lambda a: np.asarray(a, np.float64) / (255.0 if np.asarray(a).dtype == np.uint8 else 1.0)  # noqa: E731
+    return rmse(composite(task, scale(foreground_rgba), scale(background)), scale(image))
