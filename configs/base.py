@@ -113,9 +113,7 @@ def get_config() -> ml_collections.ConfigDict:
     dt.cpu_collectives = ""  # "gloo" for multi-process CPU runs
 
     c.sample = s = ml_collections.ConfigDict()
-    s.steps = 28
-    s.guidance = 3.5
-    s.task = ""  # default task for decomposition ("" = the first of data.tasks)
+    s.steps = 28  # the guidance-embedding input while sampling is train.guidance (decompose --guidance overrides)
     s.prompt = ""  # T5/CLIP prompt for decomposition ("" = the task's, dd_jax.data.text_cache.task_prompt)
     s.tile = False  # decompose at native resolution in overlapping working-size tiles (dd_jax.inference)
     return c

@@ -32,13 +32,7 @@ def get_config(variant: str = "dev"):
     if variant not in VARIANTS:
         raise ValueError(f"unknown Flux variant {variant!r}; choose from {sorted(VARIANTS)}")
     preset, steps = VARIANTS[variant]
-    c = base.get_config()
+    c = base.get_config()  # base's model.weights, Flux VAE, precomputed text, each task's prompt
     c.model.preset = preset  # the architecture; the converted checkpoint's own config wins when loading
-    c.model.weights = ""  # scripts/convert_flux.py --output: transformer/, vae/, t5/, clip/
-    c.autoencoder.kind = "flux"
-    c.text.kind = "precomputed"
-    c.text.cache = ""  # decomposition prompts: a cache folder ("" = DATA_DIR/text_cache)
-    c.text.encoders = ""  # converted T5/CLIP for prompts not in the cache ("" = model.weights)
     c.sample.steps = steps
-    c.sample.prompt = ""  # "" = each task's prompt (dd_jax.data.text_cache.task_prompt)
     return c
