@@ -105,3 +105,15 @@ def test_unreadable_files_are_refused_with_a_reason(tmp_path):
     big.save(tmp_path / "wide.png")
     with pytest.raises(images.ImageError, match="larger than"):
         decompose.read_rgb(str(tmp_path / "wide.png"))
+
+
+def test_decompression_bombs_are_refused_not_fatal(tmp_path, monkeypatch):
+    """Pillow raises DecompressionBombError (not an OSError) past 2x MAX_IMAGE_PIXELS when it opens a file:
+    read_rgb gives an ImageError, and the builders' load_rgb skips the file instead of stopping."""
+    Image.new("RGB", (100, 100)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(images.ImageError, match="too many pixels"):
+        images.read_rgb(str(tmp_path / "bomb.png"), max_side=50)
+    events = []
+    assert images.load_rgb(str(tmp_path / "bomb.png"), events) is None
+    assert events == [("skipped", "too_large", str(tmp_path / "bomb.png"))]

@@ -164,6 +164,8 @@ def _read(path: str, events: list, draft_hw=None, max_side: int | None = None) -
         raise ImageError("is a folder, not an image file", "corrupt") from e
     except PermissionError as e:
         raise ImageError("permission denied; make it readable", "unreadable") from e
+    except Image.DecompressionBombError as e:  # not an OSError: Pillow refuses > 2x MAX_IMAGE_PIXELS on open
+        raise ImageError(f"too many pixels to read safely ({e}); downscale it", "too_large") from e
     except (Image.UnidentifiedImageError, OSError, ValueError) as e:
         raise ImageError(f"not an image file this reader knows ({e}); convert it to PNG or JPEG",
                          "corrupt") from e
