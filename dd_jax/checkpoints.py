@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from dd_jax import flow, system as system_lib
+from dd_jax import config as config_lib, flow, system as system_lib
 from dd_jax.models import store
 
 CONFIG_FILE = "config.json"
@@ -94,14 +94,20 @@ def save_config(config, path: str) -> None:
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:
+    """A run's saved config, merged over configs/base.py (`dd_jax.config.load_json`); RunError (one line) if
+    it is not a config or names a field base does not have."""
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RunError(f"{path}: not a readable config ({one_line(e)})") from e
-    if not isinstance(data, dict):
-        raise RunError(f"{path}: not a config (a JSON object), but {type(data).__name__}")
-    return ml_collections.ConfigDict(data)
+        return config_lib.load_json(path)
+    except config_lib.ConfigError as e:
+        raise RunError(str(e)) from e
+
+
+def model_config(path: str, meta: dict) -> ml_collections.ConfigDict:
+    """The config saved in a model folder's metadata (`read_model_meta`), merged over configs/base.py."""
+    try:
+        return config_lib.merge(meta["config"], os.path.join(path, store.META_FILE), saved=True)
+    except config_lib.ConfigError as e:
+        raise RunError(str(e)) from e
 
 
 def _flat(d, prefix: str = "") -> dict:
@@ -433,7 +439,7 @@ def load_trained(path: str, config=None, load_weights: bool = True, log: Callabl
     path = os.fspath(path)
     if is_model_folder(path):
         meta = read_model_meta(path)
-        config = config or ml_collections.ConfigDict(meta["config"])
+        config = config or model_config(path, meta)
         system = system_lib.build(config, load_weights=load_weights)
         read_params(system, path)
         log(f"loading weights from {Weights('export', path, export_step(path, meta)).describe()}")
@@ -445,7 +451,8 @@ def load_trained(path: str, config=None, load_weights: bool = True, log: Callabl
         if os.path.isfile(os.path.join(path, CONFIG_FILE)):
             config = load_config(os.path.join(path, CONFIG_FILE))
         elif any(w.kind == "export" for w in sources):
-            config = ml_collections.ConfigDict(read_model_meta(os.path.join(path, EXPORT))["config"])
+            export_dir = os.path.join(path, EXPORT)
+            config = model_config(export_dir, read_model_meta(export_dir))
         else:
             raise FileNotFoundError(f"{path}: neither a trained model folder nor a training workdir")
     system = system_lib.build(config, load_weights=load_weights)
@@ -465,8 +472,8 @@ def load_trained(path: str, config=None, load_weights: bool = True, log: Callabl
 
 
 def read_trained_flat(path: str, log: Callable[[str], None] = _log) -> tuple[dict[str, np.ndarray], dict]:
-    """(flat trainable parameters as saved, config dict) of a model folder or a run's newest trained weights
-    (as `load_trained` chooses them), without building the model."""
+    """(flat trainable parameters as saved, config dict merged over configs/base.py) of a model folder or a
+    run's newest trained weights (as `load_trained` chooses them), without building the model."""
     path = os.fspath(path)
 
     def read_export(p):
@@ -474,7 +481,7 @@ def read_trained_flat(path: str, log: Callable[[str], None] = _log) -> tuple[dic
         flat = {}
         for _, arrays in store.read_groups(p):
             flat.update({k: np.asarray(v) for k, v in arrays.items()})
-        return flat, meta["config"]
+        return flat, config_dict(model_config(p, meta))
 
     if is_model_folder(path):
         log(f"reading weights from {Weights('export', path, export_step(path)).describe()}")

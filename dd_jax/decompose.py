@@ -75,7 +75,6 @@ import argparse
 import collections
 import datetime
 import errno
-import importlib.util
 import json
 import os
 import sys
@@ -87,6 +86,7 @@ import numpy as np
 from PIL import Image
 
 from dd_jax import checkpoints, hostmem, inference, psd_layers
+from dd_jax import config as config_lib
 from dd_jax.data import blend
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")
@@ -209,18 +209,6 @@ def write_sidecar(output: str, report: dict) -> str:
         os.remove(tmp)
 
 
-def load_config_file(path: str):
-    spec = importlib.util.spec_from_file_location("dd_jax_user_config", path)
-    module = importlib.util.module_from_spec(spec)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    sys.path.insert(0, repo)  # configs import `configs.base`
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(repo)
-    return module.get_config()
-
-
 class _Progress:
     """One stderr line per image: tiles done / total, redrawn in place on a terminal."""
 
@@ -265,7 +253,7 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
     files = list_inputs(inputs)
     if not files:
         raise ValueError(f"no image files in {', '.join(inputs)} ({', '.join(IMAGE_EXTENSIONS)})")
-    config = load_config_file(config_file) if config_file else None
+    config = config_lib.load_config_file(config_file) if config_file else None
     system = checkpoints.load_trained(checkpoint or DEFAULT_MODEL, config)
     head = inference.load_task_head(checkpoint or DEFAULT_MODEL)  # None: uncalibrated task choice
     cfg = system.config

@@ -49,10 +49,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dd_jax import checkpoints, hostmem, inference, metrics
+from dd_jax import checkpoints, config as config_lib, hostmem, inference, metrics
 from dd_jax.data import blend, pipeline
 from dd_jax.metrics import protocols
-from dd_jax.decompose import DEFAULT_MODEL, load_config_file
+from dd_jax.decompose import DEFAULT_MODEL
 
 NA = "n/a (no weights)"
 LOGO_LABELS = {"logo/high": "LOGO-H", "logo/mid": "LOGO-L", "logo/gray": "LOGO-Gray", "clwd/default": "CLWD",
@@ -359,7 +359,7 @@ def run(data_dir: str, output: str, checkpoint: str | None = None, *, tasks="all
     from dd_jax.metrics import report as report_lib
 
     checkpoint = checkpoint or DEFAULT_MODEL
-    config = load_config_file(config_file) if config_file else None
+    config = config_lib.load_config_file(config_file) if config_file else None
     system = checkpoints.load_trained(checkpoint, config)
     cfg = system.config
     steps = steps or cfg.sample.steps

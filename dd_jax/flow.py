@@ -296,7 +296,7 @@ def system_step(system, jit: bool = True) -> TrainStep:
     `python -m dd_jax.train` runs (and `dd_jax.aot`, the benchmarks and memory plans lower)."""
     t = system.config.train
     return make_train_step(system.spec, wrt=system.trainable(), guidance=system.guidance, prepare=system.prepare,
-                           t_sampling=t.t_sampling, shift=t.t_shift, jit=jit, loss=t.get("loss", "velocity"),
+                           t_sampling=t.t_sampling, shift=t.t_shift, jit=jit, loss=t.loss,
                            **system.output_reading())
 
 

@@ -62,8 +62,8 @@ class Layers:
 
 
 def default_mode(config) -> str:
-    # saved configs from before the field existed have no sample.tile: they were all resize-mode models
-    return "tile" if config.sample.get("tile", False) else "resize"
+    # saved configs from before the field existed get base's sample.tile, False: they were all resize-mode models
+    return "tile" if config.sample.tile else "resize"
 
 
 def working_size(system) -> tuple[int, int]:

@@ -43,6 +43,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dd_jax import config as config_lib
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis name -> mesh axis, tuple of mesh axes, or None (replicated)
@@ -144,15 +146,15 @@ def _fill(sizes: list[int], n: int, what: str) -> list[int]:
 def make_mesh(mesh_config=None, devices=None) -> Mesh:
     """A (data, fsdp, tensor) mesh from `mesh_config` (`data`, `fsdp`, `tensor`; -1 fills the rest).
 
-    Defaults: everything on fsdp. For multi-slice TPU pods (or several GPU
-    hosts joined by a slower network), `dcn_data` / `dcn_fsdp` give the
-    axis sizes across slices (or processes), and `data`/`fsdp`/`tensor` are
-    then sizes within one slice.
+    Defaults (configs/base.py's `mesh`, for the fields `mesh_config` leaves out): everything on fsdp.
+    For multi-slice TPU pods (or several GPU hosts joined by a slower network), `dcn_data` / `dcn_fsdp`
+    give the axis sizes across slices (or processes), and `data`/`fsdp`/`tensor` are then sizes within
+    one slice.
     """
-    cfg = dict(mesh_config.to_dict() if hasattr(mesh_config, "to_dict") else (mesh_config or {}))
+    cfg = config_lib.section("mesh", mesh_config)
     devices = list(jax.devices() if devices is None else devices)
-    ici = [int(cfg.get("data", 1)), int(cfg.get("fsdp", -1)), int(cfg.get("tensor", 1))]
-    dcn = [int(cfg.get("dcn_data", 1)), int(cfg.get("dcn_fsdp", 1)), 1]
+    ici = [int(cfg["data"]), int(cfg["fsdp"]), int(cfg["tensor"])]
+    dcn = [int(cfg["dcn_data"]), int(cfg["dcn_fsdp"]), 1]
     from jax.experimental import mesh_utils
 
     if math.prod(dcn) > 1:
@@ -320,35 +322,35 @@ def is_multihost_environment() -> bool:
 def maybe_initialize_distributed(config=None) -> bool:
     """Calls `jax.distributed.initialize` on multi-host runs only; True if it did.
 
-    `config` (dict / ConfigDict, e.g. `config.distributed`), fields all optional:
-    `enabled` ("auto" | True | False), `coordinator_address` ("host:port"),
-    `num_processes` (0 = unset), `process_id` (-1 = unset), `local_device_ids`, `cpu_collectives`
-    ("gloo" for multi-process CPU runs). The same values can come from the
+    `config` (dict / ConfigDict, e.g. `config.distributed`), fields all optional (configs/base.py's
+    `distributed` fills the rest): `enabled` ("auto" | True | False), `coordinator_address` ("host:port"),
+    `num_processes` (0 = unset), `process_id` (-1 = unset), `cpu_collectives` ("gloo" for multi-process
+    CPU runs). The same values can come from the
     environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID);
     with none of them, "auto" initializes only where a launcher says there are
     several processes (TPU pod, SLURM, Open MPI), and lets JAX detect the rest.
     Must run before anything else touches JAX's devices.
     """
-    cfg = dict(config.to_dict() if hasattr(config, "to_dict") else (config or {}))
+    cfg = config_lib.section("distributed", config)
     if jax.distributed.is_initialized():
         return False
-    enabled = cfg.get("enabled", "auto")
+    enabled = cfg["enabled"]
     if isinstance(enabled, str):  # a command-line override of the "auto" string field
         low = enabled.strip().lower()
         enabled = False if low in ("false", "0", "no", "off") else True if low in ("true", "1", "yes", "on") else low
     if enabled not in (True, False, "auto"):
-        raise ValueError(f"distributed.enabled must be 'auto', True or False, got {cfg.get('enabled')!r}")
-    address = cfg.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    num = cfg.get("num_processes") or _env_int("JAX_NUM_PROCESSES")  # 0 / None: environment or auto-detection
-    pid = cfg.get("process_id")
+        raise ValueError(f"distributed.enabled must be 'auto', True or False, got {cfg['enabled']!r}")
+    address = cfg["coordinator_address"] or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    num = cfg["num_processes"] or _env_int("JAX_NUM_PROCESSES")  # 0 / None: environment or auto-detection
+    pid = cfg["process_id"]
     pid = pid if pid is not None and int(pid) >= 0 else _env_int("JAX_PROCESS_ID")  # -1 / None: the same
     if enabled is False or (enabled == "auto" and not address and not is_multihost_environment()):
         return False
-    collectives = cfg.get("cpu_collectives") or os.environ.get("DD_JAX_CPU_COLLECTIVES")
+    collectives = cfg["cpu_collectives"] or os.environ.get("DD_JAX_CPU_COLLECTIVES")
     if collectives:
         jax.config.update("jax_cpu_collectives_implementation", collectives)
-    kwargs = {k: v for k, v in dict(coordinator_address=address, num_processes=num, process_id=pid,
-                                    local_device_ids=cfg.get("local_device_ids")).items() if v is not None}
+    kwargs = {k: v for k, v in dict(coordinator_address=address, num_processes=num, process_id=pid).items()
+              if v is not None}
     jax.distributed.initialize(**kwargs)
     print(f"jax.distributed: process {jax.process_index()}/{jax.process_count()}, "
           f"{jax.local_device_count()} local of {jax.device_count()} devices", file=sys.stderr)

@@ -118,7 +118,7 @@ class System:
     def output_reading(self) -> dict:
         """How the network's output is read: `prediction` and `residual` (see `flow`)."""
         t = self.config.train
-        return dict(prediction=t.get("prediction", "velocity"), residual=tuple(t.get("residual", ())))
+        return dict(prediction=t.prediction, residual=tuple(t.residual))
 
     def prompt_conditioning(self, task: jax.Array, prompt: str | None = None) -> tuple[jax.Array, jax.Array]:
         """txt/vec for `precomputed` models: `prompt` (default: config sample.prompt, else each task's prompt)."""
@@ -126,7 +126,7 @@ class System:
 
         if self._prompts is None:
             self._prompts = text_cache.PromptConditioning.from_config(self.config)
-        prompt = prompt or self.config.sample.get("prompt", "")
+        prompt = prompt or self.config.sample.prompt
         tasks = np.asarray(task).reshape(-1)
         prompts = [prompt or text_cache.task_prompt(blend.TASKS[int(t)]) for t in tasks]
         txt, vec = self._prompts(prompts)
@@ -138,8 +138,8 @@ class System:
 
 
 def flux_params(model_cfg) -> flux.FluxParams:
-    base = flux.PRESETS[model_cfg.preset].to_dict() if model_cfg.get("preset") else {}
-    overrides = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(model_cfg.get("params", {})).items()}
+    base = flux.PRESETS[model_cfg.preset].to_dict() if model_cfg.preset else {}
+    overrides = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(model_cfg.params).items()}
     return flux.FluxParams.from_dict({**base, **overrides})
 
 
@@ -152,8 +152,8 @@ def weight_paths(config) -> tuple[str, str]:
     """(transformer checkpoint, VAE folder): the explicit fields, else model.weights' transformer/ and vae/."""
     import os
 
-    weights = config.model.get("weights", "")
-    checkpoint, ae_path = config.model.get("checkpoint", ""), config.autoencoder.get("path", "")
+    weights = config.model.weights
+    checkpoint, ae_path = config.model.checkpoint, config.autoencoder.path
     if weights:
         if not os.path.isdir(weights):
             raise FileNotFoundError(f"model.weights {weights!r}: no such folder (the --output of "
@@ -175,15 +175,15 @@ def build_model(config, *, seed: int | None = None, load_weights: bool = True, s
     mc, ac = config.model, config.autoencoder
     rngs = nnx.Rngs(config.train.seed if seed is None else seed)
     param_dtype = jnp.dtype(mc.param_dtype)
-    compute = jnp.dtype(mc.compute_dtype) if mc.get("compute_dtype") else None
-    layout = dict(attention_impl=mc.attention, scan_layers=mc.get("scan_layers", False), remat=mc.get("remat", "none"),
-                  platform=mc.get("platform") or None)  # "" = the current backend
+    compute = jnp.dtype(mc.compute_dtype) if mc.compute_dtype else None
+    layout = dict(attention_impl=mc.attention, scan_layers=mc.scan_layers, remat=mc.remat,
+                  platform=mc.platform or None)  # "" = the current backend
     checkpoint, ae_path = weight_paths(config) if load_weights else ("", "")
     if checkpoint:
         transformer = flux.load(checkpoint, param_dtype, compute_dtype=compute, shardings=shardings, **layout)
     else:
         transformer = flux.Flux(flux_params(mc), rngs=rngs, param_dtype=param_dtype, dtype=compute, **layout)
-        init = mc.get("init", "default")
+        init = mc.init
         if init not in flux.INITS:
             raise ValueError(f"model.init {init!r}: choose from {flux.INITS}")
         if init == "adaln_zero":
@@ -209,7 +209,7 @@ def build_model(config, *, seed: int | None = None, load_weights: bool = True, s
                                  "or model.weights (a converted pipeline folder)")
             vae = autoencoder.load(ae_path, param_dtype, compute_dtype=compute)
         else:
-            vae = autoencoder.AutoEncoder(autoencoder.PRESETS[ac.get("preset", "flux")], rngs=rngs,
+            vae = autoencoder.AutoEncoder(autoencoder.PRESETS[ac.preset], rngs=rngs,
                                           param_dtype=param_dtype, dtype=compute)
     elif ac.kind != "pixel":
         raise ValueError(f"autoencoder.kind {ac.kind!r}: choose 'pixel' or 'flux'")

@@ -49,7 +49,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from dd_jax import checkpoints, flow, hostmem, sharding, system as system_lib
+from dd_jax import checkpoints, config as config_lib, flow, hostmem, sharding, system as system_lib
 from dd_jax.checkpoints import RunError, to_host
 from dd_jax.data import pipeline
 from dd_jax.models import store
@@ -149,7 +149,7 @@ def _tb_writer(workdir: str):
 
 def data_shards(config) -> int:
     """How many Grain shards the global batch is read from (`data.shards`; 0 = one per process)."""
-    return int(config.data.get("shards", 0) or 0) or jax.process_count()
+    return int(config.data.shards) or jax.process_count()
 
 
 def check_batch(config, mesh) -> None:
@@ -161,7 +161,7 @@ def check_batch(config, mesh) -> None:
                          f"the same number of shards")
     if b % shards:
         raise ValueError(f"data.batch_size={b} (global) is not divisible by the {shards} data shards "
-                         f"({'data.shards' if config.data.get('shards', 0) else 'one per process'}): "
+                         f"({'data.shards' if config.data.shards else 'one per process'}): "
                          f"set --config.data.batch_size to a multiple of {shards}")
     if b % split:
         raise ValueError(f"data.batch_size={b} (global) cannot be split over the mesh's batch axes: data x fsdp = "
@@ -175,13 +175,13 @@ def text_source(config) -> tuple[str | None, str | None]:
     t = config.text
     if t.kind != "precomputed":
         return None, None
-    if t.get("online", False):
-        encoders = t.get("encoders") or config.model.get("weights", "")
+    if t.online:
+        encoders = t.encoders or config.model.weights
         if not encoders:
             raise ValueError("text.online needs text.encoders or model.weights (a converted pipeline folder "
                              "with t5/ and clip/)")
         return None, encoders
-    return t.get("cache") or "auto", None
+    return t.cache or "auto", None
 
 
 class ProcessData:
@@ -278,14 +278,14 @@ def check_config(config) -> None:
     if int(t.steps) < 1:
         raise RunError(f"train.steps={t.steps}: a run trains at least one step (an untrained model is not "
                        f"exported)")
-    if int(t.get("checkpoint_every", 1)) < 1 or int(t.get("log_every", 1)) < 1:
+    if int(t.checkpoint_every) < 1 or int(t.log_every) < 1:
         raise RunError("train.checkpoint_every and train.log_every must be >= 1")
     try:
         checkpoint, ae_path = system_lib.weight_paths(config)
         for field, path in (("model.checkpoint", checkpoint), ("autoencoder.path", ae_path)):
             if path and not os.path.isdir(path):
                 raise FileNotFoundError(f"{field} {path!r}: no such folder")
-        if t.get("init_from") and not os.path.isdir(t.init_from):
+        if t.init_from and not os.path.isdir(t.init_from):
             raise FileNotFoundError(f"train.init_from {t.init_from!r}: no such model folder or run")
 
         def init():
@@ -334,9 +334,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
 
     Multi-process runs call `sharding.maybe_initialize_distributed` first (as `main` does)."""
     t = config.train
-    mesh_cfg = config.get("mesh") or {}
-    rules = mesh_cfg.get("rules") or None
-    mesh = sharding.make_mesh(mesh_cfg)
+    rules = config.mesh.rules or None
+    mesh = sharding.make_mesh(config.mesh)
     validate(config, workdir, mesh)
     os.makedirs(workdir, exist_ok=True)
     ckpt_dir = os.path.join(workdir, checkpoints.CHECKPOINTS)
@@ -345,7 +344,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     with jax.set_mesh(mesh):
         # a converted base is read straight into its shards (never whole on one device)
         system = system_lib.build(config, shardings=lambda m: sharding.flat_shardings(m, mesh, rules))
-        if t.get("init_from") and not has_checkpoints:
+        if t.init_from and not has_checkpoints:
             checkpoints.read_params(system, t.init_from)
             print(f"starting from the parameters of {t.init_from}", file=sys.stderr)
         sharding.shard_model(system.model, mesh, rules)
@@ -455,7 +454,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     # Stopping: stop_after is the same on every process, a signal reaches processes at different steps. With
     # several processes they agree on a signal (one allgather) only every `sync_every` steps, at multiples of it:
     # every process then checks at the same steps and stops at the same one.
-    sync_every = max(1, int(t.get("sync_every", 10) or 1))
+    sync_every = max(1, int(t.sync_every or 1))
     step = start
     try:
         with _Stop() as stop:
@@ -518,7 +517,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
 def set_gpu_memory_fraction(config) -> str | None:
     """Exports `train.gpu_memory_fraction` as XLA_PYTHON_CLIENT_MEM_FRACTION (JAX's GPU memory pool; its default
     is 0.75) unless the environment sets it; JAX reads it when it starts its GPU client, so call this first."""
-    frac = float(config.train.get("gpu_memory_fraction", 0.0) or 0.0)
+    frac = float(config.train.gpu_memory_fraction or 0.0)
     if frac and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ:
         if not 0.0 < frac <= 1.0:
             raise ValueError(f"train.gpu_memory_fraction={frac}: a fraction of GPU memory in (0, 1]")
@@ -533,12 +532,17 @@ def main(argv):
 
     del argv
     FLAGS = flags.FLAGS
-    set_gpu_memory_fraction(FLAGS.config)  # before JAX starts a GPU client
-    sharding.maybe_initialize_distributed(FLAGS.config.get("distributed"))  # before any other JAX call
+    try:  # --config (and its overrides) over configs/base.py: a field base lacks is an error naming it
+        config = config_lib.merge(FLAGS.config, FLAGS["config"].config_filename)
+    except config_lib.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    set_gpu_memory_fraction(config)  # before JAX starts a GPU client
+    sharding.maybe_initialize_distributed(config.distributed)  # before any other JAX call
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     logging.get_absl_logger().addFilter(_no_orbax_tracebacks)  # a failed save: orbax's lines, our one error
     try:
-        train(FLAGS.config, FLAGS.workdir)
+        train(config, FLAGS.workdir)
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)

@@ -29,12 +29,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="lower only (cost from the unoptimised HLO)")
     args = ap.parse_args(argv)
 
-    from dd_jax import aot
-    from dd_jax.decompose import load_config_file
+    from dd_jax import aot, config as config_lib
 
     paths = args.config or [os.path.join(REPO, "configs", "watermark.py"), os.path.join(REPO, "configs", "xray.py")]
     for path in paths:
-        config = load_config_file(path)
+        config = config_lib.load_config_file(path)
         config.model.scan_layers = args.scan
         config.model.remat = args.remat
         t0 = time.time()

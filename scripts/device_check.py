@@ -239,10 +239,10 @@ def section_attention(rec: dict, dry: bool, save) -> None:
 
 def config_for(dry: bool, height: int, width: int, remat: str):
     """The flux-dev LoRA r128 ICD training config (configs/base.py) at this size, bf16, cuDNN where there is one."""
-    from configs import base
+    from dd_jax import config as config_lib
 
     s = sizes(dry)
-    c = base.get_config()
+    c = config_lib.base()
     c.model.preset = "flux-dev"
     c.model.params = dict(s["params"])
     c.model.param_dtype = c.model.compute_dtype = "bfloat16"

@@ -49,13 +49,12 @@ RECOMPUTE_ORDER = ("none", "dots", "dots_no_batch", "proj", "offload", "attn", "
 
 def configured_fraction(device: str) -> float | None:
     """The GPU memory-pool fraction the device's config sets (configs/gpu_<device>.py), None without one."""
-    import importlib
+    from dd_jax import config as config_lib
 
-    try:
-        mod = importlib.import_module(f"configs.gpu_{device}")
-    except ImportError:
+    path = os.path.join(REPO, "configs", f"gpu_{device}.py")
+    if not os.path.isfile(path):
         return None
-    return float(mod.get_config().train.get("gpu_memory_fraction", 0.0) or 0.0) or None
+    return float(config_lib.load_config_file(path).train.gpu_memory_fraction) or None
 
 
 def pool_bytes(device: str, fraction: float | None = None) -> float:
@@ -69,10 +68,9 @@ def pool_bytes(device: str, fraction: float | None = None) -> float:
 def _compile(size: str, policy: str, txt_len: int, dtype: str | None = None, scan: bool = True):
     import jax
 
-    from configs import gpu_h20
-    from dd_jax import aot
+    from dd_jax import aot, config as config_lib
 
-    config = gpu_h20.get_config(SIZES[size])
+    config = config_lib.load_config_file(os.path.join(REPO, "configs", f"gpu_h20.py:{SIZES[size]}"))
     if jax.default_backend() != "gpu":
         config.model.attention = "xla"  # cuDNN cannot compile here; see the caveat
     config.model.remat = policy

@@ -3,7 +3,7 @@
 import os
 
 from dd_jax import aot
-from dd_jax.decompose import load_config_file
+from dd_jax.config import load_config_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

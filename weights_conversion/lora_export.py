@@ -134,7 +134,8 @@ def from_model(transformer, path: str, *, dtype: str = "float32", prefix: str = 
 
 # ------------------------------------------------------------------ training runs
 def read_run(path: str) -> tuple[dict[str, np.ndarray], dict]:
-    """(flat trainable params, config dict) of an export folder or a training workdir (`dd_jax.checkpoints`)."""
+    """(flat trainable params, config dict over configs/base.py) of an export folder or a training workdir
+    (`dd_jax.checkpoints`)."""
     from dd_jax import checkpoints  # pylint: disable=g-import-not-at-top  (JAX and orbax only when reading a run)
 
     return checkpoints.read_trained_flat(path)
@@ -143,15 +144,15 @@ def read_run(path: str) -> tuple[dict[str, np.ndarray], dict]:
 def export_run(checkpoint: str, output: str, *, dtype: str = "float32", prefix: str = PREFIX) -> dict:
     """Writes the LoRA of a training run as a diffusers/peft Flux LoRA file; returns a summary."""
     flat, config = read_run(checkpoint)
-    lora_cfg = config.get("lora", {})
-    if not lora_cfg.get("enabled", False):
+    lora_cfg = config["lora"]  # complete: read_run merges the saved config over configs/base.py
+    if not lora_cfg["enabled"]:
         raise ValueError(f"{checkpoint}: the run trained without LoRA (lora.enabled is false); nothing to export")
     transformer = {k[len("transformer."):]: v for k, v in flat.items() if k.startswith("transformer.")}
     adapters = group_adapters(transformer)
     if not adapters:
         raise ValueError(f"{checkpoint}: no LoRA parameters found")
     ranks = {a.shape[1] for a, _ in adapters.values()}
-    rank, alpha = int(lora_cfg["rank"]), float(lora_cfg.get("alpha") or lora_cfg["rank"])
+    rank, alpha = int(lora_cfg["rank"]), float(lora_cfg["alpha"] or lora_cfg["rank"])
     if ranks != {rank}:
         raise ValueError(f"{checkpoint}: adapters have rank(s) {sorted(ranks)}, the config says {rank}")
     tensors = to_diffusers(adapters, alpha / rank, prefix=prefix, dtype=dtype)

@@ -241,7 +241,7 @@ class PromptConditioning:
     @classmethod
     def from_config(cls, config) -> "PromptConditioning":
         tc = config.text
-        cache = tc.get("cache", "") or (default_cache_dir(config.data.dir) if config.data.get("dir") else "")
+        cache = tc.cache or (default_cache_dir(config.data.dir) if config.data.dir else "")
         return cls(cache or None, encoders_path(config) or None)
 
     def __call__(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -260,7 +260,7 @@ class PromptConditioning:
 
 def encoders_path(config) -> str:
     """The converted T5/CLIP folder a config names: text.encoders, else model.weights."""
-    return config.text.get("encoders", "") or config.model.get("weights", "")
+    return config.text.encoders or config.model.weights
 
 
 # ------------------------------------------------------------------ captions of built datasets
