@@ -132,8 +132,18 @@ def architecture_changes(old, new) -> list[str]:
     return sorted(changed)
 
 
+def optimizer_layout(config) -> dict[str, bool]:
+    """What shapes the optimizer state a checkpoint holds (`flow.make_optimizer`): a clipping stage, and a
+    learning-rate schedule (whose step count is state) rather than a constant. Values of these fields may
+    change on a rerun; switching one of them on or off may not (no checkpoint would restore)."""
+    t = config_dict(config)["train"]
+    return {"train.clip_norm set": bool(t.get("clip_norm")),
+            "train.warmup_steps > 0 or train.decay": bool(t.get("warmup_steps") or t.get("decay"))}
+
+
 def check_rerun(workdir: str, config) -> None:
-    """Raises RunError if `workdir` holds a run whose architecture `config` changes (or an unreadable one)."""
+    """Raises RunError if `workdir` holds a run whose architecture `config` changes, or the layout of its
+    optimizer state (`optimizer_layout`), or an unreadable one."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.isfile(path):
         return
@@ -144,6 +154,28 @@ def check_rerun(workdir: str, config) -> None:
         diff = ", ".join(f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in changed)
         raise RunError(f"{workdir} was trained with another architecture ({diff}); a rerun may change how it "
                        f"trains, not the model: start a new --workdir")
+    was, now = optimizer_layout(old), optimizer_layout(config)
+    flipped = [f"{k}: {was[k]} -> {now[k]}" for k in was if was[k] != now[k]]
+    if flipped:
+        raise RunError(f"{workdir}: this rerun changes the layout of the optimizer state ({', '.join(flipped)}), "
+                       f"so none of its checkpoints could restore; keep those settings, or start a new --workdir "
+                       f"with --config.train.init_from={workdir}")
+
+
+def resolve_init_from(path: str, config) -> str:
+    """The model folder `train.init_from` names (a model folder, or a run with an export), checked against
+    the config before any work: RunError (one line) if it is neither, or was trained with another
+    architecture (its parameters would not fit)."""
+    folder = path if is_model_folder(path) else os.path.join(path, EXPORT)
+    if not is_model_folder(folder):
+        raise RunError(f"train.init_from {path!r}: not a trained model folder (no {store.META_FILE}) nor a run "
+                       f"with an {EXPORT}/ (train it to the end, or name its export)")
+    meta = read_model_meta(folder)
+    changed = architecture_changes(meta["config"], config)
+    if changed:
+        raise RunError(f"train.init_from {path!r} was trained with another architecture ({', '.join(changed)} "
+                       f"differ): its parameters do not fit this model")
+    return folder
 
 
 def record_config(workdir: str, config, step: int) -> str:
@@ -370,14 +402,14 @@ def read_params(system: system_lib.System, path: str) -> None:
     for _, arrays in store.read_groups(path):
         for name, arr in arrays.items():
             if name not in variables:
-                raise KeyError(f"{path}: parameter {name!r} is not in the model the config builds")
+                raise RunError(f"{path}: parameter {name!r} is not in the model the config builds")
             if tuple(arr.shape) != tuple(variables[name].get_value().shape):
                 raise ValueError(f"{path}: parameter {name!r} has shape {tuple(arr.shape)}, the model's is "
                                  f"{tuple(variables[name].get_value().shape)}")
             variables[name].set_value(jnp.asarray(arr, variables[name].get_value().dtype))
             missing.discard(name)
     if missing:
-        raise KeyError(f"{path}: no value for {len(missing)} parameter(s), e.g. {sorted(missing)[0]!r}")
+        raise RunError(f"{path}: no value for {len(missing)} parameter(s), e.g. {sorted(missing)[0]!r}")
     nnx.update(system.model, state)
 
 

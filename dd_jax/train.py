@@ -287,12 +287,16 @@ def check_config(config) -> None:
                 raise FileNotFoundError(f"{field} {path!r}: no such folder")
         if t.init_from and not os.path.isdir(t.init_from):
             raise FileNotFoundError(f"train.init_from {t.init_from!r}: no such model folder or run")
+        if t.init_from:
+            checkpoints.resolve_init_from(t.init_from, config)
 
         def init():
             model = system_lib.build_model(config, load_weights=False)
             return model, flow.system_optimizer(system_lib.wrap(model, config))
 
         nnx.eval_shape(init)
+    except RunError:
+        raise
     except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError, AssertionError) as e:
         raise RunError(f"the config does not build a model: {checkpoints.one_line(e)}") from e
 
@@ -403,9 +407,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
             with open(metrics_path, "a") as f:
                 for s, l, g in losses:
                     f.write(json.dumps({"step": s, "loss": l, "grad_norm": g}) + "\n")
-        bad = [(s, l) for s, l, _ in losses if not math.isfinite(l)]
+        # a finite loss with a non-finite gradient norm has already written NaN into the parameters (the
+        # update of that step): the checkpoint of that step must not be saved either
+        bad = [(s, what, v) for s, l, g in losses for what, v in (("loss", l), ("gradient norm", g))
+               if not math.isfinite(v)]
         if bad:
-            raise NonFiniteLoss(f"loss is {bad[0][1]} at step {bad[0][0]}: stopping. The last good checkpoint "
+            raise NonFiniteLoss(f"{bad[0][1]} is {bad[0][2]} at step {bad[0][0]}: stopping. The last good checkpoint "
                                 f"(step {ckpts.latest()}) is kept in {workdir}/checkpoints; lower "
                                 f"train.learning_rate or check the data.")
         now = time.time()

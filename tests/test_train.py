@@ -61,6 +61,57 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, m
     assert math.isnan(logged[6]) and all(math.isfinite(logged[s]) for s in range(1, 6))
 
 
+def test_non_finite_gradient_norm_stops_before_its_checkpoint(data_dir, tmp_path, monkeypatch):
+    """A finite loss with an inf gradient norm has already written NaN parameters: that step's checkpoint
+    must not be saved (the last good one stays the newest)."""
+    c = th.small_config(data_dir, steps=20, checkpoint_every=4, log_every=5)
+    real = train.make_step
+
+    def make_step(system, jit=True):
+        step, calls = real(system, jit), []
+
+        def poisoned(*args):
+            calls.append(1)
+            loss, gnorm = step(*args)
+            return (loss, gnorm * jnp.inf) if len(calls) == 8 else (loss, gnorm)
+
+        return poisoned
+
+    monkeypatch.setattr(train, "make_step", make_step)
+    with pytest.raises(train.NonFiniteLoss, match="gradient norm is inf at step 8"):
+        train.train(c, str(tmp_path))
+    assert checkpoints.Checkpoints(str(tmp_path / "checkpoints"), 3).latest() == 4
+
+
+@pytest.mark.parametrize("field,old,new,refused", [
+    ("clip_norm", None, 1.0, True), ("clip_norm", 1.0, 0.5, False),
+    ("warmup_steps", 2, 0, True), ("warmup_steps", 2, 10, False), ("learning_rate", 3e-3, 1e-4, False)])
+def test_rerun_may_not_change_the_optimizer_state_layout(data_dir, tmp_path, field, old, new, refused):
+    """Switching clipping or the schedule on or off changes the optimizer state's tree: no checkpoint of the
+    run could restore, so the rerun is refused before anything is touched; their values may change."""
+    c = th.small_config(data_dir, **{field: old})
+    checkpoints.record_config(str(tmp_path), c, 0)
+    c2 = th.small_config(data_dir, **{field: new})
+    if refused:
+        with pytest.raises(checkpoints.RunError, match="layout of the optimizer state"):
+            checkpoints.check_rerun(str(tmp_path), c2)
+    else:
+        checkpoints.check_rerun(str(tmp_path), c2)
+
+
+def test_init_from_is_checked_before_the_run_is_made(data_dir, tmp_path):
+    """A folder that is not a model, or a model of another architecture: one-line RunError, no workdir."""
+    not_model = tmp_path / "photos"
+    not_model.mkdir()
+    c = th.small_config(data_dir, steps=2, init_from=str(not_model))
+    with pytest.raises(checkpoints.RunError, match="not a trained model folder"):
+        train.train(c, str(tmp_path / "run"))
+    c = th.small_config(data_dir, steps=2, init_from=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dd_jax", "assets", "tiny"))
+    with pytest.raises(checkpoints.RunError, match="another architecture"):
+        train.train(c, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_export_reloads_the_trained_model(data_dir, tmp_path):
     c = th.small_config(data_dir, steps=4)
     summary = train.train(c, str(tmp_path))
