@@ -362,7 +362,9 @@ def run(data_dir: str, output: str, checkpoint: str | None = None, *, tasks="all
     config = config_lib.load_config_file(config_file) if config_file else None
     system = checkpoints.load_trained(checkpoint, config)
     cfg = system.config
-    steps = steps or cfg.sample.steps
+    steps = cfg.sample.steps if steps is None else steps
+    if steps < 1:
+        raise ValueError(f"steps={steps}: at least one sampling step")
     working = (int(cfg.data.height), int(cfg.data.width))
     mode = mode or inference.default_mode(cfg)
     overlap = inference.default_overlap(working) if overlap is None else overlap
@@ -436,6 +438,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.num_samples < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         ap.error("--num-samples, --batch-size and --limit must be >= 1")
+    if args.steps is not None and args.steps < 1:
+        ap.error(f"--steps {args.steps}: at least one sampling step")
     if args.protocol:
         other = [t for t in args.tasks or [] if t.split("/", 1)[0] != args.protocol]
         if other:

@@ -208,6 +208,11 @@ def test_cli_errors(tmp_path):
                                  "--checkpoint", str(tmp_path / "none")]) == 2
     with pytest.raises(SystemExit):
         quiet(evaluate.main, ["--data", "x", "--output", "y", "--limit", "0"])
+    for steps in ("0", "-3"):  # not silently the config's steps, nor a numpy error
+        with pytest.raises(SystemExit):
+            quiet(evaluate.main, ["--data", "x", "--output", "y", "--steps", steps])
+    with pytest.raises(ValueError, match="at least one sampling step"):
+        evaluate.run(str(tmp_path / "none"), str(tmp_path / "o"), steps=0)
 
 
 def test_markdown_layout_blocks_of_three():
