@@ -164,6 +164,7 @@ def main(argv=None) -> int:
     p.add_argument("--output", required=True)
     p.add_argument("--checkpoint", default=None, help="a run or model folder (default: the shipped model)")
     p.add_argument("--keep", default=None, help="keep the composites and layers in this folder")
+    p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's sample.steps)")
     args = p.parse_args(argv)
     os.makedirs(args.output, exist_ok=True)
     work = args.keep or tempfile.mkdtemp(prefix="eval_photos_")
@@ -179,6 +180,8 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "-m", "dd_jax.decompose", "--input", *paths, "--output", outp, "--task", task]
         if args.checkpoint:
             cmd += ["--checkpoint", args.checkpoint]
+        if args.steps:
+            cmd += ["--steps", str(args.steps)]
         subprocess.run(cmd, check=True)
     results, rows = [], []
     for i, (photo, name, task, comp, bg) in enumerate(all_cases):
