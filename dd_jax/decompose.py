@@ -34,6 +34,18 @@ the sidecar lists every sample's error. Measured with the shipped model
 (scripts/best_of_k.py, data/eval_photo64): it lowers the recomposition error
 but not the background RMSE against the truth (K = 8 raises it for occlusion
 and flare), so it is off by default.
+With `--passes N > 1` (images with several overlays) pass 1 decomposes the
+input, and pass p the background pass p - 1 wrote (8-bit): the outermost
+overlay comes off first. Each pass's task is given (`--task
+watermark,flare`: pass 1 first; one task: every pass) or chosen (the file
+name for pass 1, else automatically, printed; `auto` in the list). It writes
+`<stem>_foreground_1.png` ... `<stem>_foreground_N.png` (pass order) and the
+last pass's `<stem>_background.png`; the input is law_1(fg_1, law_2(fg_2,
+... background)), so the PSD's layers, bottom to top, are `background`,
+`foreground N (<task>)`, ..., `foreground 1 (<task>)`. The sidecar lists
+every pass (task, how chosen, its recomposition error); the image's error is
+that of all the layers recomposed. Measured on two-overlay composites in
+docs/decompose.md (scripts/two_overlays.py).
 Inputs that share a stem get names that tell them apart: the extension is
 added (`a/x.png`, `a/x.jpg` -> `x_png_...`, `x_jpg_...`), and the folder too
 when the file names are the same (`a/x.jpg`, `b/x.jpg` -> `a_x_jpg_...`,
@@ -160,6 +172,34 @@ class WriteError(ValueError):
     """An output could not be written (e.g. the disk is full); what was written before is kept."""
 
 
+def pass_tasks(task: str | list | tuple | None, passes: int) -> list[str | None]:
+    """Each pass's task from `--task`: None, one task (every pass), or a comma list (or list) with one per pass;
+    `auto` (or None) leaves that pass's task to the file name (pass 1) or the automatic choice. Raises
+    ValueError (one line) for an unknown task or a list whose length is not 1 or `passes`."""
+    if task is None:
+        return [None] * passes
+    parts = [p.strip() for p in task.split(",")] if isinstance(task, str) else [p if p is None else str(p).strip()
+                                                                               for p in task]
+    bad = [p for p in parts if p not in blend.TASKS and p not in (None, "auto")]
+    if bad:
+        raise ValueError(f"unknown task {bad[0]!r} in --task {task}; choose from {', '.join(blend.TASKS)} or auto")
+    if len(parts) not in (1, passes):
+        raise ValueError(f"--task {','.join(str(p) for p in parts)} gives {len(parts)} tasks for --passes {passes}: "
+                         f"give one task for every pass, or one per pass (comma-separated)")
+    parts = [None if p == "auto" else p for p in parts]
+    return parts * passes if len(parts) == 1 else parts
+
+
+def stack_error(passes: list[tuple[str, np.ndarray, np.ndarray | None]], image: np.ndarray) -> float:
+    """RMSE (0-1) of `image` against the written layers of every pass recomposed: `passes[p - 1]` = (task, 8-bit
+    background, 8-bit RGBA foreground) of pass p; pass 1 removed the outermost overlay, so the input is
+    law_1(fg_1, law_2(fg_2, ... law_N(fg_N, background_N)))."""
+    rec = np.asarray(passes[-1][1], np.float64) / 255.0
+    for t, _, fg in reversed(passes):
+        rec = np.asarray(blend.composite(t, np.asarray(fg, np.float64) / 255.0, rec))
+    return blend.rmse(rec, np.asarray(image, np.float64))
+
+
 def read_rgb(path: str) -> np.ndarray:
     """float32 [H, W, 3] in [0, 1] through the shared reader (`dd_jax.data.images.read_rgb`: EXIF
     orientation, 16-bit by bit depth, float images as they are, RGBA over white); raises ImageError."""
@@ -230,19 +270,21 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
         task: str | None = None, steps: int | None = None, seed: int = 0, num_samples: int = 1,
         batch_size: int = 16, guidance: float | None = None, detail_transfer: bool = True,
         prompt: str | None = None, mode: str | None = None, overlap: int | None = None,
-        overwrite: bool = False, fmt: str = "png", select: str = "all") -> dict:
+        overwrite: bool = False, fmt: str = "png", select: str = "all", passes: int = 1) -> dict:
     """Decomposes `inputs` into `output` (see the module docstring); returns a summary with `written`
     (decompositions), `files` (written), `skipped` (unreadable inputs), `tasks`, `images` (the sidecar's
-    per-output records) and `sidecar` (its path). Raises ValueError (one line) for bad arguments or outputs
-    that exist (without `overwrite`), WriteError when a write fails."""
+    per-output records) and `sidecar` (its path). `task`: one task, or one per pass (a comma list or a list;
+    `auto` or None: from the file name for pass 1, else chosen automatically). Raises ValueError (one line) for
+    bad arguments or outputs that exist (without `overwrite`), WriteError when a write fails."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     if select not in SELECT:
         raise ValueError(f"unknown --select {select!r}; choose from {', '.join(SELECT)}")
     if fmt != "png":
         psd_layers.check_available()
-    if task is not None and task not in blend.TASKS:
-        raise ValueError(f"unknown task {task!r}; choose from {', '.join(blend.TASKS)}")
+    if passes < 1:
+        raise ValueError(f"--passes {passes}: at least one pass")
+    per_pass = pass_tasks(task, passes)
     if mode is not None and mode not in inference.MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(inference.MODES)}")
     if steps is not None and steps < 1:
@@ -270,10 +312,11 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
                          "without it)")
     stems = output_stems(files)
     kept = 1 if select == "recompose" else num_samples  # outputs per input
-    layers_out = ("background", "foreground") if has_fg else ("background",)
+    # output kinds (and file name suffixes): one pass <stem>_foreground.png, N passes <stem>_foreground_<p>.png
+    fg_names = (["foreground"] if passes == 1 else [f"foreground_{p}" for p in range(1, passes + 1)]) if has_fg else []
 
     def out_names(stem: str) -> dict[str, str]:
-        names = {layer: f"{stem}_{layer}.png" for layer in layers_out} if fmt != "psd" else {}
+        names = {kind: f"{stem}_{kind}.png" for kind in ["background"] + fg_names} if fmt != "psd" else {}
         if fmt != "png":
             names["psd"] = f"{stem}.psd"
         return names
@@ -291,44 +334,65 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
         raise ValueError(f"{existing[0]}{more} exists; decompose writes over no file it did not write in this "
                          f"run: pass --overwrite to replace its outputs, or choose another --output")
     os.makedirs(output, exist_ok=True)
-    skipped, written, tasks_used, done, records, chosen_by = [], 0, {}, [], [], {}
+    skipped, written, tasks_used, done, records = [], 0, {}, [], []
     t0 = time.time()
     progress = _Progress(t0)
     key = jax.random.key(seed)
     auto_key = jax.random.fold_in(key, 2**31 - 1)  # task choice: its own noise
     print(f"decomposing {len(files)} file(s), mode {mode} ({tile[0]}x{tile[1]} "
           f"{'tiles, overlap ' + str(overlap) if mode == 'tile' else 'working size'}), {steps} steps, "
-          f"{num_samples} sample(s) each{', keeping the best recomposition' if kept < num_samples else ''}",
-          file=sys.stderr)
+          f"{num_samples} sample(s) each{', keeping the best recomposition' if kept < num_samples else ''}"
+          f"{f', {passes} passes' if passes > 1 else ''}", file=sys.stderr)
+
+    def pick_task(p: int, path: str, img: np.ndarray, choice_key) -> tuple[str, str]:
+        """Pass p's task and how it was chosen: --task's entry, else (pass 1) the file name, else automatic."""
+        t, how = per_pass[p - 1], "--task"
+        if t is None and p == 1:
+            t, how = task_from_name(path), "file name"
+        if t is None:
+            t, scores = inference.choose_task(system, img, steps=steps, key=choice_key, batch_size=batch_size,
+                                              guidance=guidance, prompt=prompt, head=head)
+            how = "chosen automatically: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+        return t, how
+
+    def announce(label: str, img: np.ndarray, t: str, how: str) -> None:
+        h, w = img.shape[:2]
+        count = inference.tile_count(h, w, tile, overlap) if mode == "tile" else 1
+        print(f"  {label} ({w}x{h}): task {t} ({how}); {count} tile(s)", file=sys.stderr)
+
+    # Pass p > 1 of an input decomposes the 8-bit background its pass p - 1 wrote: queued here when that pass is
+    # done, and fed to the model before the next input is read (so memory follows the images in flight).
+    file_iter = iter(enumerate(files))
+    next_passes: collections.deque = collections.deque()  # (path, name, n, k, pass, image)
+    how_chosen: dict[tuple, str] = {}  # (path, k, pass) -> how its task was chosen
 
     def items():
-        for n, path in enumerate(files):
+        while True:
+            while next_passes:
+                path, name, n, k, p, img = next_passes.popleft()
+                t, how = pick_task(p, path, img, jax.random.fold_in(jax.random.fold_in(auto_key, n), 1000 * p + k))
+                how_chosen[path, k, p] = how
+                label = f"{name}, pass {p}" + (f", sample {k}" if num_samples > 1 else "")
+                announce(label, img, t, how)
+                yield (path, label, k, t, p), img, t
+            nxt = next(file_iter, None)
+            if nxt is None:
+                return
+            n, path = nxt
             try:
                 img = read_rgb(path)
             except Exception as e:  # unreadable file: report and go on
                 skipped.append(path)
                 print(f"skipping {path}: {e}", file=sys.stderr)
                 continue
-            t, how = task, "--task"
-            if t is None:
-                t, how = task_from_name(path), "file name"
-            if t is None:
-                t, scores = inference.choose_task(system, img, steps=steps, key=jax.random.fold_in(auto_key, n),
-                                                  batch_size=batch_size, guidance=guidance, prompt=prompt,
-                                                  head=head)
-                how = "chosen automatically: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
-            tasks_used[path] = t
-            chosen_by[path] = how
+            t, how = pick_task(1, path, img, jax.random.fold_in(auto_key, n))
             name = os.path.basename(path)
-            h, w = img.shape[:2]
-            count = inference.tile_count(h, w, tile, overlap) if mode == "tile" else 1
-            print(f"  {name} ({w}x{h}): task {t} ({how}); {count} tile(s)", file=sys.stderr)
+            label = name if passes == 1 else f"{name}, pass 1"
+            announce(label, img, t, how)
             for k in range(num_samples):
-                yield (path, name, k, t), img, t
+                how_chosen[path, k, 1] = how
+                yield (path, label, k, t, 1), img, t
 
-    stream = inference.decompose_stream(system, items(), steps=steps, key=key, mode=mode, batch_size=batch_size,
-                                        overlap=overlap, guidance=guidance, prompt=prompt,
-                                        detail_transfer=detail_transfer, progress=progress)
     def save(dest: str, write, *args) -> None:
         if os.path.realpath(dest) in protected:  # checked above; an input that appeared since
             raise ValueError(f"{dest} would be written over an input; choose another --output")
@@ -349,45 +413,85 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
             blend.foreground_rgba(t, layers.foreground, layers.composite, layers.background)))
         return bg, fg, blend.layers_error(t, fg, bg, layers.composite)
 
+    chains: dict[tuple, list] = {}  # (path, k) -> its passes so far: (task, bg, fg, recomposition error)
+    inputs: dict[tuple, np.ndarray] = {}  # (path, k) -> the input (pass 1's composite)
     pending: dict[str, list] = collections.defaultdict(list)  # --select recompose: an input's samples so far
-    for tag, layers in stream:
-        path, _, k, t = tag
-        outs = [(k, layers, *output_layers(t, layers))]
+    index = {f: n for n, f in enumerate(files)}
+
+    def finish(path: str, k: int, chain: list, image: np.ndarray) -> None:
+        """Writes one input's (or sample's) layers once its last pass is done."""
+        nonlocal written
+        outs = [(k, chain, None if not has_fg else stack_error([c[:3] for c in chain], image))]
         sample_errors = None
         if kept < num_samples:
             pending[path].append(outs[0])
             if len(pending[path]) < num_samples:
-                continue
+                return
             samples = sorted(pending.pop(path), key=lambda o: o[0])
-            sample_errors = [o[4] for o in samples]
+            sample_errors = [o[2] for o in samples]
             outs = [samples[int(np.argmin(sample_errors))]]
-        for k, layers, bg, fg, err in outs:
+        for k, chain, err in outs:
+            bg = chain[-1][1]  # the last pass's background
             stem = sample_stem(path, k)
             names = out_names(stem)
-            record = {"input": path, "task": t, "task_from": chosen_by[path], "size": list(bg.shape[1::-1]),
-                      "sample": k, "outputs": {}, "recompose_rmse": None if err is None else round(err * 255, 4)}
+            hows = [how_chosen[path, k, p] for p in range(1, passes + 1)]
+            record = {"input": path, "task": ",".join(c[0] for c in chain),
+                      "task_from": hows[0] if passes == 1 else hows, "size": list(bg.shape[1::-1]), "sample": k,
+                      "outputs": {}, "recompose_rmse": None if err is None else round(err * 255, 4),
+                      "passes": [{"pass": p, "task": c[0], "task_from": hows[p - 1],
+                                  "recompose_rmse": None if c[3] is None else round(c[3] * 255, 4),
+                                  "foreground": names.get(fg_names[p - 1]) if has_fg else None}
+                                 for p, c in enumerate(chain, 1)]}
             if sample_errors is not None:
                 record["sample_recompose_rmse"] = [round(e * 255, 4) for e in sample_errors]
             for kind, fname in names.items():
                 dest = os.path.join(output, fname)
                 if kind == "background":
                     save(dest, save_png, dest, bg)
-                elif kind == "foreground":
-                    save(dest, save_png, dest, fg)
+                elif kind.startswith("foreground"):
+                    p = 1 if kind == "foreground" else int(kind.rsplit("_", 1)[1])
+                    save(dest, save_png, dest, chain[p - 1][2])
                 else:
-                    stack = psd_layers.layers(t, bg, fg)
+                    stack = psd_layers.pass_layers([c[:3] for c in chain])
                     psd_img = psd_layers.composite(stack)
                     save(dest, psd_layers.write, dest, stack)
                     record["psd_layers"] = [{"name": n, "mode": psd_layers.MODES[m]} for n, m, _ in stack]
-                    record["psd_rmse"] = round(blend.rmse(psd_img, layers.composite) * 255, 4)
+                    record["psd_rmse"] = round(blend.rmse(psd_img, image) * 255, 4)
                 record["outputs"][kind] = fname
             records.append(record)
+            tasks_used[path] = record["task"]
+            if passes > 1 or sample_errors is not None:
+                note = "" if err is None else f"recomposition RMSE {err * 255:.2f}/255"
+                if passes > 1 and err is not None:
+                    note += " (all passes)"
+                if sample_errors is not None:
+                    note += f", sample {k} of {num_samples} kept (" + ", ".join(f"{e * 255:.2f}"
+                                                                           for e in sample_errors) + ")"
+                print(f"  {os.path.basename(path)}: {note or 'written'}", file=sys.stderr)
+            written += 1
+
+    for rnd in range(passes):  # a round ends with its stream; passes still owed then are the next round's
+        stream = inference.decompose_stream(system, items(), steps=steps,
+                                            key=key if rnd == 0 else jax.random.fold_in(key, 2**30 + rnd),
+                                            mode=mode, batch_size=batch_size, overlap=overlap, guidance=guidance,
+                                            prompt=prompt, detail_transfer=detail_transfer, progress=progress)
+        for tag, layers in stream:
+            path, _, k, t, p = tag
+            bg, fg, err = output_layers(t, layers)
+            if p == 1:
+                inputs[path, k] = layers.composite
+            chains.setdefault((path, k), []).append((t, bg, fg, err))
             note = "" if err is None else f", recomposition RMSE {err * 255:.2f}/255"
-            if sample_errors is not None:
-                note += f" (sample {k} of {num_samples}: " + ", ".join(f"{e * 255:.2f}" for e in sample_errors) + ")"
             progress.finish(tag, inference.tile_count(*layers.composite.shape[:2], tile, overlap)
                             if mode == "tile" else 1, note)
-            written += 1
+            del layers
+            if p < passes:  # the next pass decomposes the background as written (8-bit)
+                next_passes.append((path, os.path.basename(path), index[path], k, p + 1,
+                                    bg.astype(np.float32) / 255.0))
+            else:
+                finish(path, k, chains.pop((path, k)), inputs.pop((path, k)))
+        if not next_passes:
+            break
     report = {"tool": "dd_jax.decompose", "rmse_scale": "0-255", "recompose_rmse": "RMSE of the input against "
               "the task's blend law applied to the written 8-bit layers (dd_jax.data.blend.layers_error)",
               "checkpoint": checkpoint or DEFAULT_MODEL, "steps": steps, "seed": seed, "mode": mode,
@@ -411,8 +515,15 @@ def main(argv=None) -> int:
     ap.add_argument("--output", required=True)
     ap.add_argument("--checkpoint", default=None, help="trained model folder or training workdir (default: shipped tiny model)")
     ap.add_argument("--config", default=None, help="config file overriding the checkpoint's (e.g. another base path)")
-    ap.add_argument("--task", default=None, choices=blend.TASKS,
-                    help="blend law (default: from the file name, else chosen automatically)")
+    ap.add_argument("--task", default=None, metavar="TASK[,TASK...]",
+                    help=f"blend law, one of {', '.join(blend.TASKS)} (default: from the file name, else chosen "
+                         f"automatically); with --passes N: one task for every pass, or N comma-separated, pass 1 "
+                         f"first (auto: chosen automatically for that pass)")
+    ap.add_argument("--passes", type=int, default=1,
+                    help="decompose N times, each pass the background of the one before (several overlays, the "
+                         "outermost first): writes <stem>_foreground_1.png ... _N.png in pass order and the last "
+                         "pass's <stem>_background.png; the PSD layers, bottom to top: background, foreground N, "
+                         "..., foreground 1 (default 1: the plain names)")
     ap.add_argument("--mode", default=None, choices=inference.MODES,
                     help="tile: native resolution in overlapping tiles; resize: whole image at the working size "
                          "(default: the model's config, sample.tile)")
@@ -440,10 +551,17 @@ def main(argv=None) -> int:
         ap.error("--num-samples and --batch-size must be >= 1")
     if args.steps is not None and args.steps < 1:
         ap.error(f"--steps {args.steps}: at least one sampling step")
+    if args.passes < 1:
+        ap.error(f"--passes {args.passes}: at least one pass")
+    try:
+        pass_tasks(args.task, args.passes)
+    except ValueError as e:
+        ap.error(str(e))
     try:
         out = run(args.input, args.output, args.checkpoint, args.config, args.task, args.steps, args.seed,
                   args.num_samples, args.batch_size, args.guidance, not args.no_detail_transfer, args.prompt,
-                  args.mode, args.overlap, overwrite=args.overwrite, fmt=args.fmt, select=args.select)
+                  args.mode, args.overlap, overwrite=args.overwrite, fmt=args.fmt, select=args.select,
+                  passes=args.passes)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -34,6 +34,12 @@ flare layer holds the display-value difference it makes on this background
 the layer that would not depend on the background, leaves an error measured
 by `scripts/psd_check.py` (`addition_error`).
 
+With `decompose --passes N > 1` (`pass_layers`) the stack is the last pass's
+``background``, then ``foreground N (<task>)`` ... ``foreground 1 (<task>)``
+(glassware: ``foreground p (glassware, multiply)`` under ``foreground p
+(glassware, screen)``), each in its task's mode: pass 1 took off the
+outermost overlay, so its layer is on top.
+
 The file's own composite image (what viewers without layer support show) is
 the layers composited with that formula.
 """
@@ -100,6 +106,21 @@ def layers(task: str, background: np.ndarray, foreground: np.ndarray | None) -> 
             out.append((name, mode, part))
     else:
         raise ValueError(f"unknown task {task!r}")
+    return out
+
+
+def pass_layers(passes: list[tuple[str, np.ndarray, np.ndarray | None]]) -> list[tuple[str, str, np.ndarray]]:
+    """The PSD layers of `decompose --passes N`, bottom to top: `passes[p - 1]` = (task, background, foreground)
+    of pass p. One pass: `layers`. Several: the last pass's background, then each pass's foreground layers from
+    pass N down to pass 1 (pass 1 took off the outermost overlay, so it is on top), named `foreground <p> (...)`;
+    each made against its own pass's background (flare's light, glassware's split)."""
+    if len(passes) == 1:
+        return layers(*passes[0])
+    out = layers(passes[-1][0], passes[-1][1], None)
+    for p in range(len(passes), 0, -1):
+        task, bg, fg = passes[p - 1]
+        out += [(name.replace("foreground (", f"foreground {p} (", 1), mode, px)
+                for name, mode, px in layers(task, bg, fg)[1:]]
     return out
 
 
