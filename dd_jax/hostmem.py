@@ -25,12 +25,17 @@ default allocator stays at 1.9 GiB. So the programs also call
 `trim_if_grown()` between steps: when the resident size exceeds 1.5x the
 largest of its first three readings, it returns the heap's free memory to
 the system (`malloc_trim`); the next steps fault that memory in again, once.
+
+`release_free_memory()` is the one other path: code that has just dropped a
+large host buffer (the model-folder writer, after each group) hands the
+heap's free pages back at once, tuned or not.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import importlib.util
 import os
 import sys
@@ -122,3 +127,13 @@ def trim_if_grown() -> bool:
 def trims() -> int:
     """How many times trim_if_grown() has trimmed in this process."""
     return _trims
+
+
+def release_free_memory() -> None:
+    """Collects garbage, then returns the heap's free memory to the system (`malloc_trim`; glibc only: elsewhere
+    only the collection). For a program that has just dropped a large host buffer; the tuning need not apply."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

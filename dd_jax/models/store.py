@@ -21,8 +21,6 @@ Parameter paths are strings joined with '.', as in the model's NNX state
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
 import os
 import shutil
@@ -32,6 +30,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dd_jax import hostmem
 
 FORMAT = "dd_jax.grouped/1"
 META_FILE = "dd_jax_model.json"
@@ -80,15 +80,6 @@ def module_group(path: str) -> str:
     conversion memory follows the largest tensor.
     """
     return path.rsplit(".", 1)[0] if "." in path else path
-
-
-def release_memory() -> None:
-    """Hands freed heap pages back to the OS (glibc keeps them per thread arena otherwise)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _local_checkpointer():
@@ -196,7 +187,7 @@ class GroupedWriter:
         self._ckptr.save(os.path.join(self.tmp_dir, "groups", group), _nest(flat))
         self._ckptr.wait_until_finished()
         self.meta["groups"].append(group)
-        release_memory()
+        hostmem.release_free_memory()  # the group's host arrays are gone: hand their pages back
 
     def commit(self) -> str:
         with open(os.path.join(self.tmp_dir, META_FILE), "w") as f:
