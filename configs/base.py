@@ -41,7 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.text = tx = ml_collections.ConfigDict()
     tx.kind = "precomputed"  # "precomputed" (txt/vec in the batch, e.g. cached T5/CLIP) | "task" (learned)
     tx.length = 8  # learned task tokens ("task" only)
-    tx.cache = ""  # text-embedding cache (python -m dd_jax.data.encode_text) for training and prompts ("" = data.dir/text_cache)
+    # text-embedding cache (python -m dd_jax.data.encode_text) for training and prompts ("" = data.dir/text_cache)
+    tx.cache = ""
     tx.online = False  # training: encode captions in the input pipeline with text.encoders instead of the cache
     tx.encoders = ""  # converted T5/CLIP folder for prompts not in the cache ("" = model.weights)
 

@@ -50,9 +50,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dd_jax import checkpoints, config as config_lib, hostmem, inference, metrics
-from dd_jax.data import blend, pipeline
-from dd_jax.metrics import protocols
+from dd_jax.data import pipeline
 from dd_jax.decompose import DEFAULT_MODEL
+from dd_jax.metrics import protocols
 
 NA = "n/a (no weights)"
 LOGO_LABELS = {"logo/high": "LOGO-H", "logo/mid": "LOGO-L", "logo/gray": "LOGO-Gray", "clwd/default": "CLWD",
@@ -443,7 +443,8 @@ def main(argv=None) -> int:
     if args.protocol:
         other = [t for t in args.tasks or [] if t.split("/", 1)[0] != args.protocol]
         if other:
-            ap.error(f"--protocol {args.protocol} evaluates {args.protocol} datasets only; drop --tasks {' '.join(other)}")
+            ap.error(f"--protocol {args.protocol} evaluates {args.protocol} datasets only; "
+                     f"drop --tasks {' '.join(other)}")
         args.tasks = args.tasks or [args.protocol]
     args.tasks = args.tasks or ["all"]
     try:

@@ -21,7 +21,7 @@ Latent packing (2x2 patches into tokens) follows BFL: NCHW
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax.numpy as jnp
 import numpy as np

@@ -38,8 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dd_jax import hostmem
-from dd_jax import system as system_lib
+from dd_jax import hostmem, system as system_lib
 from dd_jax.data import blend
 
 MODES = ("tile", "resize")
@@ -320,7 +319,7 @@ def task_features(system, images: list[np.ndarray], *, steps: int, key: jax.Arra
     probes = [probe_tiles(im, tile) for im in images]
     items = [((i, t, p), pr, t) for i, prs in enumerate(probes) for t in blend.TASKS for p, pr in enumerate(prs)]
     sums = np.zeros((len(images), len(blend.TASKS), len(TASK_FEATURES)))
-    for (i, t, p), out in decompose_stream(system, items, steps=steps, key=key, mode="tile", batch_size=batch_size,
+    for (i, t, _p), out in decompose_stream(system, items, steps=steps, key=key, mode="tile", batch_size=batch_size,
                                            guidance=guidance, prompt=prompt, progress=progress):
         comp, bg = out.composite, out.background
         change = float(np.sqrt(np.mean((bg - comp) ** 2)))

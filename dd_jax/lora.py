@@ -28,7 +28,7 @@ layers or none. Adapters carry the logical axis names of their base kernel
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp

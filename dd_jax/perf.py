@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 # Dense bf16 (no sparsity) peak FLOP/s per device, keyed by the exact `jax.Device.device_kind` string.
 # Public figures: NVIDIA H100/H200/H20/A100 datasheets, Google Cloud TPU system architecture pages.
@@ -163,9 +163,10 @@ def projections(params, batch: int, img_tokens: int, txt_tokens: int, cond_t0: b
     h, m = p.hidden_size, int(p.hidden_size * p.mlp_ratio)
     lo = lambda path: bool(lora_targets) and _adapted(path, lora_targets)
     vec = b * (2 if cond_t0 else 1)  # rows of the conditioning-vector projections
-    out = [Projection("img_in", b * n, p.in_channels, h, False), Projection("txt_in", b * t, p.context_in_dim, h, False)]
-    embedders = [("time_in", 256)] + ([("guidance_in", 256)] if p.guidance_embed else []) + [("vector_in",
-                                                                                              p.vec_in_dim)]
+    out = [Projection("img_in", b * n, p.in_channels, h, False),
+           Projection("txt_in", b * t, p.context_in_dim, h, False)]
+    embedders = ([("time_in", 256)] + ([("guidance_in", 256)] if p.guidance_embed else [])
+                 + [("vector_in", p.vec_in_dim)])
     for name, din in embedders:  # inputs: timesteps, guidance, pooled text -- never LoRA-dependent
         out += [Projection(f"{name}.in_layer", vec, din, h, False), Projection(f"{name}.out_layer", vec, h, h, False)]
     dirty = {"img": False, "txt": False}  # does the stream's residual depend on the LoRA parameters?

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 
 from dd_jax import flow, icd, partition
 
-
 _SPLITS = partition.Cache()
 
 

@@ -52,7 +52,6 @@ from flax import nnx
 from dd_jax import checkpoints, config as config_lib, flow, hostmem, sharding, system as system_lib
 from dd_jax.checkpoints import RunError, to_host
 from dd_jax.data import pipeline
-from dd_jax.models import store
 
 ARRAY_KEYS = ("composite", "background", "foreground", "task", "txt", "vec")
 
@@ -401,15 +400,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         nonlocal t_last, step_last, pending
         if not pending:
             return True
-        losses = [(s, float(l), float(g)) for s, l, g in pending]
+        losses = [(s, float(loss), float(g)) for s, loss, g in pending]
         pending = []
         if jax.process_index() == 0:
             with open(metrics_path, "a") as f:
-                for s, l, g in losses:
-                    f.write(json.dumps({"step": s, "loss": l, "grad_norm": g}) + "\n")
+                for s, loss, g in losses:
+                    f.write(json.dumps({"step": s, "loss": loss, "grad_norm": g}) + "\n")
         # a finite loss with a non-finite gradient norm has already written NaN into the parameters (the
         # update of that step): the checkpoint of that step must not be saved either
-        bad = [(s, what, v) for s, l, g in losses for what, v in (("loss", l), ("gradient norm", g))
+        bad = [(s, what, v) for s, loss, g in losses for what, v in (("loss", loss), ("gradient norm", g))
                if not math.isfinite(v)]
         if bad:
             raise NonFiniteLoss(f"{bad[0][1]} is {bad[0][2]} at step {bad[0][0]}: stopping. The last good checkpoint "
@@ -418,7 +417,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         now = time.time()
         rate = (step - step_last) / max(now - t_last, 1e-9)
         lr = flow.learning_rate_at(step, t.learning_rate, t.warmup_steps, t.steps if t.decay else None)
-        mean_loss = float(np.mean([l for _, l, _ in losses]))
+        mean_loss = float(np.mean([loss for _, loss, _ in losses]))
         scalars = {"loss": mean_loss, "grad_norm": losses[-1][2], "lr": lr, "steps_per_sec": rate,
                    "examples_per_sec": rate * config.data.batch_size}
         if writer is not None:
@@ -533,9 +532,7 @@ def set_gpu_memory_fraction(config) -> str | None:
 
 
 def main(argv):
-    from absl import flags
-
-    from absl import logging
+    from absl import flags, logging
 
     del argv
     FLAGS = flags.FLAGS

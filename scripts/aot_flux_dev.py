@@ -45,7 +45,8 @@ def main(argv=None) -> int:
               f"({r.trainable_params / 1e6:.1f}M trainable LoRA), {'compiled' if not args.no_compile else 'lowered'} "
               f"in {time.time() - t0:.0f}s")
         if r.flops is not None:
-            print(f"  XLA FLOPs per step: {r.flops / 1e12:.2f} TFLOP  (6*N*tokens estimate: {analytic / 1e12:.2f} TFLOP)")
+            print(f"  XLA FLOPs per step: {r.flops / 1e12:.2f} TFLOP  "
+                  f"(6*N*tokens estimate: {analytic / 1e12:.2f} TFLOP)")
         if r.memory is not None:
             m = r.memory
             gib = lambda x: x / 2**30

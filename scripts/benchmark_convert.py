@@ -76,7 +76,7 @@ def write_safetensors(path: str, shapes: dict, dtype: str, seed: int = 0) -> int
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for name, shape in shapes.items():
+        for _name, shape in shapes.items():
             f.write((rng.standard_normal(shape, np.float32) * 0.02).astype(npdt).tobytes())
     return os.path.getsize(path)
 

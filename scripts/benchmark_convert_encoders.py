@@ -44,8 +44,7 @@ DEPTHS = {"vae": (2, 6), "t5": (2, 4)}  # resnet blocks per level / T5 blocks
 
 def source_shapes(component: str, depth: int) -> tuple[dict, dict, str]:
     """(config.json content, tensor name -> shape, safetensors file name) for a synthetic checkpoint."""
-    from weights_conversion import autoencoder as ae_maps
-    from weights_conversion import t5 as t5_maps
+    from weights_conversion import autoencoder as ae_maps, t5 as t5_maps
 
     if component == "vae":
         config = {**FLUX_VAE, "layers_per_block": depth}

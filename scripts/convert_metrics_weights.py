@@ -43,8 +43,10 @@ from dd_jax.metrics import fid, lpips  # noqa: E402
 from dd_jax.metrics.inception import FORMAT as INCEPTION_FORMAT  # noqa: E402
 from dd_jax.metrics.lpips import FORMAT as LPIPS_FORMAT  # noqa: E402
 from dd_jax.metrics.weights import save_flat  # noqa: E402
-from weights_conversion import inception as inception_conv  # noqa: E402
-from weights_conversion import lpips as lpips_conv  # noqa: E402
+from weights_conversion import (
+    inception as inception_conv,  # noqa: E402
+    lpips as lpips_conv,  # noqa: E402
+)
 
 
 def fid_helper_model_path() -> str | None:

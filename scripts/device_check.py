@@ -620,7 +620,7 @@ def run_group(args, group, env, result, t_start, save) -> list:
         with open(log_path) as f:
             log_tail = f.read()[-3000:]
     result["sections"].update(prog.get("sections", {}))
-    for i, (name, limit, fresh) in enumerate(group):
+    for i, (name, _limit, _fresh) in enumerate(group):
         rec = result["sections"].setdefault(name, {})
         if name == killed:
             rec.update(status="timeout", limit_s=limits[name], log_tail=log_tail)

@@ -84,7 +84,6 @@ def plan_one(size: str, policy: str, txt_len: int = 512, f32_estimate: bool = Fa
     """XLA's memory analysis of the production bf16 step (and, with `f32_estimate`, the temporaries
     estimated from a float32 compile, halved, plus the float32 LoRA gradients). `row`: an earlier result
     of the bf16 compile, completed with the float32 estimate."""
-    import jax
 
     t0 = time.time()
     if row is not None:
@@ -155,7 +154,8 @@ def markdown(rows: list[dict], devices: list[str]) -> str:
         "",
         f"The step donates what it changes and reads the rest: LoRA parameters {gb(pb['trainable'])} GB + AdamW state "
         f"{gb(pb['optimizer'])} GB are donated and come back in place (aliased {gb(r0['alias_bytes'])} GB); the frozen "
-        f"base {gb(pb['frozen'])} GB is a read-only input that is never returned (outputs {gb(r0['output_bytes'])} GB).",
+        f"base {gb(pb['frozen'])} GB is a read-only input that is never returned "
+        f"(outputs {gb(r0['output_bytes'])} GB).",
         "",
         "| image size | tokens | remat | arguments GB | outputs GB | aliased GB | temporaries GB | peak GB "
         "| peak with cuDNN attention GB (est.) |",
@@ -171,9 +171,10 @@ def markdown(rows: list[dict], devices: list[str]) -> str:
                       f"{r['size']} {r['remat']}: {gb(r['temp_bytes_xla'])} GB" for r in rows) + ")."]
     lines += ["", "Peak = arguments + temporaries + outputs not aliased to inputs. What each device lets the step use: "
               f"on a GPU, JAX's memory pool, `XLA_PYTHON_CLIENT_MEM_FRACTION` x memory (JAX's default "
-              f"{JAX_GPU_DEFAULT_FRACTION}, preallocated at start); on a TPU, HBM less {100 - int(TPU_HEADROOM * 100)}% "
-              "headroom. The chosen policy is the least recomputation (none < dots_no_batch < proj < attn < full) "
-              "whose peak fits (its peak in GB in brackets). Policies compiled: "
+              f"{JAX_GPU_DEFAULT_FRACTION}, preallocated at start); on a TPU, HBM less "
+              f"{100 - int(TPU_HEADROOM * 100)}% headroom. The chosen policy is the least recomputation "
+              "(none < dots_no_batch < proj < attn < full) whose peak fits (its peak in GB in brackets). "
+              "Policies compiled: "
               + ", ".join(sorted({f"`{r['remat']}`" for r in rows})) + ".", "",
               "| device | memory GB | pool fraction | usable GB | " + " | ".join(
                   f"{s} (XLA:{r0['backend'].upper()} peak)" for s in sorted({r['size'] for r in rows}))
@@ -198,21 +199,21 @@ def markdown(rows: list[dict], devices: list[str]) -> str:
                 cell(s, est[s], True) if platform == "gpu" else "n/a" for s in sorted(est)]
             lines.append(f"| {name} | {cap / 1e9:.0f} | {shown} | {gb(budget)} | " + " | ".join(cells) + " |")
     if r0["backend"] != "gpu":
-        lines += ["", f"Caveat: compiled for XLA:{r0['backend'].upper()}, not the GPU or TPU, and these are the figures "
-                  "XLA:CPU reports. Arguments, outputs and aliasing are exact (they follow from the step's signature). "
-                  "The temporaries are not the accelerator's: the CPU step uses the XLA attention kernel, which "
-                  "materialises [heads, L, L] attention probabilities; cuDNN flash attention (the GPU configs) does "
-                  "not, so the \"with cuDNN\" column subtracts one block's [heads, L, L] probabilities (bf16) and "
+        lines += ["", f"Caveat: compiled for XLA:{r0['backend'].upper()}, not the GPU or TPU, and these are the "
+                  "figures XLA:CPU reports. Arguments, outputs and aliasing are exact (they follow from the step's "
+                  "signature). The temporaries are not the accelerator's: the CPU step uses the XLA attention kernel, "
+                  "which materialises [heads, L, L] attention probabilities; cuDNN flash attention (the GPU configs) "
+                  "does not, so the \"with cuDNN\" column subtracts one block's [heads, L, L] probabilities (bf16) and "
                   "logits (float32) for remat policies that recompute attention, and every block's probabilities for "
                   "`none`. XLA:CPU also computes bfloat16 matmuls in float32, converting whole stacked weights, which "
                   "inflates its temporaries for the bf16 step (see the note above where a float32 compile was used to "
                   "estimate them). TPU splash attention likewise holds no [L, L] buffer. Re-run the script on the "
                   "device for exact figures (`python scripts/memory_plan.py` on a GPU compiles with cuDNN)."]
-    lines += ["", "`configs/gpu_h20.py` and `configs/gpu_h100.py` use the chosen policies and set the GPU pool fraction "
-              "(`train.gpu_memory_fraction`, exported as `XLA_PYTHON_CLIENT_MEM_FRACTION` by `dd_jax.train` before "
-              "JAX starts, unless the environment sets it). `configs/tpu_pod.py` uses `proj` as well: with FSDP over "
-              "a slice the base and optimizer state divide by the chip count, while activations per chip stay those "
-              "of one example."]
+    lines += ["", "`configs/gpu_h20.py` and `configs/gpu_h100.py` use the chosen policies and set the GPU pool "
+              "fraction (`train.gpu_memory_fraction`, exported as `XLA_PYTHON_CLIENT_MEM_FRACTION` by `dd_jax.train` "
+              "before JAX starts, unless the environment sets it). `configs/tpu_pod.py` uses `proj` as well: with FSDP "
+              "over a slice the base and optimizer state divide by the chip count, while activations per chip stay "
+              "those of one example."]
     lines += ["", "Remat policies (`dd_jax.models.flux.REMAT_POLICIES`): `none` keeps every intermediate; `dots` keeps "
               "every matmul output; `dots_no_batch` keeps every matmul output but attention's (with LoRA: the base "
               "and the adapter products separately); `proj` keeps each projection's summed output; `attn` "

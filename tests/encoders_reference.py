@@ -62,7 +62,8 @@ def make_t5(seed: int = 0, **overrides):
     model = T5EncoderModel(T5Config(**{**T5, **overrides}))
     with torch.no_grad():  # T5's init is very small for tiny widths; make the blocks matter
         for name, p in model.named_parameters():
-            if name.endswith(("q.weight", "k.weight", "v.weight", "o.weight", "wi_0.weight", "wi_1.weight", "wo.weight")):
+            if name.endswith(("q.weight", "k.weight", "v.weight", "o.weight",
+                              "wi_0.weight", "wi_1.weight", "wo.weight")):
                 p.copy_(torch.randn_like(p) * p.shape[1] ** -0.5)
     return randomize(model, seed)
 
@@ -123,7 +124,8 @@ def t5_tokenizer(out_dir: str | None = None, max_length: int = 512, vocab_size: 
     ug.normalizer = normalizers.NFKC()
     ug.pre_tokenizer = pre_tokenizers.Metaspace()
     ug.train_from_iterator(CORPUS, trainers.UnigramTrainer(vocab_size=vocab_size, show_progress=False,
-                                                           special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+                                                           special_tokens=["<pad>", "</s>", "<unk>"],
+                                                           unk_token="<unk>"))
     vocab = [tuple(v) for v in json.loads(ug.to_str())["model"]["vocab"]]
     tok = T5TokenizerFast(vocab=vocab, extra_ids=extra_ids, model_max_length=max_length)
     if out_dir is not None:
@@ -149,7 +151,8 @@ def make_tiny_pipeline(path: str, guidance: bool = True, seed: int = 0) -> dict:
     clip_tokenizer(tok_dir)
     parts = dict(
         transformer=fr.make_diffusers_flux(guidance=guidance, seed=seed, in_channels=64,
-                                           joint_attention_dim=T5["d_model"], pooled_projection_dim=CLIP["hidden_size"]),
+                                           joint_attention_dim=T5["d_model"],
+                                           pooled_projection_dim=CLIP["hidden_size"]),
         vae=make_vae(seed + 1),
         text_encoder=make_clip(seed + 2),
         text_encoder_2=make_t5(seed + 3),

@@ -46,9 +46,8 @@ PARAMS = flux.FluxParams(in_channels=16, out_channels=16, vec_in_dim=20, context
 @pytest.fixture(scope="module")
 def bfl_file(tmp_path_factory):
     """A tiny random BFL single-file transformer (names = our paths, torch's [out, in] layout)."""
-    from safetensors.numpy import save_file
-
     import flux_reference as fr
+    from safetensors.numpy import save_file
 
     state = fr.random_bfl_state(PARAMS, seed=0, scale=0.1)
     path = tmp_path_factory.mktemp("bfl") / "flux1-tiny.safetensors"
@@ -152,8 +151,9 @@ def test_build_refuses_a_dataset_built_with_other_parameters(tmp_path):
     assert rc == 2
     for word in ("height: 32 -> 48", "width: 32 -> 48", "train examples: 2 -> 3", "seed: 0 -> 7", "--overwrite"):
         assert word in err, err
-    from dd_jax.data import pipeline
     import tensorflow_datasets as tfds
+
+    from dd_jax.data import pipeline
 
     path, _ = pipeline.find_dataset_dir(str(out), "watermark")
     assert tfds.builder_from_directory(path).info.metadata["height"] == 32  # kept, untouched

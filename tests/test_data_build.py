@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
+from tensorflow_datasets.core.dataset_info import DatasetInfoFileError
+from test_data_synth import make_bad_folder
 
 from dd_jax.data import blend, build, logo, pipeline
-from test_data_synth import make_bad_folder
 
 H, W = 32, 48
 CAPTION = re.compile(r"^Three sub-images\. <image-1>: .+, <image-2>: .+, "
@@ -127,7 +128,7 @@ def test_killed_build_leaves_no_dataset(tmp_path):
     assert not (task_dir / "1.0.0").exists()  # ... and nothing reads as complete
     with pytest.raises(FileNotFoundError):
         pipeline.find_dataset_dir(str(out), "occlusion")
-    with pytest.raises(Exception):
+    with pytest.raises(DatasetInfoFileError):
         tfds.builder_from_directory(str(task_dir / "1.0.0"))
     # a new build in the same place works
     run_build("--task", "occlusion", "--out", out, "--train", 2, "--test", 0, "--size", 32)

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import train_helpers as th
 from PIL import Image
 
-import train_helpers as th
 from dd_jax import decompose, inference, sampling, train
 from dd_jax.data import blend
 
@@ -271,7 +271,8 @@ def test_tile_geometry():
                 assert w.min() > 0
                 total[s:s + 16] += w
             assert total.min() > 1 - 1e-12
-            if all(2 * (b - a) >= 16 for a, b in zip(starts, starts[1:])):  # never three tiles on a pixel: neighbours' ramps sum to exactly one
+            # never three tiles on a pixel: neighbours' ramps sum to exactly one
+            if all(2 * (b - a) >= 16 for a, b in zip(starts, starts[1:])):
                 np.testing.assert_allclose(total, 1.0, atol=1e-12)
     assert inference.positions(1024, 64, 48) == inference.positions(1024, 64, 48)
     assert inference.tile_count(768, 1024, (64, 64), 16) == 16 * 21

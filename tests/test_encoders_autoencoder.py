@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import encoders_reference as er
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,12 +12,10 @@ import pytest
 import torch
 from flax import nnx
 from safetensors.numpy import load_file, save_file
-
-import encoders_reference as er
 from tolerance import rel_err
+
 from dd_jax.models import autoencoder
-from weights_conversion import autoencoder as ae_maps
-from weights_conversion import convert
+from weights_conversion import autoencoder as ae_maps, convert
 from weights_conversion.safetensors_reader import CheckpointError
 
 pytestmark = pytest.mark.matrix  # also run on the Python 3.12 leg of .ci/run
@@ -141,7 +140,8 @@ def test_mismatched_checkpoint_fails_before_writing(converted, tmp_path):
     vae.save_pretrained(src)
     f = src / "diffusion_pytorch_model.safetensors"
     state = load_file(str(f))
-    state["decoder.up_blocks.0.resnets.0.conv_shortcut.weight"] = state.pop("decoder.up_blocks.0.resnets.0.conv1.weight")
+    state["decoder.up_blocks.0.resnets.0.conv_shortcut.weight"] = state.pop(
+        "decoder.up_blocks.0.resnets.0.conv1.weight")
     save_file(state, str(f))
     with pytest.raises(CheckpointError, match=r"up_blocks\.0\.resnets\.0\.conv1\.weight"):
         ae_maps.convert_autoencoder(str(src), str(tmp_path / "out"), progress=False)

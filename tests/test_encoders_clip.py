@@ -7,14 +7,14 @@ import importlib.util
 import json
 import os
 
+import encoders_reference as er
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file, save_file
-
-import encoders_reference as er
 from tolerance import rel_err
+
 from dd_jax.models import clip, tokenizers
 from weights_conversion import clip as clip_maps
 

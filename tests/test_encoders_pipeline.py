@@ -9,15 +9,15 @@ import shutil
 import subprocess
 import sys
 
+import encoders_reference as er
+import flux_reference as fr
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from flax import nnx
-
-import encoders_reference as er
-import flux_reference as fr
 from tolerance import rel_err
+
 from dd_jax.models import autoencoder, clip, flux, store, t5, tokenizers
 from weights_conversion import convert, pipeline
 from weights_conversion.safetensors_reader import CheckpointError

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 
+import encoders_reference as er
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from safetensors.numpy import save_file
-
-import encoders_reference as er
 from tolerance import rel_err
+
 from dd_jax.models import t5
 from weights_conversion import t5 as t5_maps
 from weights_conversion.safetensors_reader import CheckpointError, SafetensorsReader
@@ -60,7 +60,8 @@ def test_parity_with_padding_mask(converted):
     mask[0, 25:] = 0
     mask[1, 7:] = 0
     with torch.no_grad():
-        ref = model(torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()).last_hidden_state.numpy()
+        ref = model(torch.from_numpy(ids).long(),
+                    attention_mask=torch.from_numpy(mask).long()).last_hidden_state.numpy()
     assert rel_err(ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask)), ref) <= 1e-4
 
 

@@ -23,9 +23,9 @@ import sys
 import jax
 import numpy as np
 import pytest
+import train_helpers as th
 from flax import nnx
 
-import train_helpers as th
 from dd_jax import checkpoints, decompose, flow, system as system_lib, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -352,7 +352,8 @@ def test_cli_one_line_errors_exit_2(data_dir, tmp_path):
     for extra, word in cases:
         r = subprocess.run([sys.executable, "-m", "dd_jax.train", f"--workdir={tmp_path / 'run'}"]
                            + th.config_args(c) + extra, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith(("WARNING", "I0", "W0"))]
+        lines = [line for line in r.stderr.splitlines()
+                 if line.strip() and not line.startswith(("WARNING", "I0", "W0"))]
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and word in lines[0], r.stderr
         assert not os.path.exists(tmp_path / "run")
 

@@ -138,7 +138,6 @@ def test_train_step_with_every_loss_reading_lowers_the_loss():
 
 def test_adaln_zero_tiny_model_starts_as_the_identity_decomposition():
     from configs import tiny
-
     from dd_jax import system as system_lib
 
     config = tiny.get_config()

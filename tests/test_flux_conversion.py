@@ -6,15 +6,14 @@ import os
 import subprocess
 import sys
 
+import flux_reference as fr
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import load_file, save_file
-
-import flux_reference as fr
 from tolerance import rel_err
+
 from dd_jax.models import flux
 from weights_conversion import convert
 from weights_conversion.safetensors_reader import CheckpointError

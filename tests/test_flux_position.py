@@ -2,10 +2,11 @@
 
 The parity fixtures of tests/test_flux_conversion.py use flat attention on small grids: a RoPE theta
 twice too large missed the diffusers test's 1e-4 bound by a hair (1.27e-4) and passed the BFL one,
-and no position ids at all moved the output by only 5e-3. Here the q/k RMSNorm scales are 2 (flux_reference.PEAKED_QK) and the grid is
-6x10 (flux_reference.GRID), and each test measures, beside the true model's error, the error of the
-same converted model with a deliberately wrong RoPE (monkeypatched `layers.embed_nd`). Relative to
-the reference's scale (seed 0, batch 2, measured on XLA:CPU):
+and no position ids at all moved the output by only 5e-3. Here the q/k RMSNorm scales are 2
+(flux_reference.PEAKED_QK) and the grid is 6x10 (flux_reference.GRID), and each test measures,
+beside the true model's error, the error of the same converted model with a deliberately wrong
+RoPE (monkeypatched `layers.embed_nd`). Relative to the reference's scale (seed 0, batch 2,
+measured on XLA:CPU):
 
     fixture                              true      theta x2   rows<->cols swapped
     diffusers, old (flat, 3x5)           1.4e-5    1.3e-4     5.2e-3
@@ -19,12 +20,11 @@ position wrong cannot pass as a rounding difference.
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-from safetensors.numpy import save_file
-
 import flux_reference as fr
+import numpy as np
+from safetensors.numpy import save_file
 from tolerance import rel_err
+
 from dd_jax.models import flux, layers
 from weights_conversion import convert
 

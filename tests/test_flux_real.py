@@ -8,17 +8,17 @@ import json
 import os
 import shutil
 
+import encoders_reference as er
 import numpy as np
 import pytest
-from PIL import Image
-
-import encoders_reference as er
 import train_helpers as th
+from PIL import Image
+from tolerance import assert_close
+
 from configs import flux as flux_config
 from dd_jax import decompose, system as system_lib, train
 from dd_jax.data import blend, encode_text, pipeline, text_cache
 from dd_jax.models import t5, tokenizers
-from tolerance import assert_close
 from weights_conversion import convert, lora_export
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

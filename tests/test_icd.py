@@ -2,15 +2,14 @@
 
 import itertools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tolerance import assert_close
 
 from dd_jax import icd
 from dd_jax.models import flux
-from tolerance import assert_close
 
 
 def _rows(ids):

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tolerance import assert_close
 
 from dd_jax import flow, icd, lora
 from dd_jax.models import flux
-from tolerance import assert_close
 
 H, W = 2, 3  # token grid per layer
 
@@ -26,7 +26,8 @@ def _batch(seed=0, bsz=2):
                       grid=(H, W))
 
 
-def _forward(model, b, spec=icd.LayerSpec()):
+def _forward(model, b, spec=None):
+    spec = icd.LayerSpec() if spec is None else spec
     img, ids, _, _ = icd.build_sequence(spec, b.layers, H, W)
     return model(img, jnp.asarray(ids), b.txt, b.txt_ids, jnp.array([0.2, 0.7]), b.y, jnp.array([2.0, 4.0]))
 

@@ -1,5 +1,6 @@
-"""LoRA export: our BFL-named adapters -> a diffusers/peft Flux LoRA file that `FluxTransformer2DModel.load_lora_adapter`
-loads and that reproduces our LoRA-adapted output (fused qkv / linear1 split, scale folded, final adaLN halves)."""
+"""LoRA export: our BFL-named adapters -> a diffusers/peft Flux LoRA file that
+`FluxTransformer2DModel.load_lora_adapter` loads and that reproduces our LoRA-adapted output
+(fused qkv / linear1 split, scale folded, final adaLN halves)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,15 @@ import os
 import subprocess
 import sys
 
+import flux_reference as fr
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-
-import flux_reference as fr
 from tolerance import rel_err
+
 from configs import flux as flux_config
 from dd_jax import checkpoints, lora, system as system_lib
 from dd_jax.models import flux

@@ -31,9 +31,8 @@ import os
 import re
 import sys
 
-import pytest
-
 import host_devices
+import pytest
 
 pytestmark = pytest.mark.matrix  # also run on the Python 3.12 leg of .ci/run
 

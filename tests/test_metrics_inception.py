@@ -23,13 +23,13 @@ nn = torch.nn
 F = torch.nn.functional
 
 from flax import nnx  # noqa: E402
+from optional_deps import needs  # noqa: E402
+from tolerance import rel_err  # noqa: E402
 
 from dd_jax.metrics import fid  # noqa: E402
 from dd_jax.metrics.inception import FORMAT, InceptionV3  # noqa: E402
 from dd_jax.metrics.resize import resize_bilinear  # noqa: E402
 from dd_jax.metrics.weights import assign_flat, load_flat, save_flat  # noqa: E402
-from optional_deps import needs  # noqa: E402
-from tolerance import rel_err  # noqa: E402
 from weights_conversion import inception as conv  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------

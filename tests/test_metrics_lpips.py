@@ -23,12 +23,12 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 
 from flax import nnx  # noqa: E402
+from optional_deps import needs  # noqa: E402
+from tolerance import assert_close  # noqa: E402
 
 from dd_jax.metrics import lpips  # noqa: E402
 from dd_jax.metrics.weights import assign_flat, load_flat  # noqa: E402
 from weights_conversion import lpips as conv  # noqa: E402
-from optional_deps import needs  # noqa: E402
-from tolerance import assert_close  # noqa: E402
 
 
 class AlexNet(nn.Module):

@@ -7,16 +7,16 @@ of a scanned model under each policy equal those of the plain unscanned model. A
 
 from __future__ import annotations
 
+import flux_reference as fr
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tolerance import assert_close
 
-import flux_reference as fr
 from dd_jax import lora
 from dd_jax.models import flux
-from tolerance import assert_close
 
 P = flux.FluxParams(in_channels=8, out_channels=8, vec_in_dim=8, context_in_dim=8, hidden_size=32, mlp_ratio=2.0,
                     num_heads=2, depth=2, depth_single_blocks=1, axes_dim=(4, 6, 6), theta=10_000, qkv_bias=True,

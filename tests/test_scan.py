@@ -3,18 +3,17 @@ LoRA on stacked layers, remat policies."""
 
 from __future__ import annotations
 
+import flux_reference as fr
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tolerance import assert_close
 
-import flux_reference as fr
 from dd_jax import lora
 from dd_jax.models import flux, store
-from weights_conversion import flux as flux_maps
-from weights_conversion import plan as planlib
-from tolerance import assert_close
+from weights_conversion import flux as flux_maps, plan as planlib
 
 P = flux.PRESETS["tiny"]
 

@@ -16,7 +16,8 @@ import sys
 
 import host_devices
 
-MESHES = [tuple(int(x) for x in m.split(",")[:3]) + (m.endswith("s"),) for m in os.environ.get("DD_MESHES", "8,1,1;2,4,1;2,2,2,s").split(";")]
+MESHES = [tuple(int(x) for x in m.split(",")[:3]) + (m.endswith("s"),)
+          for m in os.environ.get("DD_MESHES", "8,1,1;2,4,1;2,2,2,s").split(";")]
 STEPS = 2
 
 

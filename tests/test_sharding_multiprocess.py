@@ -22,7 +22,6 @@ import sys
 
 import numpy as np
 import pytest
-
 import train_helpers as th
 from tolerance import assert_close
 
@@ -50,7 +49,8 @@ def _launch(workdir, c, n_proc: int, devices_per_proc: int, steps: int, extra=()
     procs = []
     for i in range(n_proc):
         dist = [] if n_proc == 1 else [
-            f"--config.distributed.coordinator_address=127.0.0.1:{port}", f"--config.distributed.num_processes={n_proc}",
+            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+            f"--config.distributed.num_processes={n_proc}",
             f"--config.distributed.process_id={i}", "--config.distributed.cpu_collectives=gloo"]
         procs.append(subprocess.Popen(args + dist, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))

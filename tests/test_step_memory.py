@@ -93,7 +93,7 @@ def test_train_step_matches_the_old_nnx_jit_step():
             step = nnx.jit(flow.make_train_step(SPEC, guidance=3.5, jit=False))
         out = [step(model, opt, b, jax.random.key(i)) for i, b in enumerate(batches)]
         assert int(opt.step[...]) == 2
-        runs[name] = ([(float(l), float(g)) for l, g in out], jax.tree.map(np.asarray, nnx.state(model)),
+        runs[name] = ([(float(loss), float(g)) for loss, g in out], jax.tree.map(np.asarray, nnx.state(model)),
                       jax.tree.map(np.asarray, nnx.state(opt, nnx.OptState)))
     (new_l, new_p, new_o), (old_l, old_p, old_o) = runs["new"], runs["old"]
     np.testing.assert_allclose(new_l, old_l, rtol=1e-5)

@@ -10,8 +10,8 @@ import signal
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import train_helpers as th
+
 from dd_jax import checkpoints, system as system_lib, train
 
 
@@ -106,7 +106,8 @@ def test_init_from_is_checked_before_the_run_is_made(data_dir, tmp_path):
     c = th.small_config(data_dir, steps=2, init_from=str(not_model))
     with pytest.raises(checkpoints.RunError, match="not a trained model folder"):
         train.train(c, str(tmp_path / "run"))
-    c = th.small_config(data_dir, steps=2, init_from=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dd_jax", "assets", "tiny"))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    c = th.small_config(data_dir, steps=2, init_from=os.path.join(repo, "dd_jax", "assets", "tiny"))
     with pytest.raises(checkpoints.RunError, match="another architecture"):
         train.train(c, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()

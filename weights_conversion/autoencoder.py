@@ -19,8 +19,7 @@ import numpy as np
 
 from dd_jax.models import autoencoder as ae_model
 from dd_jax.models.autoencoder import AutoEncoderParams
-from weights_conversion import common
-from weights_conversion import plan as planlib
+from weights_conversion import common, plan as planlib
 from weights_conversion.safetensors_reader import CheckpointError, SafetensorsReader
 
 # Prefixes in front of BFL/LDM autoencoder names in some single files.
@@ -117,16 +116,19 @@ def params_from_bfl_shapes(shapes: dict, prefix: str = "") -> AutoEncoderParams:
             raise CheckpointError(f"missing key {prefix + name!r}: not a BFL autoencoder checkpoint?")
         return shapes[prefix + name]
 
-    levels = sorted({int(m.group(1)) for k in shapes if (m := re.match(re.escape(prefix) + r"encoder\.down\.(\d+)\.", k))})
+    levels = sorted({int(m.group(1)) for k in shapes
+                     if (m := re.match(re.escape(prefix) + r"encoder\.down\.(\d+)\.", k))})
     if not levels or levels != list(range(len(levels))):
         raise CheckpointError(f"encoder levels are not contiguous: {levels}")
     channels = tuple(shape(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in levels)
-    blocks = {int(m.group(1)) for k in shapes if (m := re.match(re.escape(prefix) + r"encoder\.down\.0\.block\.(\d+)\.", k))}
+    blocks = {int(m.group(1)) for k in shapes
+              if (m := re.match(re.escape(prefix) + r"encoder\.down\.0\.block\.(\d+)\.", k))}
     z2, c_last = shape("encoder.conv_out.weight")[:2]
     groups = 32 if all(c % 32 == 0 for c in channels) else None
     if groups is None:
         raise CheckpointError(f"channels {channels}: cannot infer GroupNorm groups (BFL uses 32)")
-    return AutoEncoderParams(in_channels=shape("encoder.conv_in.weight")[1], out_channels=shape("decoder.conv_out.weight")[0],
+    return AutoEncoderParams(in_channels=shape("encoder.conv_in.weight")[1],
+                             out_channels=shape("decoder.conv_out.weight")[0],
                              block_out_channels=channels, layers_per_block=len(blocks), latent_channels=z2 // 2,
                              norm_num_groups=groups, use_quant_conv=prefix + "quant_conv.weight" in shapes,
                              use_post_quant_conv=prefix + "post_quant_conv.weight" in shapes,

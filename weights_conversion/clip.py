@@ -14,8 +14,7 @@ import os
 
 from dd_jax.models import clip as clip_model
 from dd_jax.models.clip import CLIPTextConfig
-from weights_conversion import common
-from weights_conversion import plan as planlib
+from weights_conversion import common, plan as planlib
 from weights_conversion.safetensors_reader import CheckpointError, SafetensorsReader
 
 PREFIXES = ("text_model.", "")

@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import sys
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import ml_dtypes
 import numpy as np

@@ -28,12 +28,11 @@ import argparse
 import sys
 import time
 
-
 from dd_jax.models import store
-from weights_conversion import flux as flux_maps
-from weights_conversion import common
+from weights_conversion import common, flux as flux_maps
 from weights_conversion.common import DTYPES
 from weights_conversion.safetensors_reader import CheckpointError
+
 
 def convert_transformer(source: str, output: str, dtype: str | None = None, *, overwrite: bool = False,
                         axes_dim=None, progress: bool = True) -> str:

@@ -165,7 +165,8 @@ def params_from_bfl_shapes(shapes: dict[str, tuple[int, ...]], prefix: str = "",
 
     hidden, in_channels = shape("img_in.weight")
     head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
-    blocks = lambda kind: {int(m.group(1)) for k in shapes if (m := re.match(re.escape(prefix) + kind + r"\.(\d+)\.", k))}
+    blocks = lambda kind: {int(m.group(1)) for k in shapes
+                           if (m := re.match(re.escape(prefix) + kind + r"\.(\d+)\.", k))}
     double, single = blocks("double_blocks"), blocks("single_blocks")
     if double != set(range(len(double))) or single != set(range(len(single))):
         raise CheckpointError(f"block indices are not contiguous: double {sorted(double)}, single {sorted(single)}")
@@ -173,7 +174,7 @@ def params_from_bfl_shapes(shapes: dict[str, tuple[int, ...]], prefix: str = "",
         axes_dim = default_axes_dim(head_dim)
         if head_dim != 128:
             warnings.warn(f"head dim {head_dim}: RoPE axes_dim not stored in BFL files; using {axes_dim} "
-                          "(pass --axes-dim to override)")
+                          "(pass --axes-dim to override)", stacklevel=2)
     return FluxParams(
         in_channels=in_channels,
         out_channels=shape("final_layer.linear.weight")[0],

@@ -20,14 +20,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Iterable
+from collections.abc import Iterable
 
 from dd_jax.models import store
 from dd_jax.models.tokenizers import T5_MAX_LENGTH
-from weights_conversion import autoencoder as ae_maps
-from weights_conversion import clip as clip_maps
-from weights_conversion import flux as flux_maps
-from weights_conversion import t5 as t5_maps
+from weights_conversion import autoencoder as ae_maps, clip as clip_maps, flux as flux_maps, t5 as t5_maps
 from weights_conversion.safetensors_reader import CheckpointError
 
 COMPONENTS = ("transformer", "vae", "t5", "clip")

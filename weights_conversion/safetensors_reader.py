@@ -18,7 +18,7 @@ import dataclasses
 import json
 import os
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 import ml_dtypes
 import numpy as np
@@ -90,11 +90,12 @@ class SafetensorsReader:
                 dtype = _DTYPES[entry["dtype"]]
                 shape = tuple(int(s) for s in entry["shape"])
                 if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or data_start + end > size:
-                    raise CheckpointError(f"tensor {name!r} in {path}: byte range does not match its shape/dtype (truncated file?)")
+                    raise CheckpointError(f"tensor {name!r} in {path}: byte range does not match its shape/dtype "
+                                          "(truncated file?)")
                 self._infos[name] = TensorInfo(name, dtype, shape, path, data_start + begin, end - begin)
 
     @classmethod
-    def open(cls, source: str) -> "SafetensorsReader":
+    def open(cls, source: str) -> SafetensorsReader:
         source = os.fspath(source)
         if os.path.isfile(source):
             return cls([source])

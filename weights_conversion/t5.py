@@ -12,8 +12,7 @@ import os
 
 from dd_jax.models import t5 as t5_model
 from dd_jax.models.t5 import T5Config
-from weights_conversion import common
-from weights_conversion import plan as planlib
+from weights_conversion import common, plan as planlib
 from weights_conversion.safetensors_reader import CheckpointError, SafetensorsReader
 
 EMBEDDING_NAMES = ("shared.weight", "encoder.embed_tokens.weight")

@@ -172,7 +172,8 @@ def markdown(report: dict) -> str:
     lines += logo_table(report)
     lines += protocol_tables(report)
     lines += ["## Worst and best cases", "",
-              "By the model's background RMSE (first sample; the identity baseline's RMSE beside it); columns: " + " | ".join(COLUMNS) + ".", "",
+              "By the model's background RMSE (first sample; the identity baseline's RMSE beside it); columns: "
+              + " | ".join(COLUMNS) + ".", "",
               "![worst and best cases](cases.png)", ""]
     return "\n".join(lines)
 

@@ -64,7 +64,7 @@ class AutoEncoderParams:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AutoEncoderParams":
+    def from_dict(cls, d: dict[str, Any]) -> AutoEncoderParams:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
@@ -307,5 +307,5 @@ def load(path: str, dtype=None, *, compute_dtype=None, shardings=None) -> AutoEn
     `dtype` is the parameter dtype (default: as stored); `compute_dtype`
     defaults to the parameter dtype.
     """
-    return store.load_model(path, "autoencoder", lambda cfg, pd: abstract(AutoEncoderParams.from_dict(cfg), param_dtype=pd, dtype=compute_dtype),
-                            dtype, shardings=shardings)
+    build = lambda cfg, pd: abstract(AutoEncoderParams.from_dict(cfg), param_dtype=pd, dtype=compute_dtype)
+    return store.load_model(path, "autoencoder", build, dtype, shardings=shardings)

@@ -61,7 +61,7 @@ class CLIPTextConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CLIPTextConfig":
+    def from_dict(cls, d: dict[str, Any]) -> CLIPTextConfig:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
@@ -192,5 +192,5 @@ def load(path: str, dtype=None, *, compute_dtype=None, shardings=None) -> CLIPTe
     `dtype` is the parameter dtype (default: as stored); `compute_dtype`
     defaults to the parameter dtype.
     """
-    return store.load_model(path, "clip", lambda cfg, pd: abstract(CLIPTextConfig.from_dict(cfg), param_dtype=pd, dtype=compute_dtype),
-                            dtype, shardings=shardings)
+    build = lambda cfg, pd: abstract(CLIPTextConfig.from_dict(cfg), param_dtype=pd, dtype=compute_dtype)
+    return store.load_model(path, "clip", build, dtype, shardings=shardings)

@@ -23,7 +23,8 @@ instead of 57. `load` fills either layout from the same converted checkpoint
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +67,7 @@ class FluxParams:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FluxParams":
+    def from_dict(cls, d: dict[str, Any]) -> FluxParams:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
 
 

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -336,7 +337,7 @@ class ModulationOut(NamedTuple):
     scale: Array
     gate: Array
 
-    def select(self, other: "ModulationOut | None", mask: Array | None) -> "ModulationOut":
+    def select(self, other: ModulationOut | None, mask: Array | None) -> ModulationOut:
         """Per token: `other` where mask [B or 1, L, 1] is True, else self."""
         if other is None:
             return self

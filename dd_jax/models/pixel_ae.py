@@ -9,7 +9,6 @@ decoding is exact.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 
 class PixelAutoencoder:

@@ -25,7 +25,8 @@ import json
 import os
 import shutil
 import sys
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -209,7 +210,7 @@ class GroupedWriter:
     def abort(self) -> None:
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
-    def __enter__(self) -> "GroupedWriter":
+    def __enter__(self) -> GroupedWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -62,7 +62,7 @@ class T5Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "T5Config":
+    def from_dict(cls, d: dict[str, Any]) -> T5Config:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
@@ -206,5 +206,5 @@ def load(path: str, dtype=None, *, compute_dtype=None, shardings=None) -> T5Enco
     `dtype` is the parameter dtype (default: as stored); `compute_dtype`
     defaults to the parameter dtype.
     """
-    return store.load_model(path, "t5", lambda cfg, pd: abstract(T5Config.from_dict(cfg), param_dtype=pd, dtype=compute_dtype),
-                            dtype, shardings=shardings)
+    build = lambda cfg, pd: abstract(T5Config.from_dict(cfg), param_dtype=pd, dtype=compute_dtype)
+    return store.load_model(path, "t5", build, dtype, shardings=shardings)

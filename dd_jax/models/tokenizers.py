@@ -22,7 +22,8 @@ import dataclasses
 import gzip
 import json
 import os
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -109,7 +110,8 @@ def read_clip_bpe_merges(path: str, n_merges: int = 49152 - 256 - 2) -> list[tup
     return [tuple(line.split()) for line in lines[1 : n_merges + 1]]
 
 
-def write_clip_tokenizer_files(merges: Sequence[tuple[str, str]], out_dir: str, max_length: int = CLIP_MAX_LENGTH) -> str:
+def write_clip_tokenizer_files(merges: Sequence[tuple[str, str]], out_dir: str,
+                               max_length: int = CLIP_MAX_LENGTH) -> str:
     """Writes a CLIP tokenizer folder (vocab.json, merges.txt, tokenizer_config.json) built as CLIP builds it:
     256 byte symbols, the same with `</w>`, one token per merge, then `<|startoftext|>`, `<|endoftext|>`."""
     base = list(bytes_to_unicode().values())
