@@ -115,6 +115,6 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.sample = s = ml_collections.ConfigDict()
     s.steps = 28  # the guidance-embedding input while sampling is train.guidance (decompose --guidance overrides)
-    s.prompt = ""  # T5/CLIP prompt for decomposition ("" = the task's, dd_jax.data.text_cache.task_prompt)
+    s.prompt = ""  # T5/CLIP prompt for decomposition ("" = the task's, dd_jax.data.blend.task_prompt)
     s.tile = False  # decompose at native resolution in overlapping working-size tiles (dd_jax.inference)
     return c

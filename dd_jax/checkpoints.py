@@ -41,6 +41,8 @@ CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
 SKIPPED = "skipped_checkpoints"
 EXPORT = "export"
+# The shipped model: what decompose, evaluate and the task-head fitting use without --checkpoint.
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")
 
 # Config fields a rerun of a run may not change: they shape the parameters (a checkpoint would not restore)
 # or change what the trained parameters compute. Everything else (paths to the same weights, attention

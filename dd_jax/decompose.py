@@ -76,7 +76,7 @@ in fixed-shape batches (`--batch-size`, the last one padded), so a folder of
 mixed sizes compiles once. Unreadable inputs are reported and skipped.
 
 Runs of a real Flux (configs/flux.py, T5/CLIP conditioning) take each task's
-prompt (`dd_jax.data.text_cache.task_prompt`, or `--prompt`) from the run's
+prompt (`dd_jax.data.blend.task_prompt`, or `--prompt`) from the run's
 text cache, else encode it with the converted T5/CLIP of `text.encoders` /
 `model.weights`.
 """
@@ -97,11 +97,9 @@ import jax
 import numpy as np
 from PIL import Image
 
-from dd_jax import checkpoints, hostmem, inference, psd_layers
-from dd_jax import config as config_lib
-from dd_jax.data import blend
+from dd_jax import checkpoints, config as config_lib, hostmem, inference, psd_layers
+from dd_jax.data import blend, images
 
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 MAX_SIDE = 16384  # refuse larger inputs rather than running out of memory half-way
 FORMATS = ("png", "psd", "both")
@@ -203,8 +201,6 @@ def stack_error(passes: list[tuple[str, np.ndarray, np.ndarray | None]], image: 
 def read_rgb(path: str) -> np.ndarray:
     """float32 [H, W, 3] in [0, 1] through the shared reader (`dd_jax.data.images.read_rgb`: EXIF
     orientation, 16-bit by bit depth, float images as they are, RGBA over white); raises ImageError."""
-    from dd_jax.data import images  # pylint: disable=g-import-not-at-top
-
     return images.read_rgb(path, max_side=MAX_SIDE)
 
 
@@ -296,8 +292,8 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
     if not files:
         raise ValueError(f"no image files in {', '.join(inputs)} ({', '.join(IMAGE_EXTENSIONS)})")
     config = config_lib.load_config_file(config_file) if config_file else None
-    system = checkpoints.load_trained(checkpoint or DEFAULT_MODEL, config)
-    head = inference.load_task_head(checkpoint or DEFAULT_MODEL)  # None: uncalibrated task choice
+    system = checkpoints.load_trained(checkpoint or checkpoints.DEFAULT_MODEL, config)
+    head = inference.load_task_head(checkpoint or checkpoints.DEFAULT_MODEL)  # None: uncalibrated task choice
     cfg = system.config
     steps = cfg.sample.steps if steps is None else steps
     mode = mode or inference.default_mode(cfg)
@@ -494,7 +490,7 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
             break
     report = {"tool": "dd_jax.decompose", "rmse_scale": "0-255", "recompose_rmse": "RMSE of the input against "
               "the task's blend law applied to the written 8-bit layers (dd_jax.data.blend.layers_error)",
-              "checkpoint": checkpoint or DEFAULT_MODEL, "steps": steps, "seed": seed, "mode": mode,
+              "checkpoint": checkpoint or checkpoints.DEFAULT_MODEL, "steps": steps, "seed": seed, "mode": mode,
               "overlap": overlap if mode == "tile" else None, "batch_size": batch_size, "guidance": guidance,
               "num_samples": num_samples, "select": select, "format": fmt, "images": records, "skipped": skipped,
               "seconds": round(time.time() - t0, 2)}
@@ -513,7 +509,8 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", nargs="+", required=True, help="image files and/or folders")
     ap.add_argument("--output", required=True)
-    ap.add_argument("--checkpoint", default=None, help="trained model folder or training workdir (default: shipped tiny model)")
+    ap.add_argument("--checkpoint", default=None,
+                    help="trained model folder or training workdir (default: shipped tiny model)")
     ap.add_argument("--config", default=None, help="config file overriding the checkpoint's (e.g. another base path)")
     ap.add_argument("--task", default=None, metavar="TASK[,TASK...]",
                     help=f"blend law, one of {', '.join(blend.TASKS)} (default: from the file name, else chosen "

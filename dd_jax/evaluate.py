@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import sys
 import time
@@ -51,8 +50,8 @@ import numpy as np
 
 from dd_jax import checkpoints, config as config_lib, hostmem, inference, metrics
 from dd_jax.data import pipeline
-from dd_jax.decompose import DEFAULT_MODEL
-from dd_jax.metrics import protocols
+from dd_jax.metrics import fid, lpips, protocols, report as report_lib
+from dd_jax.metrics.frechet import frechet_distance, gaussian_statistics
 
 NA = "n/a (no weights)"
 LOGO_LABELS = {"logo/high": "LOGO-H", "logo/mid": "LOGO-L", "logo/gray": "LOGO-Gray", "clwd/default": "CLWD",
@@ -95,51 +94,6 @@ def label(dataset: str) -> str:
     return dataset.split("/", 1)[-1]
 
 
-def dataset_metadata(version_dir: str) -> dict:
-    """The build settings a dataset stored (seed, size, ...; AlphaBlend builds), or {}."""
-    try:
-        with open(os.path.join(version_dir, "metadata.json")) as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return {k: meta[k] for k in ("seed", "height", "width", "backgrounds", "foregrounds") if k in meta}
-
-
-class Examples:
-    """The first `limit` examples of a split, read and prepared on access as [0, 1] arrays.
-
-    `size` None: compare at the stored size (of the first record; others are fitted to it).
-    """
-
-    def __init__(self, data_dir: str, task: str, split: str, limit: int | None = None,
-                 size: tuple[int, int] | None = None):
-        self.source, self.dataset = pipeline.open_source(data_dir, task, split)
-        self.metadata = dataset_metadata(pipeline.find_dataset_dir(data_dir, task)[0])
-        self.n = len(self.source) if limit is None else min(limit, len(self.source))
-        if size is None and self.n:
-            size = tuple(np.asarray(self.source[0]["composite"]).shape[:2])
-        self.size = size
-        self.prepare = pipeline.Prepare(size[0], size[1], random_crop=False, include_rgba=True) if self.n else None
-        self.rng = np.random.default_rng(0)  # unused with centred crops
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> dict:
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        rec = dict(self.source[i])
-        ex = self.prepare.random_map(rec, self.rng)
-        out = {"index": i, "task": int(ex["task"]),
-               **{k: pipeline.to_unit(ex[k]).astype(np.float32)
-                  for k in ("composite", "background", "foreground", "foreground_rgba")}}
-        if "mask" in rec:  # a benchmark's evaluation mask (CLWD, Flare7K++), fitted as the images are
-            m = np.asarray(rec["mask"])
-            m = pipeline._fit(m[..., 0] if m.shape[-1] == 1 else m, *self.size, 0.5, 0.5)
-            out["mask"] = (m.reshape(*self.size, -1).astype(np.float32) / 255.0)
-        return out
-
-
 # ------------------------------------------------------------------ metric networks
 class Networks:
     """Optional LPIPS / FID networks; None where no weight file was given."""
@@ -148,28 +102,18 @@ class Networks:
         self.lpips_path, self.fid_path = lpips_weights, fid_weights
         self.lpips = self.inception = None
         if lpips_weights:
-            from dd_jax.metrics import lpips
-
             self.lpips = lpips.load(lpips_weights)
         if fid_weights:
-            from dd_jax.metrics import fid
-
             self.inception = fid.load_inception(fid_weights)
 
     def lpips_distance(self, a, b) -> np.ndarray:
-        from dd_jax.metrics import lpips
-
         return np.asarray(lpips.distance(self.lpips, a, b, batch_size=a.shape[0]))
 
     def fid_features(self, images) -> np.ndarray:
-        from dd_jax.metrics import fid
-
         return np.asarray(fid.features(self.inception, images, batch_size=images.shape[0]))
 
 
 def fid_score(real: np.ndarray, fake: np.ndarray) -> float | None:
-    from dd_jax.metrics.frechet import frechet_distance, gaussian_statistics
-
     if len(real) < 2 or len(fake) < 2:
         return None
     mu1, s1 = gaussian_statistics(real)
@@ -217,7 +161,7 @@ class TaskResult:
             self.cases["best"] = case
 
 
-def evaluate_task(system, examples: Examples, result: TaskResult, nets: Networks, *, steps: int,
+def evaluate_task(system, examples: pipeline.Examples, result: TaskResult, nets: Networks, *, steps: int,
                   seed: int, batch_size: int, num_samples: int, guidance, key_offset: int, progress=None,
                   mode: str | None = None, overlap: int | None = None) -> int:
     """Runs the model over `examples` and fills `result`; returns the number of batches run.
@@ -356,9 +300,7 @@ def run(data_dir: str, output: str, checkpoint: str | None = None, *, tasks="all
 
     `nets` replaces the LPIPS / FID networks loaded from the weight files.
     """
-    from dd_jax.metrics import report as report_lib
-
-    checkpoint = checkpoint or DEFAULT_MODEL
+    checkpoint = checkpoint or checkpoints.DEFAULT_MODEL
     config = config_lib.load_config_file(config_file) if config_file else None
     system = checkpoints.load_trained(checkpoint, config)
     cfg = system.config
@@ -380,7 +322,7 @@ def run(data_dir: str, output: str, checkpoint: str | None = None, *, tasks="all
     has_fg = "x" in system.spec.targets
     cases = {}
     for task in names:
-        examples = Examples(data_dir, task, split, limit, working if at_working_size else None)
+        examples = pipeline.Examples(data_dir, task, split, limit, working if at_working_size else None)
         dataset, size = examples.dataset, examples.size
         if not len(examples):
             log(f"  {dataset}: no examples in split {split!r}, skipped")

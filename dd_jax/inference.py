@@ -29,8 +29,12 @@ image in flight, not the folder.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import math
+import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -38,8 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dd_jax import hostmem, system as system_lib
-from dd_jax.data import blend
+from dd_jax import checkpoints, hostmem, system as system_lib
+from dd_jax.data import blend, pipeline
 
 MODES = ("tile", "resize")
 # Overlap of neighbouring tiles as a fraction of the tile side (16 px for 64x64 tiles), measured in
@@ -374,9 +378,6 @@ def fit_task_head(features: np.ndarray, labels: np.ndarray, l2: float = 1e-2, it
 
 def load_task_head(model_path: str | None) -> TaskHead | None:
     """The fitted head beside a model (its folder or a workdir's export/), else None."""
-    import json
-    import os
-
     if not model_path:
         return None
     for p in (os.path.join(model_path, TASK_HEAD_FILE), os.path.join(model_path, "export", TASK_HEAD_FILE)):
@@ -406,11 +407,6 @@ def choose_task(system, image: np.ndarray, *, steps: int, key: jax.Array, batch_
 
 def _fit_main(argv=None) -> int:
     """`python -m dd_jax.inference --data DIR [--checkpoint MODEL]`: fit the task head, write MODEL/task_head.json."""
-    import argparse
-    import json
-    import os
-    import sys
-
     ap = argparse.ArgumentParser(prog="python -m dd_jax.inference", description=_fit_main.__doc__)
     ap.add_argument("--data", required=True, help="built AlphaBlend data (python -m dd_jax.data.build), all six tasks")
     ap.add_argument("--checkpoint", default=None, help="model folder (default: the shipped model)")
@@ -421,11 +417,7 @@ def _fit_main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--overwrite", action="store_true", help="replace an existing task_head.json")
     args = ap.parse_args(argv)
-    from dd_jax import checkpoints
-    from dd_jax.decompose import DEFAULT_MODEL
-    from dd_jax.evaluate import Examples
-
-    path = args.checkpoint or DEFAULT_MODEL
+    path = args.checkpoint or checkpoints.DEFAULT_MODEL
     dest = os.path.join(path, TASK_HEAD_FILE)
     if os.path.exists(dest) and not args.overwrite:
         print(f"error: {dest} exists (--overwrite replaces it)", file=sys.stderr)
@@ -436,7 +428,7 @@ def _fit_main(argv=None) -> int:
     def collect(data):
         images, labels = [], []
         for t in blend.TASKS:
-            ex = Examples(data, t, args.split, args.limit)
+            ex = pipeline.Examples(data, t, args.split, args.limit)
             images += [ex[i]["composite"] for i in range(len(ex))]
             labels += [blend.TASK_INDEX[t]] * len(ex)
         print(f"{data}: {len(images)} images", file=sys.stderr)

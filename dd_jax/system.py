@@ -23,6 +23,7 @@ batch of composites.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -31,8 +32,8 @@ import numpy as np
 from flax import nnx
 
 from dd_jax import flow, icd, lora, sampling
-from dd_jax.data import blend
-from dd_jax.models import flux
+from dd_jax.data import blend, text_cache
+from dd_jax.models import autoencoder, flux
 from dd_jax.models.pixel_ae import PixelAutoencoder
 
 # Pipeline image key of each ICD layer.
@@ -122,13 +123,11 @@ class System:
 
     def prompt_conditioning(self, task: jax.Array, prompt: str | None = None) -> tuple[jax.Array, jax.Array]:
         """txt/vec for `precomputed` models: `prompt` (default: config sample.prompt, else each task's prompt)."""
-        from dd_jax.data import text_cache
-
         if self._prompts is None:
             self._prompts = text_cache.PromptConditioning.from_config(self.config)
         prompt = prompt or self.config.sample.prompt
         tasks = np.asarray(task).reshape(-1)
-        prompts = [prompt or text_cache.task_prompt(blend.TASKS[int(t)]) for t in tasks]
+        prompts = [prompt or blend.task_prompt(blend.TASKS[int(t)]) for t in tasks]
         txt, vec = self._prompts(prompts)
         return jnp.asarray(txt), jnp.asarray(vec)
 
@@ -150,8 +149,6 @@ def layer_spec(cfg) -> icd.LayerSpec:
 
 def weight_paths(config) -> tuple[str, str]:
     """(transformer checkpoint, VAE folder): the explicit fields, else model.weights' transformer/ and vae/."""
-    import os
-
     weights = config.model.weights
     checkpoint, ae_path = config.model.checkpoint, config.autoencoder.path
     if weights:
@@ -200,9 +197,7 @@ def build_model(config, *, seed: int | None = None, load_weights: bool = True, s
     else:
         raise ValueError(f"text.kind {tc.kind!r}: choose 'task' or 'precomputed'")
     vae = None
-    if ac.kind == "flux":
-        from dd_jax.models import autoencoder  # the Flux VAE (a converted folder)
-
+    if ac.kind == "flux":  # the Flux VAE (a converted folder)
         if load_weights:
             if not ae_path:
                 raise ValueError("autoencoder.kind 'flux' needs autoencoder.path (a converted vae folder) "

@@ -39,10 +39,9 @@ def main(argv=None) -> int:
     import jax  # pylint: disable=g-import-not-at-top
 
     from dd_jax import checkpoints, inference  # pylint: disable=g-import-not-at-top
-    from dd_jax.decompose import DEFAULT_MODEL  # pylint: disable=g-import-not-at-top
-    from dd_jax.evaluate import Examples  # pylint: disable=g-import-not-at-top
+    from dd_jax.data.pipeline import Examples  # pylint: disable=g-import-not-at-top
 
-    system = checkpoints.load_trained(args.checkpoint or DEFAULT_MODEL)
+    system = checkpoints.load_trained(args.checkpoint or checkpoints.DEFAULT_MODEL)
     steps = args.steps or system.config.sample.steps
     kmax = max(args.k)
     res = {}

@@ -52,7 +52,7 @@ def psd_error(folder: str, task: str, bg: np.ndarray, fg: np.ndarray, image: np.
 
 def check(data: str, tasks, limit: int | None, system=None, steps: int | None = None, seed: int = 0,
           batch_size: int = 16) -> dict:
-    from dd_jax.evaluate import Examples  # pylint: disable=g-import-not-at-top
+    from dd_jax.data.pipeline import Examples  # pylint: disable=g-import-not-at-top
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,9 +124,8 @@ def main(argv=None) -> int:
     system = None
     if args.model or args.checkpoint:
         from dd_jax import checkpoints  # pylint: disable=g-import-not-at-top
-        from dd_jax.decompose import DEFAULT_MODEL  # pylint: disable=g-import-not-at-top
 
-        system = checkpoints.load_trained(args.checkpoint or DEFAULT_MODEL)
+        system = checkpoints.load_trained(args.checkpoint or checkpoints.DEFAULT_MODEL)
     res = check(args.data, args.tasks, args.limit, system, args.steps, args.seed, args.batch_size)
     print(f"RMSE against the input, 0-255 (max: largest pixel error), {args.data} test split\n")
     print(table(res))

@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 from tolerance import rel_err
 
 from dd_jax.models import flux
-from weights_conversion import convert
+from weights_conversion import convert, flux as flux_maps
 from weights_conversion.safetensors_reader import CheckpointError
 
 pytestmark = pytest.mark.matrix  # also run on the Python 3.12 leg of .ci/run
@@ -54,7 +54,7 @@ def test_guidance_free_sharded_pipeline_folder(tmp_path):
     model.save_pretrained(pipe / "transformer", max_shard_size="40KB")
     (pipe / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
     assert any(f.endswith(".index.json") for f in os.listdir(pipe / "transformer"))
-    out = convert.convert_transformer(str(pipe), str(tmp_path / "out"), "float32", progress=False)
+    out = flux_maps.convert_transformer(str(pipe), str(tmp_path / "out"), "float32", progress=False)
     ours_model = flux.load(out)
     assert ours_model.guidance_in is None
     x = fr.inputs(batch=2, h=4, w=2, guidance=False, seed=5)
@@ -92,7 +92,7 @@ def test_bfl_prefixed_bf16_file_keeps_dtype(bfl_checkpoint, tmp_path):
     state = {"model.diffusion_model." + k: v.astype(ml_dtypes.bfloat16) for k, v in load_file(path).items()}
     src = tmp_path / "prefixed.safetensors"
     save_file(state, str(src))
-    out = convert.convert_transformer(str(src), str(tmp_path / "o"), None, axes_dim=(4, 6, 6), progress=False)
+    out = flux_maps.convert_transformer(str(src), str(tmp_path / "o"), None, axes_dim=(4, 6, 6), progress=False)
     m = flux.load(out)
     assert m.img_in.kernel[...].dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(m.img_in.kernel[...]), state["model.diffusion_model.img_in.weight"].T)
@@ -100,7 +100,7 @@ def test_bfl_prefixed_bf16_file_keeps_dtype(bfl_checkpoint, tmp_path):
 
 def test_bfloat16_conversion_and_forward(diffusers_guided, tmp_path):
     model, path = diffusers_guided
-    out = convert.convert_transformer(path, str(tmp_path / "bf16"), "bfloat16", progress=False)
+    out = flux_maps.convert_transformer(path, str(tmp_path / "bf16"), "bfloat16", progress=False)
     m16 = flux.load(out)
     assert m16.double_blocks[0].img_attn.qkv.kernel[...].dtype == jnp.bfloat16
     x = fr.inputs(batch=2, h=3, w=5, guidance=True)
@@ -129,7 +129,7 @@ def test_bad_checkpoint_fails_clearly_and_leaves_nothing(bfl_checkpoint, tmp_pat
     save_file(state, str(bad))
     out = tmp_path / "out"
     with pytest.raises(CheckpointError) as err:
-        convert.convert_transformer(str(bad), str(out), "float32", axes_dim=(4, 6, 6), progress=False)
+        flux_maps.convert_transformer(str(bad), str(out), "float32", axes_dim=(4, 6, 6), progress=False)
     msg = str(err.value)
     assert all(e in msg for e in expect), msg
     assert not out.exists()
@@ -152,7 +152,7 @@ def test_failure_while_streaming_leaves_nothing(bfl_checkpoint, tmp_path, monkey
 
     monkeypatch.setattr(SafetensorsReader, "read", flaky)
     with pytest.raises(OSError):
-        convert.convert_transformer(path, str(tmp_path / "out"), "float32", axes_dim=(4, 6, 6), progress=False)
+        flux_maps.convert_transformer(path, str(tmp_path / "out"), "float32", axes_dim=(4, 6, 6), progress=False)
     assert os.listdir(tmp_path) == []
 
 
@@ -162,7 +162,7 @@ def test_truncated_file_is_rejected(bfl_checkpoint, tmp_path):
     bad = tmp_path / "cut.safetensors"
     bad.write_bytes(data[: len(data) - 1000])
     with pytest.raises(CheckpointError, match="truncated"):
-        convert.convert_transformer(str(bad), str(tmp_path / "out"), progress=False)
+        flux_maps.convert_transformer(str(bad), str(tmp_path / "out"), progress=False)
 
 
 def test_output_exists_needs_overwrite(diffusers_guided, tmp_path):
@@ -170,6 +170,6 @@ def test_output_exists_needs_overwrite(diffusers_guided, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     with pytest.raises(FileExistsError):
-        convert.convert_transformer(path, str(out), progress=False)
-    convert.convert_transformer(path, str(out), overwrite=True, progress=False)
+        flux_maps.convert_transformer(path, str(out), progress=False)
+    flux_maps.convert_transformer(path, str(out), overwrite=True, progress=False)
     assert flux.load(str(out)).params.hidden_size == 64

@@ -57,7 +57,7 @@ def test_cache_train_decompose_export(world, tmp_path):
     # 1. encode every caption once (+ the tasks' decomposition prompts)
     assert encode_text.main(["--data", data, "--encoders", weights]) == 0
     cache = text_cache.TextCache(text_cache.default_cache_dir(data))
-    captions = text_cache.dataset_captions(data, "xray")
+    captions = encode_text.dataset_captions(data, "xray")
     assert len(captions) == 8 and set(captions) <= set(cache.rows)
     assert len(cache) == len(set(captions)) + len(blend.TASKS)  # deduplicated
     assert cache.txt_shape == (er.T5_MAX_LENGTH, er.T5["d_model"]) and cache.vec_shape == (er.CLIP["hidden_size"],)
@@ -117,15 +117,15 @@ def test_prompts_and_errors(world, tmp_path):
         text_cache.default_cache_dir(data)) else None
     # a prompt the cache lacks is encoded with the converted encoders (model.weights) ...
     prompts = text_cache.PromptConditioning.from_config(c)
-    txt, vec = prompts(["a prompt nobody cached", text_cache.task_prompt("cell")])
+    txt, vec = prompts(["a prompt nobody cached", blend.task_prompt("cell")])
     assert txt.shape == (2, er.T5_MAX_LENGTH, er.T5["d_model"]) and vec.shape == (2, er.CLIP["hidden_size"])
     if cache is not None:  # (the cache is written by the test above)
-        assert_close(txt[1], cache[text_cache.task_prompt("cell")][0], 1e-4, "prompt T5")
+        assert_close(txt[1], cache[blend.task_prompt("cell")][0], 1e-4, "prompt T5")
     # ... and without encoders it is a clear error
     c.model.weights = ""
     c.data.dir = str(tmp_path)
     with pytest.raises(ValueError, match="no text embedding for prompt"):
-        text_cache.PromptConditioning.from_config(c)([text_cache.task_prompt("xray")])
+        text_cache.PromptConditioning.from_config(c)([blend.task_prompt("xray")])
     with pytest.raises(FileNotFoundError, match="no converted text encoder"):
         text_cache.TextEncoder(str(root / "pipe"))
     with pytest.raises(FileNotFoundError, match="not a text-embedding cache"):

@@ -21,7 +21,7 @@ from tolerance import rel_err
 from configs import flux as flux_config
 from dd_jax import checkpoints, lora, system as system_lib
 from dd_jax.models import flux
-from weights_conversion import convert, lora_export
+from weights_conversion import flux as flux_maps, lora_export
 
 pytest.importorskip("peft")
 
@@ -38,7 +38,7 @@ def base(tmp_path_factory):
     model = fr.make_diffusers_flux(guidance=True, seed=0)
     root = tmp_path_factory.mktemp("lora")
     model.save_pretrained(root / "hub")
-    out = convert.convert_transformer(str(root / "hub"), str(root / "converted"), "float32", progress=False)
+    out = flux_maps.convert_transformer(str(root / "hub"), str(root / "converted"), "float32", progress=False)
     return model, out, root
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 
 import ml_dtypes
 import numpy as np
+from flax import nnx
 
 from dd_jax.models import store
 from dd_jax.models.tokenizers import TOKENIZER_DIR  # a converted text encoder's tokenizer: OUT/<component>/tokenizer
@@ -27,8 +28,6 @@ from weights_conversion import plan as planlib
 
 def flat_shapes(abstract_module) -> dict[str, tuple[int, ...]]:
     """Flat parameter path -> shape of an abstract (eval_shape) NNX module, in state order."""
-    from flax import nnx
-
     _, st = nnx.split(abstract_module)
     return {".".join(map(str, p)): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(st)}
 

@@ -28,25 +28,12 @@ import argparse
 import sys
 import time
 
-from dd_jax.models import store
-from weights_conversion import common, flux as flux_maps
+from weights_conversion import pipeline
 from weights_conversion.common import DTYPES
 from weights_conversion.safetensors_reader import CheckpointError
 
 
-def convert_transformer(source: str, output: str, dtype: str | None = None, *, overwrite: bool = False,
-                        axes_dim=None, progress: bool = True) -> str:
-    """Converts a Flux transformer checkpoint; returns OUT. `dtype=None` keeps the source's."""
-    reader, params, plan = flux_maps.transformer_plan(source, axes_dim=axes_dim)
-    return common.write_model(reader, plan, output, model="flux", config=params.to_dict(), dtype=dtype,
-                              block_fn=store.default_group, overwrite=overwrite, progress=progress,
-                              label=f"Flux transformer ({params.depth} double + {params.depth_single_blocks} "
-                                    f"single blocks, hidden {params.hidden_size})")
-
-
 def main(argv=None) -> int:
-    from weights_conversion import pipeline
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", required=True,
                     help="diffusers pipeline folder, or one component: BFL .safetensors file or diffusers folder")

@@ -14,9 +14,9 @@ import os
 import re
 import warnings
 
-from dd_jax.models import flux as flux_model
+from dd_jax.models import flux as flux_model, store
 from dd_jax.models.flux import FluxParams
-from weights_conversion import plan as planlib
+from weights_conversion import common, plan as planlib
 from weights_conversion.safetensors_reader import CheckpointError, SafetensorsReader
 
 # Prefixes some tools add in front of BFL names (ComfyUI, some fine-tuners).
@@ -73,11 +73,7 @@ def diffusers_modules(module: str) -> list[str]:
 
 
 def _target_shapes(params: FluxParams) -> dict[str, tuple[int, ...]]:
-    state = flux_model.abstract(params)
-    from flax import nnx
-
-    _, st = nnx.split(state)
-    return {".".join(map(str, p)): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(st)}
+    return common.flat_shapes(flux_model.abstract(params))
 
 
 def _split_sizes(module: str, out: int, n_sources: int, params: FluxParams) -> list[int]:
@@ -231,3 +227,13 @@ def transformer_plan(source: str, axes_dim=None, theta: int = 10_000):
     plan = build_plan(params, layout, prefix)
     planlib.check(plan, reader)
     return reader, params, plan
+
+
+def convert_transformer(source: str, output: str, dtype: str | None = None, *, overwrite: bool = False,
+                        axes_dim=None, progress: bool = True) -> str:
+    """Converts a Flux transformer checkpoint; returns OUT. `dtype=None` keeps the source's."""
+    reader, params, plan = transformer_plan(source, axes_dim=axes_dim)
+    return common.write_model(reader, plan, output, model="flux", config=params.to_dict(), dtype=dtype,
+                              block_fn=store.default_group, overwrite=overwrite, progress=progress,
+                              label=f"Flux transformer ({params.depth} double + {params.depth_single_blocks} "
+                                    f"single blocks, hidden {params.hidden_size})")

@@ -84,9 +84,8 @@ def convert_component(name: str, source: str, output: str, dtype: str | None = N
                       max_length: int | None = None) -> str:
     """Converts one component checkpoint (a diffusers/transformers folder or a single file) into `output`."""
     if name == "transformer":
-        from weights_conversion.convert import convert_transformer
-
-        return convert_transformer(source, output, dtype, overwrite=overwrite, axes_dim=axes_dim, progress=progress)
+        return flux_maps.convert_transformer(source, output, dtype, overwrite=overwrite, axes_dim=axes_dim,
+                                             progress=progress)
     if name == "vae":
         return ae_maps.convert_autoencoder(source, output, dtype, overwrite=overwrite, progress=progress)
     if name == "t5":

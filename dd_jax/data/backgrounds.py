@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -50,7 +50,7 @@ _PACKAGE = {
 HELD_OUT_PHOTOS = ("stereo_motorcycle", "rocket", "china.jpg")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def package_image(name: str) -> np.ndarray | None:
     """uint8 RGB of one bundled photo, or None if this install lacks it."""
     src = _PACKAGE[name][0]
@@ -212,11 +212,6 @@ class FolderBackgrounds(_Folder):
         return random_view(a, rng, h, w, native=self.native), desc
 
 
-_FG_DEFAULT_DESC = {
-    "xray": "an X-ray image of a prohibited item", "glassware": "a transparent glass object",
-    "watermark": "a semi-transparent watermark", "cell": "semi-transparent cells",
-    "occlusion": "a translucent occlusion layer on a window", "flare": "a lens flare",
-}
 _FULL_FRAME = ("occlusion", "flare")
 
 
@@ -237,7 +232,7 @@ class FolderForegrounds(_Folder):
 
     def sample(self, rng, h, w, events):
         path, a = self._pick(rng, events, self.load)
-        desc = images.sidecar_caption(path) or _FG_DEFAULT_DESC[self.task]
+        desc = images.sidecar_caption(path) or blend.FOREGROUND_DESCRIPTIONS[self.task]
         if self.task in _FULL_FRAME:
             return random_view(a, rng, h, w, jitter=False, min_scale=0.6), desc
         s = min(h, w) / 512.0
@@ -272,5 +267,3 @@ def make_backgrounds(task: str, folder: str | None = None, min_side: int = 64,
         return ProceduralBackgrounds(fg_objects.microscopy)
     return PackageBackgrounds(native, exclude)
 
-
-assert set(_FG_DEFAULT_DESC) == set(blend.TASKS)

@@ -48,6 +48,12 @@ background and a predicted 3-channel foreground rendering. It is exact for
 ``xray`` (I = F * B), ``cell`` (clip(F + B)) and ``flare``; the other three laws
 have four degrees of freedom per pixel (colour and alpha), so they also need
 the foreground's alpha (``RECOMPOSE_NEEDS_ALPHA``).
+
+Prompts: ``caption(foreground, background)`` is the paper's prompt template
+(sec. 3.3); ``task_prompt(task)`` is a task's prompt at decomposition time,
+the template with ``FOREGROUND_DESCRIPTIONS[task]`` and ``BACKGROUND_PROMPT``
+(the descriptions a generated example gets when no sidecar caption names its
+layers).
 """
 
 from __future__ import annotations
@@ -70,6 +76,16 @@ ALONE_BACKDROP = {
 }
 RECOMPOSE_NEEDS_ALPHA = frozenset({"glassware", "watermark", "occlusion"})
 
+CAPTION_TEMPLATE = ("Three sub-images. <image-1>: {fg}, <image-2>: {bg}, "
+                    "<image-3>: The overlapped of <image-1> and <image-2>.")
+FOREGROUND_DESCRIPTIONS = {
+    "xray": "an X-ray image of a prohibited item", "glassware": "a transparent glass object",
+    "watermark": "a semi-transparent watermark", "cell": "semi-transparent cells",
+    "occlusion": "a translucent occlusion layer on a window", "flare": "a lens flare",
+}
+BACKGROUND_PROMPT = "a natural photograph"
+assert set(FOREGROUND_DESCRIPTIONS) == set(TASKS)
+
 FLARE_GAMMA = 2.2
 _EPS = 1e-9
 
@@ -88,6 +104,18 @@ def _check_task(task: str) -> str:
     if task not in TASK_INDEX:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     return task
+
+
+def caption(foreground: str, background: str) -> str:
+    """The paper's prompt template (sec. 3.3)."""
+    return CAPTION_TEMPLATE.format(fg=foreground.strip().rstrip("."), bg=background.strip().rstrip("."))
+
+
+def task_prompt(task: str) -> str:
+    """The caption used for a task at decomposition time (the training template with generic descriptions)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    return caption(FOREGROUND_DESCRIPTIONS[task], BACKGROUND_PROMPT)
 
 
 def split_rgba(foreground_rgba):

@@ -23,7 +23,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from dd_jax.data import alphablend, images, public, synth
+from dd_jax.data import alphablend, blend, images, public
 
 FOLDERS = ("Watermarked_image", "Watermark_free_image", "Watermark", "Alpha", "Mask")
 SPLITS = ("train", "test")
@@ -60,7 +60,7 @@ def read_example(paths: dict[str, str], events: list) -> dict | None:
     fg[..., :3][alpha == 0] = 0
     return {"composite": alphablend.png(comp), "background": alphablend.png(bg), "foreground": alphablend.png(fg),
             "mask": alphablend.png(mask),  # grey PNG, read back as [H, W, 1]
-            "caption": synth.caption("a semi-transparent coloured watermark", "a natural photograph"),
+            "caption": blend.caption("a semi-transparent coloured watermark", "a natural photograph"),
             "task": "watermark"}
 
 

@@ -6,7 +6,7 @@
 DATA_DIR is the --out folder of `python -m dd_jax.data.build`; --encoders the
 --output folder of `scripts/convert_flux.py` (its t5/ and clip/ with their
 tokenizers). Every unique caption of the chosen tasks and splits is encoded,
-plus each task's decomposition prompt (`text_cache.task_prompt`) and any
+plus each task's decomposition prompt (`blend.task_prompt`) and any
 --prompt, so training and `python -m dd_jax.decompose` need no T5 on the
 accelerator. The input pipeline reads DATA_DIR/text_cache by itself.
 """
@@ -16,8 +16,29 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 
-from dd_jax.data import blend, text_cache
+from dd_jax.data import blend, pipeline, text_cache
+
+
+def dataset_captions(data_dir: str, tasks="all", splits: Sequence[str] = ("train", "test")) -> list[str]:
+    """Every caption of the built datasets (images are not decoded), in record order, duplicates kept."""
+    import tensorflow_datasets as tfds  # TensorFlow is slow to import: only when built datasets are read
+
+    out = []
+    for task in pipeline.resolve_tasks(data_dir, tasks):
+        path, _ = pipeline.find_dataset_dir(data_dir, task)
+        builder = tfds.builder_from_directory(path)
+        skip = {k: tfds.decode.SkipDecoding() for k, f in builder.info.features.items()
+                if isinstance(f, tfds.features.Image)}
+        for split in splits:
+            if split not in builder.info.splits:
+                continue
+            source = builder.as_data_source(split=split, decoders=skip)
+            for i in range(len(source)):
+                c = source[i]["caption"]
+                out.append(c.decode("utf-8") if isinstance(c, bytes) else str(c))
+    return out
 
 
 def main(argv=None) -> int:
@@ -34,7 +55,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     tasks = "all" if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
     try:
-        captions = text_cache.dataset_captions(args.data, tasks, [s for s in args.splits.split(",") if s])
+        captions = dataset_captions(args.data, tasks, [s for s in args.splits.split(",") if s])
         encoder = text_cache.TextEncoder(args.encoders, batch_size=args.batch_size, max_length=args.max_length)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -42,7 +63,7 @@ def main(argv=None) -> int:
     if not captions:
         print(f"error: no examples under {args.data} for tasks {args.tasks} and splits {args.splits}", file=sys.stderr)
         return 2
-    prompts = captions + [text_cache.task_prompt(t) for t in blend.TASKS] + list(args.prompt)
+    prompts = captions + [blend.task_prompt(t) for t in blend.TASKS] + list(args.prompt)
     unique = len(dict.fromkeys(prompts))
     out = args.out or text_cache.default_cache_dir(args.data)
     print(f"encoding {unique} unique prompts ({len(captions)} captions) with {args.encoders}", file=sys.stderr)

@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from dd_jax.data import alphablend, blend, images, public, synth
+from dd_jax.data import alphablend, blend, images, public
 
 CONFIGS = ("real", "synthetic")
 FOLDERS = {"input": "input_", "gt": "gt_", "mask": "mask_"}
@@ -69,7 +69,7 @@ def read_example(paths: dict[str, str], events: list) -> dict | None:
     bg, mask = public.fit(bg, h, w), public.fit(mask, h, w, nearest=True)
     return {"composite": alphablend.png(comp), "background": alphablend.png(bg),
             "foreground": alphablend.png(flare_layer(comp, bg)), "mask": alphablend.png(mask),
-            "caption": synth.caption("a lens flare", "a night photograph"), "task": "flare"}
+            "caption": blend.caption("a lens flare", "a night photograph"), "task": "flare"}
 
 
 class Flare7k(public.PairedBuilder):

@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from dd_jax.data import alphablend, images, synth
+from dd_jax.data import alphablend, blend, images
 
 FOLDERS = {"high": "10khigh", "mid": "10kmid", "gray": "10kgray"}
 SPLITS = {"train": "train_images", "test": "val_images"}
@@ -88,7 +88,7 @@ def read_example(root: str, split_dir: str, stem: str, ext: str, gray: bool, eve
     kind = "gray " if gray else ""
     return {"composite": alphablend.png(comp), "background": alphablend.png(nat),
             "foreground": alphablend.png(fg),
-            "caption": synth.caption(f"a semi-transparent {kind}logo watermark", "a natural photograph"),
+            "caption": blend.caption(f"a semi-transparent {kind}logo watermark", "a natural photograph"),
             "task": "watermark"}
 
 

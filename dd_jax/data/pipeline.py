@@ -41,14 +41,14 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import grain
+import jax
 import numpy as np
 from PIL import Image
 
-from dd_jax.data import blend
-
+from dd_jax.data import blend, text_cache as tc
 
 # ----------------------------------------------------------------- sources
 # TFDS imports the module named by every "pythonClassName" in a dataset's features.json when it opens the
@@ -133,7 +133,7 @@ def _find_dataset_dir(data_dir: str, task: str) -> tuple[str, str]:
 
 def open_source(data_dir: str, task: str, split: str):
     """A random-access ``tfds`` data source and its dataset name."""
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # TensorFlow is slow to import: only when a dataset is opened
 
     path, name = find_dataset_dir(data_dir, task)
     return tfds.builder_from_directory(path).as_data_source(split=split), name
@@ -321,8 +321,6 @@ def make_pipeline(data_dir: str, tasks, split: str = "train", height: int = 512,
     if not tasks:
         raise ValueError(f"no tasks found under {data_dir!r}")
     if shard_index is None or shard_count is None:
-        import jax  # pylint: disable=g-import-not-at-top
-
         shard_index, shard_count = jax.process_index(), jax.process_count()
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"bad shard {shard_index} of {shard_count}")
@@ -364,8 +362,6 @@ def make_pipeline(data_dir: str, tasks, split: str = "train", height: int = 512,
 
 def _text_source(data_dir: str, cache: str | None, encoders: str | None):
     """(TextCache or None, TextEncoder or None) for make_pipeline."""
-    from dd_jax.data import text_cache as tc  # pylint: disable=g-import-not-at-top
-
     if encoders:
         if cache not in (None, "auto"):
             raise ValueError("give text_cache or text_encoders, not both")
@@ -379,3 +375,49 @@ def _text_source(data_dir: str, cache: str | None, encoders: str | None):
 def to_unit(x: np.ndarray) -> np.ndarray:
     """[-1, 1] back to [0, 1]."""
     return (np.asarray(x) + 1.0) * 0.5
+
+
+# ----------------------------------------------------------------- examples (evaluation)
+def dataset_metadata(version_dir: str) -> dict:
+    """The build settings a dataset stored (seed, size, ...; AlphaBlend builds), or {}."""
+    try:
+        with open(os.path.join(version_dir, "metadata.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return {k: meta[k] for k in ("seed", "height", "width", "backgrounds", "foregrounds") if k in meta}
+
+
+class Examples:
+    """The first `limit` examples of a split, read and prepared on access as [0, 1] arrays.
+
+    `size` None: compare at the stored size (of the first record; others are fitted to it).
+    """
+
+    def __init__(self, data_dir: str, task: str, split: str, limit: int | None = None,
+                 size: tuple[int, int] | None = None):
+        self.source, self.dataset = open_source(data_dir, task, split)
+        self.metadata = dataset_metadata(find_dataset_dir(data_dir, task)[0])
+        self.n = len(self.source) if limit is None else min(limit, len(self.source))
+        if size is None and self.n:
+            size = tuple(np.asarray(self.source[0]["composite"]).shape[:2])
+        self.size = size
+        self.prepare = Prepare(size[0], size[1], random_crop=False, include_rgba=True) if self.n else None
+        self.rng = np.random.default_rng(0)  # unused with centred crops
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        rec = dict(self.source[i])
+        ex = self.prepare.random_map(rec, self.rng)
+        out = {"index": i, "task": int(ex["task"]),
+               **{k: to_unit(ex[k]).astype(np.float32)
+                  for k in ("composite", "background", "foreground", "foreground_rgba")}}
+        if "mask" in rec:  # a benchmark's evaluation mask (CLWD, Flare7K++), fitted as the images are
+            m = np.asarray(rec["mask"])
+            m = _fit(m[..., 0] if m.shape[-1] == 1 else m, *self.size, 0.5, 0.5)
+            out["mask"] = (m.reshape(*self.size, -1).astype(np.float32) / 255.0)
+        return out

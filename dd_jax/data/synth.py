@@ -15,8 +15,7 @@ import dataclasses
 
 import numpy as np
 
-from dd_jax.data import backgrounds as sources
-from dd_jax.data import blend, fg_layers, fg_objects, raster
+from dd_jax.data import backgrounds as sources, blend, fg_layers, fg_objects, raster
 
 GENERATORS = {
     "xray": fg_objects.xray,
@@ -38,14 +37,7 @@ PHOTO_GENERATORS = {
 }
 PHOTO_VIEW = (1.0, 1.5)  # photo pixels per output pixel in style "photo" (at most a 1.5x reduction)
 SPLIT_CODE = {"train": 0, "test": 1, "validation": 2}
-CAPTION_TEMPLATE = ("Three sub-images. <image-1>: {fg}, <image-2>: {bg}, "
-                    "<image-3>: The overlapped of <image-1> and <image-2>.")
 MAX_ATTEMPTS = 5
-
-
-def caption(foreground: str, background: str) -> str:
-    """The paper's prompt template (sec. 3.3)."""
-    return CAPTION_TEMPLATE.format(fg=foreground.strip().rstrip("."), bg=background.strip().rstrip("."))
 
 
 @dataclasses.dataclass
@@ -132,6 +124,6 @@ class Synthesizer:
         bg8 = raster.to_uint8(bg)
         fg8 = blend.quantize_rgba(fg)
         comp = blend.composite(self.task, fg8.astype(np.float32) / 255.0, bg8.astype(np.float32) / 255.0)
-        return Sample(raster.to_uint8(comp), bg8, fg8, caption(fg_desc, bg_desc), self.task,
+        return Sample(raster.to_uint8(comp), bg8, fg8, blend.caption(fg_desc, bg_desc), self.task,
                       events, attempt + 1)
 

@@ -20,33 +20,27 @@ than RAM); the input pipeline attaches them to every example by caption
 by itself). `TextEncoder` is the online alternative: it encodes prompts
 with the converted encoders on demand (memoized), in the input pipeline
 (`make_pipeline(text_encoders=...)`) or at decomposition time for a
-task's prompt (`task_prompt`).
+task's prompt (`dd_jax.data.blend.task_prompt`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Sequence
+import shutil
+import sys
+from collections.abc import Iterable, Sequence
 
+import ml_dtypes
 import numpy as np
+from flax import nnx
 
-from dd_jax.data import blend
+from dd_jax.models import clip, t5, tokenizers
 
 FORMAT = "dd_jax.text_cache/1"
 CACHE_DIR = "text_cache"
 INDEX_FILE = "index.json"
 DTYPES = ("float32", "bfloat16", "float16")
-BACKGROUND_PROMPT = "a natural photograph"
-
-
-def task_prompt(task: str) -> str:
-    """The caption used for a task at decomposition time (the training template with generic descriptions)."""
-    from dd_jax.data import backgrounds, synth  # pylint: disable=g-import-not-at-top
-
-    if task not in blend.TASKS:
-        raise ValueError(f"unknown task {task!r}; choose from {', '.join(blend.TASKS)}")
-    return synth.caption(backgrounds._FG_DEFAULT_DESC[task], BACKGROUND_PROMPT)  # pylint: disable=protected-access
 
 
 def default_cache_dir(data_dir: str) -> str:
@@ -61,7 +55,8 @@ def find_encoders(path: str) -> tuple[str, str]:
     missing = [d for d in (t5_dir, clip_dir) if not os.path.isdir(d)]
     if missing:
         raise FileNotFoundError(f"{path}: no converted text encoder folder(s) {missing}; convert them with "
-                                f"`python scripts/convert_flux.py --source PIPELINE --output {path} --components t5,clip`")
+                                f"`python scripts/convert_flux.py --source PIPELINE --output {path} "
+                                f"--components t5,clip`")
     return t5_dir, clip_dir
 
 
@@ -86,10 +81,6 @@ class TextEncoder:
 
     def _load(self):
         if self._loaded is None:
-            from flax import nnx  # pylint: disable=g-import-not-at-top
-
-            from dd_jax.models import clip, t5, tokenizers  # pylint: disable=g-import-not-at-top
-
             t5_dir, clip_dir = find_encoders(self.path)
             t5_model, clip_model = t5.load(t5_dir, self.dtype), clip.load(clip_dir, self.dtype)
 
@@ -126,16 +117,12 @@ class TextEncoder:
 # ------------------------------------------------------------------ the cache
 def _to_stored(x: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
-        import ml_dtypes  # pylint: disable=g-import-not-at-top
-
         return np.asarray(x, ml_dtypes.bfloat16).view(np.uint16)
     return np.asarray(x, dtype)
 
 
 def _from_stored(x: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
-        import ml_dtypes  # pylint: disable=g-import-not-at-top
-
         return np.asarray(x).view(ml_dtypes.bfloat16).astype(np.float32)
     return np.asarray(x, np.float32)
 
@@ -143,8 +130,6 @@ def _from_stored(x: np.ndarray, dtype: str) -> np.ndarray:
 def write_cache(out_dir: str, captions: Iterable[str], encoder: TextEncoder, *, dtype: str = "float32",
                 extra: dict | None = None, progress: bool = True) -> str:
     """Encodes the unique `captions` and writes a cache folder (replacing any cache there)."""
-    import sys  # pylint: disable=g-import-not-at-top
-
     if dtype not in DTYPES:
         raise ValueError(f"cache dtype {dtype!r}: choose from {DTYPES}")
     captions = list(dict.fromkeys(str(c) for c in captions))
@@ -158,9 +143,9 @@ def write_cache(out_dir: str, captions: Iterable[str], encoder: TextEncoder, *, 
     for s in range(0, len(captions), step):
         txt, vec = encoder.encode(captions[s:s + step])
         if txt_arr is None:  # memory-mapped outputs: the cache never has to fit in RAM
-            st = _to_stored(txt[:1], dtype).dtype
-            txt_arr = np.lib.format.open_memmap(os.path.join(tmp, "txt.npy"), "w+", st, (len(captions),) + txt.shape[1:])
-            vec_arr = np.lib.format.open_memmap(os.path.join(tmp, "vec.npy"), "w+", st, (len(captions),) + vec.shape[1:])
+            st, n = _to_stored(txt[:1], dtype).dtype, len(captions)
+            txt_arr = np.lib.format.open_memmap(os.path.join(tmp, "txt.npy"), "w+", st, (n,) + txt.shape[1:])
+            vec_arr = np.lib.format.open_memmap(os.path.join(tmp, "vec.npy"), "w+", st, (n,) + vec.shape[1:])
         txt_arr[s:s + len(txt)] = _to_stored(txt, dtype)
         vec_arr[s:s + len(vec)] = _to_stored(vec, dtype)
         encoder._memo.clear()  # pylint: disable=protected-access
@@ -168,15 +153,13 @@ def write_cache(out_dir: str, captions: Iterable[str], encoder: TextEncoder, *, 
             print(f"  encoded {min(s + step, len(captions))}/{len(captions)} captions", file=sys.stderr, flush=True)
     txt_arr.flush()
     vec_arr.flush()
-    index = {"format": FORMAT, "dtype": dtype, "txt_shape": list(txt_arr.shape[1:]), "vec_shape": list(vec_arr.shape[1:]),
-             "encoders": os.path.abspath(encoder.path), "t5_length": int(txt_arr.shape[1]), "captions": captions,
-             **(extra or {})}
+    index = {"format": FORMAT, "dtype": dtype, "txt_shape": list(txt_arr.shape[1:]),
+             "vec_shape": list(vec_arr.shape[1:]), "encoders": os.path.abspath(encoder.path),
+             "t5_length": int(txt_arr.shape[1]), "captions": captions, **(extra or {})}
     del txt_arr, vec_arr
     with open(os.path.join(tmp, INDEX_FILE), "w") as f:
         json.dump(index, f, indent=1)
     if os.path.isdir(out_dir):
-        import shutil  # pylint: disable=g-import-not-at-top
-
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
@@ -239,7 +222,7 @@ class PromptConditioning:
         self._encoder = None
 
     @classmethod
-    def from_config(cls, config) -> "PromptConditioning":
+    def from_config(cls, config) -> PromptConditioning:
         tc = config.text
         cache = tc.cache or (default_cache_dir(config.data.dir) if config.data.dir else "")
         return cls(cache or None, encoders_path(config) or None)
@@ -261,26 +244,3 @@ class PromptConditioning:
 def encoders_path(config) -> str:
     """The converted T5/CLIP folder a config names: text.encoders, else model.weights."""
     return config.text.encoders or config.model.weights
-
-
-# ------------------------------------------------------------------ captions of built datasets
-def dataset_captions(data_dir: str, tasks="all", splits: Sequence[str] = ("train", "test")) -> list[str]:
-    """Every caption of the built datasets (images are not decoded), in record order, duplicates kept."""
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-    from dd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-
-    out = []
-    for task in pipeline.resolve_tasks(data_dir, tasks):
-        path, _ = pipeline.find_dataset_dir(data_dir, task)
-        builder = tfds.builder_from_directory(path)
-        skip = {k: tfds.decode.SkipDecoding() for k, f in builder.info.features.items()
-                if isinstance(f, tfds.features.Image)}
-        for split in splits:
-            if split not in builder.info.splits:
-                continue
-            source = builder.as_data_source(split=split, decoders=skip)
-            for i in range(len(source)):
-                c = source[i]["caption"]
-                out.append(c.decode("utf-8") if isinstance(c, bytes) else str(c))
-    return out
