@@ -25,7 +25,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping
 
 import jax
@@ -33,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from dd_jax import config as config_lib, flow, system as system_lib
 from dd_jax.models import store
@@ -204,8 +207,6 @@ def to_host(tree):
     when some array spans other processes' devices)."""
     if jax.process_count() == 1:
         return jax.tree.map(np.asarray, tree)
-    from jax.experimental import multihost_utils
-
     return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
                         if isinstance(x, jax.Array) and not x.is_fully_addressable else np.asarray(x), tree)
 
@@ -222,7 +223,7 @@ class Checkpoints:
     cleaned. Otherwise the temporary folders of saves a killed or failed run left behind are removed."""
 
     def __init__(self, directory: str, keep: int = 1000, read_only: bool = False):
-        import orbax.checkpoint as ocp
+        import orbax.checkpoint as ocp  # slow to import: only when a run's checkpoints are opened
 
         self.ocp = ocp
         self.directory = os.path.abspath(directory)
@@ -254,9 +255,6 @@ class Checkpoints:
         """Removes what `partial` lists (only orbax's temporary names, never a committed checkpoint). After a
         failed save orbax's background threads may still write into its folder after `close`: with `settle`
         the removal is repeated until the folder stays gone for a moment (at most `settle` seconds)."""
-        import shutil
-        import time
-
         gone, deadline, quiet = [], time.monotonic() + settle, 0
         while True:
             found = self.partial()

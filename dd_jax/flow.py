@@ -33,6 +33,7 @@ composite are trained as much as the last ones.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -280,8 +281,6 @@ def make_optimizer(model: nnx.Module, learning_rate: float = 1e-4, wrt: Any = nn
 
 def learning_rate_at(step: int, learning_rate: float, warmup_steps: int = 0, decay_steps: int | None = None) -> float:
     """The schedule of `make_optimizer`, for logging."""
-    import math
-
     if warmup_steps and step < warmup_steps:
         return learning_rate * step / warmup_steps
     if decay_steps:

@@ -88,7 +88,7 @@ def peak_flops(device_kind: str | None) -> float | None:
 def device_peak(device=None) -> tuple[str, float | None]:
     """(device_kind, peak FLOP/s or None) of a jax device (default: the first)."""
     if device is None:
-        import jax
+        import jax  # not at import: dd_jax.benchmark imports this module before JAX may start (dd_jax.hostmem)
 
         device = jax.devices()[0]
     kind = getattr(device, "device_kind", "") or device.platform
@@ -207,7 +207,7 @@ def flux_step_flops(params, *, batch: int, img_tokens: int, txt_tokens: int, lor
     no gradients of its own). `img_tokens` counts every ICD layer's tokens.
     """
     if lora_targets is None:
-        from dd_jax.lora import DEFAULT_TARGETS
+        from dd_jax.lora import DEFAULT_TARGETS  # as jax above: dd_jax.lora imports JAX
 
         lora_targets = DEFAULT_TARGETS
     r = int(lora_rank)

@@ -25,6 +25,7 @@ import json
 import logging
 import multiprocessing
 import os
+import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -43,8 +44,6 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     @tfds.core.utils.classproperty
     @classmethod
     def code_path(cls) -> epath.Path:  # pylint: disable=invalid-overridden-method
-        import sys  # pylint: disable=g-import-not-at-top
-
         return epath.Path(sys.modules[cls.__module__].__file__)
 
 

@@ -38,6 +38,10 @@ Flare7K++ (flare; as ``evaluate.py`` of https://github.com/ykdai/Flare7K):
 from __future__ import annotations
 
 import numpy as np
+from scipy.ndimage import uniform_filter
+
+from dd_jax import metrics
+from dd_jax.data import blend
 
 PSNR_CAP = 100.0  # dB, identical images
 PROTOCOLS = ("clwd", "flare7k")
@@ -76,8 +80,6 @@ def ssim_uniform(a, b, win: int = 7, data_range: float = 255.0) -> np.ndarray:
     k1 = 0.01, k2 = 0.03, sample covariance (N / (N - 1)), the filter reflecting
     at the borders and the map cropped by (win - 1) / 2 before the mean, each
     channel on its own, then the mean over channels. NaN for images smaller than the window."""
-    from scipy.ndimage import uniform_filter  # pylint: disable=g-import-not-at-top
-
     x, y = _batch(a) * 255.0, _batch(b) * 255.0
     if min(x.shape[1:3]) < win:  # skimage refuses images smaller than the window
         return np.full(x.shape[0], np.nan)
@@ -139,9 +141,6 @@ def per_image(protocol: str, *, pred_bg, bg, comp, fg_rgba, mask, pred_fg=None, 
     mask: the stored benchmark mask [N, H, W, C] in [0, 1]; pred_fg: the
     predicted 3-channel foreground rendering (None: the model has none);
     lpips: None or a function (a, b) -> per-image LPIPS of [0, 1] images."""
-    from dd_jax import metrics  # pylint: disable=g-import-not-at-top
-    from dd_jax.data import blend  # pylint: disable=g-import-not-at-top
-
     y, t = quantize(pred_bg), _batch(bg)
     if protocol == "clwd":
         yf, tf = y.astype(np.float32), t.astype(np.float32)

@@ -22,6 +22,8 @@ import re
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from dd_jax.metrics import protocols
+
 NA = "n/a (no weights)"
 BACKGROUND_ORDER = ("LOGO-H", "LOGO-L", "LOGO-Gray", "watermark", "glassware", "cell", "xray", "flare", "occlusion")
 FOREGROUND_ORDER = ("glassware", "xray", "cell", "watermark", "flare", "occlusion", "LOGO-H", "LOGO-L", "LOGO-Gray")
@@ -112,8 +114,6 @@ def logo_table(report: dict) -> list[str]:
 
 def protocol_tables(report: dict) -> list[str]:
     """One table per benchmark protocol (CLWD, Flare7K++) present in the report."""
-    from dd_jax.metrics import protocols  # pylint: disable=g-import-not-at-top
-
     lines = []
     for name in protocols.PROTOCOLS:
         tasks = [t for t in ordered(report["tasks"], BACKGROUND_ORDER)

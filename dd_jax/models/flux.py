@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dd_jax.models import layers, store
@@ -241,8 +242,6 @@ def stacked_sources(module: Flux) -> dict[str, list[str]]:
 
 def stack_flat(flat: Mapping[str, Any]) -> dict[str, Any]:
     """Per-block flat arrays (`double_blocks.3.x`) -> stacked ones (`double_blocks.x`, [depth, ...])."""
-    import numpy as np
-
     groups: dict[str, dict[int, Any]] = {}
     out = {}
     for path, arr in flat.items():
