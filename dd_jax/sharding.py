@@ -42,6 +42,8 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dd_jax import config as config_lib
@@ -156,8 +158,6 @@ def make_mesh(mesh_config=None, devices=None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     ici = [int(cfg["data"]), int(cfg["fsdp"]), int(cfg["tensor"])]
     dcn = [int(cfg["dcn_data"]), int(cfg["dcn_fsdp"]), 1]
-    from jax.experimental import mesh_utils
-
     if math.prod(dcn) > 1:
         per_slice = len(devices) // math.prod(dcn)
         ici = _fill(ici, per_slice, "mesh (per slice)")
@@ -195,8 +195,6 @@ def flat_shardings(module, mesh: Mesh, rules=None) -> dict[str, NamedSharding]:
     `flux.load(path, shardings=lambda m: flat_shardings(m, mesh, rules))` reads a
     checkpoint straight into this placement.
     """
-    from flax import nnx
-
     rules = resolve_rules(rules)
     _, state = nnx.split(module)
     return {".".join(map(str, p)): variable_sharding(v, mesh, rules) for p, v in nnx.to_flat_state(state)}
@@ -229,8 +227,6 @@ def shard_model(model, mesh: Mesh, rules=None):
     """Places every variable of an NNX object (a model, or an nnx.Optimizer) on `mesh` by its
     logical names (unnamed ones replicated), and gives the model's blocks the activation rules.
     In place; returns `model`."""
-    from flax import nnx
-
     rules = resolve_rules(rules)
     for _, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Variable) and hasattr(var.get_value(), "shape"):
@@ -244,8 +240,6 @@ def shard_model(model, mesh: Mesh, rules=None):
 
 def unshard_activations(model) -> None:
     """Removes the activation constraints (e.g. to run a sharded model's weights on one device)."""
-    from flax import nnx
-
     for _, node in nnx.iter_graph(model):
         if isinstance(node, nnx.Module) and hasattr(node, "activation_sharding"):
             node.activation_sharding = None
@@ -253,8 +247,6 @@ def unshard_activations(model) -> None:
 
 def placement(model) -> dict[str, PartitionSpec]:
     """Flat path -> the PartitionSpec each variable currently has (for logs and tests)."""
-    from flax import nnx
-
     _, state = nnx.split(model)
     out = {}
     for p, v in nnx.to_flat_state(state):

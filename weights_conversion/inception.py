@@ -164,7 +164,7 @@ def load_torch_file(path: str | os.PathLike, trust_torchscript: bool = False) ->
     """A state dict from a ``torch.save`` file (tensors only: ``weights_only=True`` runs no code) or, with
     ``trust_torchscript=True``, a TorchScript archive, whose loading runs code stored in the file; without
     it a TorchScript file raises ValueError before torch opens it (needs torch)."""
-    import torch
+    import torch  # torch-only: an optional dependency, needed only to read the PyTorch checkpoint
 
     path = os.fspath(path)
     if _is_torchscript(path):

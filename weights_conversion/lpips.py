@@ -81,7 +81,7 @@ def convert_state_dicts(backbone: Mapping, heads: Mapping | None = None) -> dict
 
 def load_torch_file(path: str | os.PathLike) -> dict:
     """A state dict saved with ``torch.save`` (needs torch)."""
-    import torch
+    import torch  # torch-only: an optional dependency, needed only to read .pth files
 
     obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):

@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from dd_jax import hostmem
 
@@ -299,8 +300,6 @@ def load_module(model_dir: str, abstract_module, *, shardings: Mapping[str, Any]
     (a scanned model from per-block groups). Every variable must be stored,
     and nothing extra.
     """
-    from flax import nnx
-
     graphdef, state = nnx.split(abstract_module)
     variables = {".".join(map(str, path)): var for path, var in nnx.to_flat_state(state)}
     stacked = dict(stacked or {})
