@@ -92,7 +92,9 @@ def test_cache_train_decompose_export(world, tmp_path):
     out = tmp_path / "out"
     assert decompose.main(["--checkpoint", str(run), "--input", str(src), "--output", str(out),
                            "--batch-size", "1", "--steps", "2"]) == 0
-    assert sorted(os.listdir(out)) == ["xray_a_background.png", "xray_a_foreground.png"]
+    layers, sidecars = sorted(f for f in os.listdir(out) if f.endswith(".png")), \
+        [f for f in os.listdir(out) if f.endswith(".json")]
+    assert layers == ["xray_a_background.png", "xray_a_foreground.png"] and len(sidecars) == 1
     bg = np.asarray(Image.open(out / "xray_a_background.png"))
     assert bg.shape == (40, 24, 3) and bg.std() > 0
 

@@ -4,6 +4,6 @@ Submodules are imported on demand (``from dd_jax.data import blend``) so that
 importing the package stays cheap (no TFDS / Grain import).
 """
 
-from dd_jax.data.blend import TASKS, TASK_INDEX
+from dd_jax.data.blend import TASK_INDEX, TASKS
 
 __all__ = ["TASKS", "TASK_INDEX"]

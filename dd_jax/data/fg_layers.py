@@ -197,7 +197,8 @@ def watermark_photo(rng: np.random.Generator, h: int, w: int, fonts=None):
         else:
             if kind == "line":
                 name = "".join(rng.choice(_SYL, size=int(rng.integers(2, 4)))).capitalize()
-                text = f"\u00a9 {int(rng.integers(2009, 2027))} {name}. " + str(rng.choice(_LINES)).format(n=name.lower())
+                year = int(rng.integers(2009, 2027))  # before the line: the draw order is the data's
+                text = f"\u00a9 {year} {name}. " + str(rng.choice(_LINES)).format(n=name.lower())
                 f = font(rng.uniform(10, 26))
                 x, y, anchor = rng.uniform(0.02, 0.3) * w, rng.uniform(0.75, 0.97) * h, "lm"
                 what = f'copyright line "{text}"'

@@ -256,7 +256,8 @@ def xray_bag(rng: np.random.Generator, h: int, w: int):
     for _ in range(int(rng.integers(0, 3))):  # electronics with components
         ew, eh = rng.uniform(100, 260) * s, rng.uniform(60, 160) * s
         ex, ey = rng.uniform(0.1 * w, 0.9 * w - ew), rng.uniform(0.1 * h, 0.9 * h - eh)
-        add(raster.Canvas(h, w).polygon([(ex, ey), (ex + ew, ey), (ex + ew, ey + eh), (ex, ey + eh)]).mask(), "mixed", 4)
+        rect = [(ex, ey), (ex + ew, ey), (ex + ew, ey + eh), (ex, ey + eh)]
+        add(raster.Canvas(h, w).polygon(rect).mask(), "mixed", 4)
         comp = raster.Canvas(h, w)
         for _ in range(int(rng.integers(3, 12))):
             cw, ch = rng.uniform(6, 40) * s, rng.uniform(6, 30) * s

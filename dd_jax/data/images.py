@@ -23,7 +23,7 @@ import collections
 import dataclasses
 import os
 import warnings
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 from PIL import Image, ImageOps

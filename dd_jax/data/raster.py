@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import glob
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -104,7 +104,7 @@ class Canvas:
                        width=max(1, int(round(width * self.ss))), joint="curve")
         return self
 
-    def text(self, xy, text: str, font: "Font", value: float = 1.0, anchor: str = "mm",
+    def text(self, xy, text: str, font: Font, value: float = 1.0, anchor: str = "mm",
              stroke: float = 0):
         v = int(round(value * 255))
         self.draw.text(self._p([xy])[0], text, fill=v, font=font.at(self.ss), anchor=anchor,
@@ -147,7 +147,7 @@ def wobbly_ellipse(rng: np.random.Generator, cx, cy, rx, ry, angle=0.0,
 
 
 # ------------------------------------------------------------------ fonts
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def font_paths() -> tuple[str, ...]:
     """TrueType fonts found on this machine (sorted; may be empty)."""
     pats = ["/usr/share/fonts/**/*.ttf", "/usr/local/share/fonts/**/*.ttf",
