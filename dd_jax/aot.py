@@ -13,7 +13,7 @@ another backend instead (not compiled).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,9 @@ import numpy as np
 from flax import nnx
 
 from dd_jax import flow, system as system_lib
+
+if TYPE_CHECKING:
+    import ml_collections
 
 
 @dataclasses.dataclass
@@ -35,7 +38,7 @@ class CompiledStep:
     partition_bytes: dict  # trainable / frozen / mutable model state and optimizer state (TrainStep.partition_bytes)
 
 
-def abstract_batch(config, batch_size: int | None = None, txt_len: int = 512) -> dict:
+def abstract_batch(config: ml_collections.ConfigDict, batch_size: int | None = None, txt_len: int = 512) -> dict:
     """ShapeDtypeStructs of one pipeline batch (images in [-1, 1]; cached text for 'precomputed')."""
     d = config.data
     b = batch_size or d.batch_size
@@ -49,8 +52,8 @@ def abstract_batch(config, batch_size: int | None = None, txt_len: int = 512) ->
     return batch
 
 
-def compile_train_step(config, batch_size: int | None = None, txt_len: int = 512, compile: bool = True,
-                       platforms: tuple[str, ...] | None = None) -> CompiledStep:
+def compile_train_step(config: ml_collections.ConfigDict, batch_size: int | None = None, txt_len: int = 512,
+                       compile: bool = True, platforms: tuple[str, ...] | None = None) -> CompiledStep:
     """The production train step (`flow.system_step`, what `train.py` runs) lowered on abstract shapes and,
     with `compile`, compiled for the local backend (`platforms`: lower for other backends, no compile)."""
 

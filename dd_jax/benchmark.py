@@ -47,18 +47,26 @@ import os
 import resource
 import sys
 import time
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dd_jax import hostmem, perf
+
+if TYPE_CHECKING:
+    import jax
+    from flax import nnx
+
+    from dd_jax import flow, icd
+    from dd_jax.models.flux import Flux, FluxParams
 
 MID = dict(in_channels=64, out_channels=64, vec_in_dim=768, context_in_dim=4096, hidden_size=512, mlp_ratio=4.0,
            num_heads=4, depth=4, depth_single_blocks=8, axes_dim=(16, 56, 56), theta=10_000, qkv_bias=True,
            guidance_embed=True)
 
 
-def parse_args(argv=None):
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="mid", help="'mid' (hidden 512, 4+8 blocks) or a flux.PRESETS key")
     ap.add_argument("--height", type=int, default=256)
@@ -108,19 +116,19 @@ def parse_xla_options(text: str) -> dict[str, Any]:
     return out
 
 
-def flux_params(args):
+def flux_params(args: argparse.Namespace) -> FluxParams:
     from dd_jax.models import flux
 
     return flux.FluxParams(**MID) if args.preset == "mid" else flux.PRESETS[args.preset]
 
 
-def shapes(args) -> dict:
+def shapes(args: argparse.Namespace) -> dict:
     n = (args.height // 16) * (args.width // 16)
     return {"batch": args.batch, "tokens_per_layer": n, "img_tokens": args.layers * n, "txt_tokens": args.txt,
             "seq": args.layers * n + args.txt}
 
 
-def host_inputs(args, params, seed=0) -> dict:
+def host_inputs(args: argparse.Namespace, params: FluxParams, seed: int = 0) -> dict:
     """The same numbers for both frameworks: noisy ICD image tokens, text, ids, t, targets."""
     s = shapes(args)
     rng = np.random.default_rng(seed)
@@ -137,7 +145,7 @@ def host_inputs(args, params, seed=0) -> dict:
                 target=f(s["batch"], s["img_tokens"] - s["tokens_per_layer"], params.out_channels))
 
 
-def clocked(fn) -> tuple[float, float]:
+def clocked(fn: Callable[[], object]) -> tuple[float, float]:
     """Runs fn once: (wall seconds, process CPU seconds)."""
     t0, c0 = time.perf_counter(), time.process_time()
     fn()
@@ -148,12 +156,12 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def device_peak_flops(device) -> float | None:
+def device_peak_flops(device: jax.Device) -> float | None:
     """Dense bf16 peak of an accelerator by its exact device kind (`dd_jax.perf`); None when unknown."""
     return perf.peak_flops(getattr(device, "device_kind", ""))
 
 
-def model_flops(args, params) -> dict[str, float]:
+def model_flops(args: argparse.Namespace, params: FluxParams) -> dict[str, float]:
     """Analytic model FLOPs (`dd_jax.perf`) of the benchmark's train step (forward + LoRA-only backward over
     all ICD layers' tokens) and sampling step (one forward)."""
     s = shapes(args)
@@ -163,7 +171,7 @@ def model_flops(args, params) -> dict[str, float]:
     return {"train": count(True), "sample": count(False)}
 
 
-def cpu_gemm(n: int = 2048):
+def cpu_gemm(n: int = 2048) -> Callable[[], float]:
     """() -> FLOP/s of one jitted float32 n^3 GEMM (compiled and warmed up here): this machine's GEMM rate
     as XLA reaches it, sampled when called."""
     import jax
@@ -179,7 +187,7 @@ def cpu_gemm(n: int = 2048):
 # ----------------------------------------------------------------------------- ours
 
 
-def build_model(args, params):
+def build_model(args: argparse.Namespace, params: FluxParams) -> Flux:
     """Random weights made on the device in one jitted call (no host copy, no per-op compiles);
     an abstract model (shapes only) with --compile-only."""
     import jax
@@ -207,7 +215,7 @@ def build_model(args, params):
     return model
 
 
-def production_inputs(args, params, x: dict) -> tuple[Any, Any, Any]:
+def production_inputs(args: argparse.Namespace, params: FluxParams, x: dict) -> tuple[Any, Any, Any]:
     """(spec, flow.Batch, sampler inputs) of the ICD step `dd_jax.train` runs, from the host inputs `x`: the
     image tokens split into the condition and target layers."""
     from dd_jax import flow, icd
@@ -229,7 +237,8 @@ def production_inputs(args, params, x: dict) -> tuple[Any, Any, Any]:
     return spec, batch, (layers[spec.condition], x["txt"], x["y"])
 
 
-def production_steps(spec, lr: float = 1e-4):
+def production_steps(spec: icd.LayerSpec,
+                     lr: float = 1e-4) -> tuple[flow.TrainStep | Callable, Callable[[nnx.Module], nnx.Optimizer]]:
     """(train step, optimizer factory): `flow.make_train_step` / `flow.make_optimizer` as `dd_jax.train` builds
     them (configs/base.py: logit-normal shifted t, guidance input 3.5, AdamW with global-norm clipping at 1)."""
     from flax import nnx
@@ -240,7 +249,7 @@ def production_steps(spec, lr: float = 1e-4):
     return step, lambda model: flow.make_optimizer(model, lr, wrt=nnx.LoRAParam, clip_norm=1.0)
 
 
-def run_jax(args, params) -> dict[str, Any]:
+def run_jax(args: argparse.Namespace, params: FluxParams) -> dict[str, Any]:
     """Our train step (the production `flow.TrainStep`, donated) and sampling step (the production sampler,
     one Euler step), compiled ahead of time and run as `dd_jax.train` / `dd_jax.system.decompose` run them."""
     import jax
@@ -334,7 +343,7 @@ TORCH_LORA_TARGETS = (r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out
                       r"|.*single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out)")
 
 
-def torch_session(args, params) -> tuple[dict[str, Any], dict]:
+def torch_session(args: argparse.Namespace, params: FluxParams) -> tuple[dict[str, Any], dict]:
     """(facts, {"train": fn, "sample": fn}): the diffusers + peft model and one-step closures."""
     import torch
     from diffusers import FluxTransformer2DModel
@@ -388,7 +397,7 @@ def torch_session(args, params) -> tuple[dict[str, Any], dict]:
     return out, {"train": train, "sample": sample}
 
 
-def serve_torch(args, params) -> None:
+def serve_torch(args: argparse.Namespace, params: FluxParams) -> None:
     """`--torch-serve`: builds the model, then for each stdin line "train"/"sample" runs one step and prints
     its wall and CPU seconds; "done" prints the facts (JSON) and exits. Idle between requests (a blocking read),
     so the two frameworks never run at the same time."""
@@ -404,7 +413,7 @@ def serve_torch(args, params) -> None:
         print(f"{wall} {cpu}", flush=True)
 
 
-def argv_of(args) -> list[str]:
+def argv_of(args: argparse.Namespace) -> list[str]:
     """The command line of `args` for the PyTorch child (same shapes, dtype, rank, repetitions)."""
     out = []
     for k in ("preset", "height", "width", "layers", "txt", "batch", "lora_rank", "dtype", "steps", "warmup"):
@@ -454,7 +463,8 @@ class TorchChild:
 GEMM_SAMPLES = 3  # GEMMs timed after each train step (best kept)
 
 
-def time_steps(ours: dict, args, child: TorchChild | None = None, gemm=None) -> dict[str, Any] | None:
+def time_steps(ours: dict, args: argparse.Namespace, child: TorchChild | None = None,
+               gemm: Callable[[], float] | None = None) -> dict[str, Any] | None:
     """Times our train and sampling steps, and with `child` PyTorch's, alternating one step each (ours,
     theirs, ours, ...) so that a machine whose speed drifts during the run slows both sides alike.
     Medians of `args.steps` steps after `args.warmup`. Each --xla-variant's steps take their turn too
@@ -499,7 +509,7 @@ def time_steps(ours: dict, args, child: TorchChild | None = None, gemm=None) -> 
 # ----------------------------------------------------------------------------- report
 
 
-def benchmark(args) -> dict[str, Any]:
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     import jax
 
     params = flux_params(args)
@@ -590,7 +600,7 @@ def table(r: dict) -> str:
     return "\n".join([head] + lines + [foot] + variants)
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_args(argv)
     except ValueError as e:

@@ -29,6 +29,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +72,7 @@ def one_line(e: BaseException, limit: int = 240) -> str:
 
 
 # ------------------------------------------------------------------ configs
-def config_dict(config) -> dict:
+def config_dict(config: config_lib.ConfigLike) -> dict:
     """A config as plain JSON data (tuples as lists), as it is saved."""
     if isinstance(config, dict):
         return json.loads(json.dumps(config))
@@ -92,7 +93,7 @@ def _write_atomic(path: str, text: str) -> None:
         raise
 
 
-def save_config(config, path: str) -> None:
+def save_config(config: config_lib.ConfigLike, path: str) -> None:
     """Writes a config as JSON under a temporary name, then renames it into place."""
     _write_atomic(path, config.to_json_best_effort(indent=1) if not isinstance(config, dict)
                   else json.dumps(config, indent=1))
@@ -126,7 +127,7 @@ def _flat(d, prefix: str = "") -> dict:
     return out
 
 
-def architecture_changes(old, new) -> list[str]:
+def architecture_changes(old: config_lib.ConfigLike, new: config_lib.ConfigLike) -> list[str]:
     """The `ARCHITECTURE` fields whose values differ between two configs (fields one of them lacks, e.g. a
     config saved before the field existed, are not compared)."""
     a, b = _flat(config_dict(old)), _flat(config_dict(new))
@@ -137,7 +138,7 @@ def architecture_changes(old, new) -> list[str]:
     return sorted(changed)
 
 
-def optimizer_layout(config) -> dict[str, bool]:
+def optimizer_layout(config: config_lib.ConfigLike) -> dict[str, bool]:
     """What shapes the optimizer state a checkpoint holds (`flow.make_optimizer`): a clipping stage, and a
     learning-rate schedule (whose step count is state) rather than a constant. Values of these fields may
     change on a rerun; switching one of them on or off may not (no checkpoint would restore)."""
@@ -146,7 +147,7 @@ def optimizer_layout(config) -> dict[str, bool]:
             "train.warmup_steps > 0 or train.decay": bool(t.get("warmup_steps") or t.get("decay"))}
 
 
-def check_rerun(workdir: str, config) -> None:
+def check_rerun(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Raises RunError if `workdir` holds a run whose architecture `config` changes, or the layout of its
     optimizer state (`optimizer_layout`), or an unreadable one."""
     path = os.path.join(workdir, CONFIG_FILE)
@@ -167,7 +168,7 @@ def check_rerun(workdir: str, config) -> None:
                        f"with --config.train.init_from={workdir}")
 
 
-def resolve_init_from(path: str, config) -> str:
+def resolve_init_from(path: str, config: config_lib.ConfigLike) -> str:
     """The model folder `train.init_from` names (a model folder, or a run with an export), checked against
     the config before any work: RunError (one line) if it is neither, or was trained with another
     architecture (its parameters would not fit)."""
@@ -183,7 +184,7 @@ def resolve_init_from(path: str, config) -> str:
     return folder
 
 
-def record_config(workdir: str, config, step: int) -> str:
+def record_config(workdir: str, config: ml_collections.ConfigDict, step: int) -> str:
     """Keeps the config a (re)run starts with as `config.<step>.json` (never replacing an earlier one:
     `config.<step>.<n>.json` if that name is taken by another config) and makes it `config.json`."""
     text = config.to_json_best_effort(indent=1)
@@ -202,7 +203,7 @@ def record_config(workdir: str, config, step: int) -> str:
 
 
 # ------------------------------------------------------------------ host copies
-def to_host(tree):
+def to_host(tree: Any) -> Any:
     """Numpy copies of (possibly sharded, multi-process) arrays; every process must call it (a collective
     when some array spans other processes' devices)."""
     if jax.process_count() == 1:
@@ -266,7 +267,7 @@ class Checkpoints:
                 return gone
             time.sleep(0.1)
 
-    def save(self, step: int, state, data_state: dict, wait: bool = True) -> None:
+    def save(self, step: int, state: Any, data_state: dict, wait: bool = True) -> None:
         """Saves; `wait=False` returns once the arrays are copied to the host (orbax's blocking part: with no
         device-to-host byte limit every array is transferred before `save` returns, so the next step may
         donate them) and writes the files in the background (the next save or `close` waits for it)."""
@@ -278,7 +279,7 @@ class Checkpoints:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
-    def restore(self, step: int, abstract_state=None):
+    def restore(self, step: int, abstract_state: Any = None) -> tuple[Any, dict]:
         """(state, data state) of a step; `abstract_state` sets shapes, dtypes and shardings, without it the
         arrays come back as saved."""
         if abstract_state is None:
@@ -290,7 +291,8 @@ class Checkpoints:
                 state=self.ocp.args.StandardRestore(target), data=self.ocp.args.JsonRestore()))
         return out.state, out.data
 
-    def restore_newest(self, abstract_state=None, log: Callable[[str], None] = _log):
+    def restore_newest(self, abstract_state: Any = None, log: Callable[[str], None] = _log
+                       ) -> tuple[int | None, Any, dict | None, list[tuple[int, str]]]:
         """(step, state, data state, skipped) of the newest checkpoint that restores; (None, None, None, [])
         without checkpoints. `skipped`: [(step, reason)] of the newer ones that did not restore, each said in
         one line. RunError if none restores."""
@@ -308,7 +310,7 @@ class Checkpoints:
                 f"step {s}: {r}" for s, r in skipped) + ")")
         return None, None, None, []
 
-    def close(self):
+    def close(self) -> None:
         self.manager.close()
 
 
@@ -463,8 +465,8 @@ def _newest(run: str, sources: list[Weights], read: Callable[[Weights], object],
     raise FileNotFoundError(f"{run}: no checkpoint yet, and no export")
 
 
-def load_trained(path: str, config=None, load_weights: bool = True, log: Callable[[str], None] = _log
-                 ) -> system_lib.System:
+def load_trained(path: str, config: ml_collections.ConfigDict | None = None, load_weights: bool = True,
+                 log: Callable[[str], None] = _log) -> system_lib.System:
     """A trained system from a model folder (an export), or a run workdir: of a run, its newest trained
     weights (`weight_sources`: newest restorable checkpoint or the export, whichever is later). Prints
     what it loaded (path and step) through `log`."""

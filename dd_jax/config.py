@@ -19,10 +19,14 @@ import json
 import os
 import sys
 from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 
 from configs import base as base_config
+
+# What `merge`, `section` and the checkpoint helpers accept: a ConfigDict or its plain-dict form.
+ConfigLike = ml_collections.ConfigDict | Mapping[str, Any]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,7 +81,7 @@ def _merge_into(node: ml_collections.ConfigDict, data: Mapping, prefix: str, sou
                                   f"{type(default).__name__} (default {default!r})") from e
 
 
-def merge(config, source: str = "the config", saved: bool = False) -> ml_collections.ConfigDict:
+def merge(config: ConfigLike, source: str = "the config", saved: bool = False) -> ml_collections.ConfigDict:
     """`config` (a ConfigDict or a dict, e.g. a saved config.json) laid over `configs/base.get_config()`: a
     complete config, new (the input is not changed). `saved`: a config written by an earlier version (drops
     `REMOVED` fields). ConfigError (one line naming the field and `source`) for a field base does not have."""
@@ -86,7 +90,7 @@ def merge(config, source: str = "the config", saved: bool = False) -> ml_collect
     return out
 
 
-def section(name: str, given=None) -> dict:
+def section(name: str, given: ConfigLike | None = None) -> dict:
     """One group of fields (e.g. "mesh") as a dict: base's values updated with `given` (a dict or
     ConfigDict of some of them, or None; values as given, e.g. True for the "auto" string field
     distributed.enabled). For functions that take a group on its own (`dd_jax.sharding`)."""

@@ -92,6 +92,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -504,7 +505,7 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
             "images": records, "sidecar": sidecar}
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dd_jax.decompose", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", nargs="+", required=True, help="image files and/or folders")

@@ -43,6 +43,8 @@ import collections
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +54,9 @@ from dd_jax import checkpoints, config as config_lib, hostmem, inference, metric
 from dd_jax.data import pipeline
 from dd_jax.metrics import fid, lpips, protocols, report as report_lib
 from dd_jax.metrics.frechet import frechet_distance, gaussian_statistics
+
+if TYPE_CHECKING:
+    from dd_jax.system import System
 
 NA = "n/a (no weights)"
 LOGO_LABELS = {"logo/high": "LOGO-H", "logo/mid": "LOGO-L", "logo/gray": "LOGO-Gray", "clwd/default": "CLWD",
@@ -63,7 +68,7 @@ METHODS = ("identity", "model")
 
 
 # ------------------------------------------------------------------ data
-def resolve_tasks(data_dir: str, tasks) -> list[str]:
+def resolve_tasks(data_dir: str, tasks: str | Iterable[str]) -> list[str]:
     """`all` / a list of subtasks, a benchmark (`logo`, `clwd`, `flare7k`), `<benchmark>/<config>` -> dataset
     keys present under data_dir."""
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
@@ -106,10 +111,10 @@ class Networks:
         if fid_weights:
             self.inception = fid.load_inception(fid_weights)
 
-    def lpips_distance(self, a, b) -> np.ndarray:
+    def lpips_distance(self, a: jax.Array | np.ndarray, b: jax.Array | np.ndarray) -> np.ndarray:
         return np.asarray(lpips.distance(self.lpips, a, b, batch_size=a.shape[0]))
 
-    def fid_features(self, images) -> np.ndarray:
+    def fid_features(self, images: jax.Array | np.ndarray) -> np.ndarray:
         return np.asarray(fid.features(self.inception, images, batch_size=images.shape[0]))
 
 
@@ -122,7 +127,7 @@ def fid_score(real: np.ndarray, fake: np.ndarray) -> float | None:
 
 
 @jax.jit
-def pixel_metrics(pred, truth, mask):
+def pixel_metrics(pred: jax.Array, truth: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
     """Per-image RMSE, SSIM, PSNR (capped), RMSEw inside `mask`, zero-padded SSIM of [0, 1] images."""
     return {"rmse": metrics.rmse(pred, truth), "ssim": metrics.ssim(pred, truth),
             "psnr": jnp.minimum(metrics.psnr(pred, truth), PSNR_CAP),
@@ -141,7 +146,7 @@ class TaskResult:
         self.indices: list[int] = []
         self.cases: dict[str, tuple] = {}  # worst / best: (score, index, tiles, identity score)
 
-    def add(self, key: str, values) -> None:
+    def add(self, key: str, values: Any) -> None:
         self.values[key].append(np.asarray(values, np.float64))
 
     def per_image(self) -> dict[str, list[float]]:
@@ -161,8 +166,9 @@ class TaskResult:
             self.cases["best"] = case
 
 
-def evaluate_task(system, examples: pipeline.Examples, result: TaskResult, nets: Networks, *, steps: int,
-                  seed: int, batch_size: int, num_samples: int, guidance, key_offset: int, progress=None,
+def evaluate_task(system: System, examples: pipeline.Examples, result: TaskResult, nets: Networks, *, steps: int,
+                  seed: int, batch_size: int, num_samples: int, guidance: float | None, key_offset: int,
+                  progress: Callable[[int, int], None] | None = None,
                   mode: str | None = None, overlap: int | None = None) -> int:
     """Runs the model over `examples` and fills `result`; returns the number of batches run.
 
@@ -289,13 +295,13 @@ def display_path(path: str) -> str:
     return p if rel.startswith("..") else rel
 
 
-def run(data_dir: str, output: str, checkpoint: str | None = None, *, tasks="all", split: str = "test",
-        config_file: str | None = None, steps: int | None = None, seed: int = 0, num_samples: int = 1,
-        batch_size: int = 8, limit: int | None = None, guidance: float | None = None,
+def run(data_dir: str, output: str, checkpoint: str | None = None, *, tasks: str | Iterable[str] = "all",
+        split: str = "test", config_file: str | None = None, steps: int | None = None, seed: int = 0,
+        num_samples: int = 1, batch_size: int = 8, limit: int | None = None, guidance: float | None = None,
         lpips_weights: str | None = None, fid_weights: str | None = None, at_working_size: bool = False,
         nets: Networks | None = None, command: str | None = None, mode: str | None = None,
         overlap: int | None = None,
-        log=lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
+        log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
     """Evaluates a trained model (export folder or training workdir); writes and returns the report.
 
     `nets` replaces the LPIPS / FID networks loaded from the weight files.
@@ -350,7 +356,7 @@ def run(data_dir: str, output: str, checkpoint: str | None = None, *, tasks="all
     return report
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dd_jax.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="the --out folder of python -m dd_jax.data.build")

@@ -153,7 +153,7 @@ def sample_t(key: jax.Array, n: int, method: str = "uniform", shift_tokens: int 
 
 
 def sample_noise(key: jax.Array, spec: icd.LayerSpec, batch: Batch, t_sampling: str = "uniform",
-                 shift: bool = False, **t_kwargs) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 shift: bool = False, **t_kwargs: float) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Per-example t and Gaussian noise per target layer."""
     key_t, *keys = jax.random.split(key, len(spec.targets) + 1)
     h, w = batch.grid
@@ -201,7 +201,8 @@ class TrainStep:
         o = self._splits.get(optimizer)
         return m, o, (m.layout, o.layout, m.values(0), o.values(0), m.values(2), m.values(1))
 
-    def __call__(self, model, optimizer: nnx.Optimizer, batch, key: jax.Array, *, executable=None):
+    def __call__(self, model: nnx.Module, optimizer: nnx.Optimizer, batch: Any, key: jax.Array, *,
+                 executable: jax.stages.Compiled | None = None) -> tuple[jax.Array, jax.Array]:
         """One step; `executable`: a compiled `.lower(...)` of these shapes (e.g. with other XLA options)
         to run instead of the jitted function (the same program)."""
         m, o, args = self._args(model, optimizer)
@@ -215,18 +216,19 @@ class TrainStep:
         o.assign(0, opt_state)
         return loss, grad_norm
 
-    def lower(self, model, optimizer: nnx.Optimizer, batch, key, platforms: tuple[str, ...] | None = None):
+    def lower(self, model: nnx.Module, optimizer: nnx.Optimizer, batch: Any, key: jax.Array | jax.ShapeDtypeStruct,
+              platforms: tuple[str, ...] | None = None) -> jax.stages.Lowered:
         """The lowered production step (`.compile()`, `.cost_analysis()`, `.as_text()`)."""
         _, _, args = self._args(model, optimizer)
         traced = self._jit.trace(*args, batch, key)
         return traced.lower(lowering_platforms=tuple(platforms) if platforms else None)
 
-    def partition_bytes(self, model, optimizer: nnx.Optimizer) -> dict[str, int]:
+    def partition_bytes(self, model: nnx.Module, optimizer: nnx.Optimizer) -> dict[str, int]:
         """Bytes of the trainable, frozen and other model state and of the optimizer state."""
         m, o, _ = self._args(model, optimizer)
         return {"trainable": m.nbytes(0), "frozen": m.nbytes(1), "mutable": m.nbytes(2), "optimizer": o.nbytes(0)}
 
-    def forget(self, *nodes) -> None:
+    def forget(self, *nodes: nnx.Pytree) -> None:
         """Drops the cached splits of `nodes` (their structure changed)."""
         for n in nodes:
             self._splits.forget(n)
@@ -235,7 +237,7 @@ class TrainStep:
 def make_train_step(spec: icd.LayerSpec, wrt: Any = nnx.LoRAParam, guidance: float | None = None,
                     prepare: Callable | None = None, t_sampling: str = "uniform", shift: bool = False,
                     jit: bool = True, prediction: str = "velocity", residual: tuple[str, ...] = (),
-                    loss: str = "velocity", **t_kwargs):
+                    loss: str = "velocity", **t_kwargs: float) -> TrainStep | Callable:
     """The training step `(model, optimizer, batch, key) -> (loss, grad_norm)` updating only `wrt`
     (a `TrainStep`: donated, the frozen base a read-only input; `.lower(...)` for AOT).
 
@@ -291,7 +293,7 @@ def learning_rate_at(step: int, learning_rate: float, warmup_steps: int = 0, dec
 
 
 # ------------------------------------------------------------------ a system's step and optimizer
-def system_step(system, jit: bool = True) -> TrainStep:
+def system_step(system: Any, jit: bool = True) -> TrainStep:
     """The training step of a `dd_jax.system.System`, set by its config's `train` fields: the step
     `python -m dd_jax.train` runs (and `dd_jax.aot`, the benchmarks and memory plans lower)."""
     t = system.config.train
@@ -300,7 +302,7 @@ def system_step(system, jit: bool = True) -> TrainStep:
                            **system.output_reading())
 
 
-def system_optimizer(system) -> nnx.Optimizer:
+def system_optimizer(system: Any) -> nnx.Optimizer:
     """The optimizer of a `dd_jax.system.System`'s trainable partition, set by its config's `train` fields
     (training, and the optimizer state a checkpoint holds)."""
     t = system.config.train

@@ -99,7 +99,8 @@ def masks(spec: LayerSpec, n: int) -> tuple[np.ndarray, np.ndarray]:
     return ~cond, cond
 
 
-def build_sequence(spec: LayerSpec, tokens: Mapping[str, jnp.ndarray], h: int, w: int):
+def build_sequence(spec: LayerSpec, tokens: Mapping[str, jnp.ndarray], h: int,
+                   w: int) -> tuple[jnp.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Concatenates layer tokens [B, h*w, C] into the image sequence.
 
     Returns (img [B, L, C], img_ids [L, 3], noisy_mask [L], cond_mask [L]).

@@ -36,7 +36,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,9 @@ import numpy as np
 
 from dd_jax import checkpoints, hostmem, system as system_lib
 from dd_jax.data import blend, pipeline
+
+if TYPE_CHECKING:
+    import ml_collections
 
 MODES = ("tile", "resize")
 # Overlap of neighbouring tiles as a fraction of the tile side (16 px for 64x64 tiles), measured in
@@ -64,12 +67,12 @@ class Layers:
     foreground: np.ndarray | None  # the foreground layer rendered alone (blend.foreground_alone); None: no x target
 
 
-def default_mode(config) -> str:
+def default_mode(config: ml_collections.ConfigDict) -> str:
     # saved configs from before the field existed get base's sample.tile, False: they were all resize-mode models
     return "tile" if config.sample.tile else "resize"
 
 
-def working_size(system) -> tuple[int, int]:
+def working_size(system: system_lib.System) -> tuple[int, int]:
     return int(system.config.data.height), int(system.config.data.width)
 
 
@@ -203,8 +206,9 @@ def batch_key(key: jax.Array, index: int) -> jax.Array:
     return key if index == 0 else jax.random.fold_in(key, index)
 
 
-def run_batch(system, tiles: np.ndarray, tasks: np.ndarray, key: jax.Array, *, steps: int, batch_size: int,
-              guidance: float | None = None, prompt: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def run_batch(system: system_lib.System, tiles: np.ndarray, tasks: np.ndarray, key: jax.Array, *, steps: int,
+              batch_size: int, guidance: float | None = None,
+              prompt: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Decomposes n <= batch_size tiles [n, h, w, 3] in [0, 1] padded to `batch_size` -> (bg, fg or None) [n, ...]."""
     n = len(tiles)
     if n < batch_size:  # fixed shape: one compilation
@@ -221,8 +225,8 @@ def run_batch(system, tiles: np.ndarray, tasks: np.ndarray, key: jax.Array, *, s
     return out["y"], out.get("x")
 
 
-def decompose_stream(system, items: Iterable[tuple[Any, np.ndarray, str | int]], *, steps: int, key: jax.Array,
-                     mode: str | None = None, batch_size: int = 16, overlap: int | None = None,
+def decompose_stream(system: system_lib.System, items: Iterable[tuple[Any, np.ndarray, str | int]], *, steps: int,
+                     key: jax.Array, mode: str | None = None, batch_size: int = 16, overlap: int | None = None,
                      guidance: float | None = None, prompt: str | None = None, detail_transfer: bool = True,
                      progress: Callable[[Any, int, int], None] | None = None) -> Iterator[tuple[Any, Layers]]:
     """Decomposes `items` (tag, image [H, W, 3] float in [0, 1], task name or index); yields (tag, Layers).
@@ -277,7 +281,8 @@ def decompose_stream(system, items: Iterable[tuple[Any, np.ndarray, str | int]],
         yield from flush()
 
 
-def decompose_images(system, images: list[np.ndarray], tasks: list[str | int], **kw) -> list[Layers]:
+def decompose_images(system: system_lib.System, images: list[np.ndarray], tasks: list[str | int],
+                     **kw: Any) -> list[Layers]:
     """`decompose_stream` over a list, results in order."""
     out = dict(decompose_stream(system, ((i, im, t) for i, (im, t) in enumerate(zip(images, tasks))), **kw))
     return [out[i] for i in range(len(images))]
@@ -312,8 +317,9 @@ def probe_tiles(image: np.ndarray, tile: tuple[int, int], native: int = PROBE_TI
     return probes
 
 
-def task_features(system, images: list[np.ndarray], *, steps: int, key: jax.Array, batch_size: int = 16,
-                  guidance: float | None = None, prompt: str | None = None, progress=None) -> np.ndarray:
+def task_features(system: system_lib.System, images: list[np.ndarray], *, steps: int, key: jax.Array,
+                  batch_size: int = 16, guidance: float | None = None, prompt: str | None = None,
+                  progress: Callable[[Any, int, int], None] | None = None) -> np.ndarray:
     """[N, len(blend.TASKS), len(TASK_FEATURES)]: log RMSE of the change and of the recomposition, per task.
 
     Every image's probes (`probe_tiles`) are decomposed under each task; the
@@ -395,7 +401,7 @@ def task_scores(features: np.ndarray, head: TaskHead | None) -> np.ndarray:
     return lin[..., 0] - UNCALIBRATED_RECOMPOSE_WEIGHT * lin[..., 1]
 
 
-def choose_task(system, image: np.ndarray, *, steps: int, key: jax.Array, batch_size: int = 16,
+def choose_task(system: system_lib.System, image: np.ndarray, *, steps: int, key: jax.Array, batch_size: int = 16,
                 guidance: float | None = None, prompt: str | None = None,
                 head: TaskHead | None = None) -> tuple[str, dict[str, float]]:
     """The task whose decomposition of `image` scores best (`task_scores`); returns it and every task's score."""

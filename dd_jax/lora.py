@@ -29,10 +29,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+if TYPE_CHECKING:
+    from jax.typing import DTypeLike
 
 # Every projection of attention and MLP in both streams, and the single
 # blocks' fused linear1/linear2 (the issue's default set).
@@ -52,7 +56,7 @@ class LoRALinear(nnx.Module):
     """A Linear with a low-rank update; base Variables are shared with the wrapped layer."""
 
     def __init__(self, base: nnx.Linear, rank: int, alpha: float, *, rngs: nnx.Rngs,
-                 param_dtype=jnp.float32):
+                 param_dtype: DTypeLike = jnp.float32):
         if rank <= 0:
             raise ValueError(f"LoRA rank must be positive, got {rank}")
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -121,7 +125,7 @@ def _replace(model: nnx.Module, path: tuple, new) -> None:
 
 def apply_lora(model: nnx.Module, rank: int, alpha: float | None = None,
                targets: Sequence[str] = DEFAULT_TARGETS, *, rngs: nnx.Rngs | None = None,
-               param_dtype=jnp.float32) -> list[str]:
+               param_dtype: DTypeLike = jnp.float32) -> list[str]:
     """Wraps the matching Linear layers in place; returns their paths. alpha defaults to rank."""
     alpha = float(rank if alpha is None else alpha)
     rngs = rngs or nnx.Rngs(0)

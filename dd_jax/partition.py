@@ -48,19 +48,19 @@ class Layout:
     def __hash__(self):
         return self._hash
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return self is other or (isinstance(other, Layout) and self._hash == other._hash
                                  and self.paths == other.paths and self.filters == other.filters
                                  and self.graphdef == other.graphdef)
 
-    def merge(self, *parts: Sequence[Any]):
+    def merge(self, *parts: Sequence[Any]) -> nnx.Pytree:
         """The module with each part's Variables set to the given arrays (one list per part)."""
         if len(parts) != len(self.paths):
             raise ValueError(f"{len(parts)} parts for a layout of {len(self.paths)}")
         states = [nnx.from_flat_state(list(zip(paths, values))) for paths, values in zip(self.paths, parts)]
         return nnx.merge(self.graphdef, *states)
 
-    def values_of(self, node) -> list[list[Any]]:
+    def values_of(self, node: nnx.Pytree) -> list[list[Any]]:
         """Each part's arrays of `node` (a module of this layout, e.g. after a traced update)."""
         _, *states = nnx.split(node, *self.filters)
         out = []
@@ -77,7 +77,7 @@ class Layout:
 class Split:
     """A module's live Variables per part; `values(i)` reads part i's arrays, `assign(i, arrays)` writes them."""
 
-    def __init__(self, node, filters: tuple):
+    def __init__(self, node: nnx.Pytree, filters: tuple):
         graphdef, *states = nnx.split(node, *filters)
         flats = [nnx.to_flat_state(s) for s in states]
         self.layout = Layout(graphdef, tuple(filters), tuple(tuple(p for p, _ in f) for f in flats))
@@ -101,7 +101,7 @@ class Cache:
     def __init__(self):
         self._entries: dict[tuple[int, tuple], tuple[weakref.ref, Split]] = {}
 
-    def get(self, node, filters: tuple = ()) -> Split:
+    def get(self, node: nnx.Pytree, filters: tuple = ()) -> Split:
         key = (id(node), tuple(filters))
         hit = self._entries.get(key)
         if hit is not None and hit[0]() is node:
@@ -111,7 +111,7 @@ class Cache:
         self._entries[key] = (ref, split)
         return split
 
-    def forget(self, node=None) -> None:
+    def forget(self, node: nnx.Pytree | None = None) -> None:
         """Drops the cached splits of `node` (all of them without one): its structure changed."""
         if node is None:
             self._entries.clear()

@@ -58,6 +58,12 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import jax
+
+    from dd_jax.models.flux import FluxParams
 
 # Dense bf16 (no sparsity) peak FLOP/s per device, keyed by the exact `jax.Device.device_kind` string.
 # Public figures: NVIDIA H100/H200/H20/A100 datasheets, Google Cloud TPU system architecture pages.
@@ -85,7 +91,7 @@ def peak_flops(device_kind: str | None) -> float | None:
     return PEAK_BF16_FLOPS.get(" ".join(str(device_kind).split()))
 
 
-def device_peak(device=None) -> tuple[str, float | None]:
+def device_peak(device: jax.Device | None = None) -> tuple[str, float | None]:
     """(device_kind, peak FLOP/s or None) of a jax device (default: the first)."""
     if device is None:
         import jax  # not at import: dd_jax.benchmark imports this module before JAX may start (dd_jax.hostmem)
@@ -152,7 +158,7 @@ def _adapted(path: str, targets: Iterable[str]) -> bool:
     return any(re.fullmatch(t, path) for t in targets)
 
 
-def projections(params, batch: int, img_tokens: int, txt_tokens: int, cond_t0: bool = False,
+def projections(params: FluxParams, batch: int, img_tokens: int, txt_tokens: int, cond_t0: bool = False,
                 lora_targets: Sequence[str] = ()) -> list[Projection]:
     """Every weight matrix of the Flux forward, with its rows per step, in execution order.
 
@@ -197,7 +203,7 @@ def projections(params, batch: int, img_tokens: int, txt_tokens: int, cond_t0: b
     return out
 
 
-def flux_step_flops(params, *, batch: int, img_tokens: int, txt_tokens: int, lora_rank: int = 0,
+def flux_step_flops(params: FluxParams, *, batch: int, img_tokens: int, txt_tokens: int, lora_rank: int = 0,
                     lora_targets: Sequence[str] | None = None, train: bool = True,
                     cond_t0: bool = False) -> StepFlops:
     """FLOPs of one Flux forward (`train=False`, e.g. a sampling step) or one LoRA-only train step.
@@ -234,7 +240,7 @@ def flux_step_flops(params, *, batch: int, img_tokens: int, txt_tokens: int, lor
                      softmax_forward=5.0 * scores, softmax_backward=3.0 * scores if train else 0.0)
 
 
-def xla_flops(lowered_or_compiled) -> float | None:
+def xla_flops(lowered_or_compiled: jax.stages.Lowered | jax.stages.Compiled) -> float | None:
     """XLA's FLOP count of a Lowered or Compiled (None where it gives none)."""
     cost = lowered_or_compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):

@@ -13,11 +13,15 @@ computed from the noisy token count). The whole loop is one jitted
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
 from dd_jax import flow, icd, partition
+
+if TYPE_CHECKING:
+    from flax import nnx
 
 _SPLITS = partition.Cache()
 
@@ -28,9 +32,10 @@ def _args(transformer, spec, cond, txt, vec, key, grid, steps, guidance, shift, 
             None if guidance is None else float(guidance), bool(shift), prediction, tuple(residual))
 
 
-def sample(transformer, spec: icd.LayerSpec, cond: jax.Array, txt: jax.Array, vec: jax.Array, key: jax.Array,
-           grid: tuple[int, int], steps: int, guidance: float | None = None, shift: bool = True,
-           prediction: str = "velocity", residual: tuple[str, ...] = (), *, executable=None) -> dict[str, jax.Array]:
+def sample(transformer: nnx.Module, spec: icd.LayerSpec, cond: jax.Array, txt: jax.Array, vec: jax.Array,
+           key: jax.Array, grid: tuple[int, int], steps: int, guidance: float | None = None, shift: bool = True,
+           prediction: str = "velocity", residual: tuple[str, ...] = (), *,
+           executable: jax.stages.Compiled | None = None) -> dict[str, jax.Array]:
     """Target-layer tokens {name: [B, h*w, C]} for condition tokens `cond` [B, h*w, C].
 
     `prediction` and `residual` say how the network's output is read (see `flow`). The transformer's
@@ -43,9 +48,11 @@ def sample(transformer, spec: icd.LayerSpec, cond: jax.Array, txt: jax.Array, ve
     return _sample(*args)
 
 
-def lower_sample(transformer, spec: icd.LayerSpec, cond, txt, vec, key, grid: tuple[int, int], steps: int,
+def lower_sample(transformer: nnx.Module, spec: icd.LayerSpec, cond: jax.Array | jax.ShapeDtypeStruct,
+                 txt: jax.Array | jax.ShapeDtypeStruct, vec: jax.Array | jax.ShapeDtypeStruct,
+                 key: jax.Array | jax.ShapeDtypeStruct, grid: tuple[int, int], steps: int,
                  guidance: float | None = None, shift: bool = True, prediction: str = "velocity",
-                 residual: tuple[str, ...] = (), platforms: tuple[str, ...] | None = None):
+                 residual: tuple[str, ...] = (), platforms: tuple[str, ...] | None = None) -> jax.stages.Lowered:
     """The `jax.stages.Lowered` of the sampler `sample` runs, for these arguments (abstract ones work:
     an `nnx.eval_shape` transformer, ShapeDtypeStructs); `platforms` e.g. `("cuda",)` or `("tpu",)`."""
     traced = _sample.trace(*_args(transformer, spec, cond, txt, vec, key, grid, steps, guidance, shift,
@@ -53,7 +60,7 @@ def lower_sample(transformer, spec: icd.LayerSpec, cond, txt, vec, key, grid: tu
     return traced.lower(lowering_platforms=tuple(platforms) if platforms else None)
 
 
-def forget(transformer) -> None:
+def forget(transformer: nnx.Module) -> None:
     """Drops the sampler's cached split of `transformer` (its structure changed)."""
     _SPLITS.forget(transformer)
 

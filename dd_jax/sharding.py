@@ -38,7 +38,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -47,6 +47,17 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dd_jax import config as config_lib
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import TypeAlias, TypeVar
+
+    import ml_collections
+
+    # logical axis name -> mesh axis name(s): pairs, a dict or a ConfigDict.
+    Rules: TypeAlias = (Mapping[str, str | Sequence[str] | None] | Iterable[tuple[str, str | Sequence[str] | None]]
+                        | ml_collections.ConfigDict)
+    NodeT = TypeVar("NodeT", bound=nnx.Pytree)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -87,7 +98,7 @@ def _axes(value) -> tuple[str, ...]:
     return tuple(str(v) for v in value)
 
 
-def resolve_rules(rules=None) -> dict[str, tuple[str, ...]]:
+def resolve_rules(rules: Rules | None = None) -> dict[str, tuple[str, ...]]:
     """DEFAULT_RULES updated with `rules` (pairs, a dict or ConfigDict; None = defaults)."""
     out = {k: _axes(v) for k, v in DEFAULT_RULES}
     if rules is None:
@@ -101,7 +112,7 @@ def resolve_rules(rules=None) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def logical_to_spec(names: Iterable[str | None], mesh: Mesh, rules=None,
+def logical_to_spec(names: Iterable[str | None], mesh: Mesh, rules: Rules | None = None,
                     shape: tuple[int, ...] | None = None) -> PartitionSpec:
     """Logical axis names -> PartitionSpec on `mesh`.
 
@@ -146,7 +157,8 @@ def _fill(sizes: list[int], n: int, what: str) -> list[int]:
     return sizes
 
 
-def make_mesh(mesh_config=None, devices=None) -> Mesh:
+def make_mesh(mesh_config: config_lib.ConfigLike | None = None,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh from `mesh_config` (`data`, `fsdp`, `tensor`; -1 fills the rest).
 
     Defaults (configs/base.py's `mesh`, for the fields `mesh_config` leaves out): everything on fsdp.
@@ -175,13 +187,13 @@ def make_mesh(mesh_config=None, devices=None) -> Mesh:
 # ----------------------------------------------------------------------------- models
 
 
-def variable_names(var) -> tuple | None:
+def variable_names(var: nnx.Variable) -> tuple | None:
     """The logical axis names a Variable carries (None if none)."""
     names = var.get_metadata().get("logical_axes") if hasattr(var, "get_metadata") else None
     return tuple(names) if names else None
 
 
-def variable_sharding(var, mesh: Mesh, rules=None) -> NamedSharding:
+def variable_sharding(var: nnx.Variable, mesh: Mesh, rules: Rules | None = None) -> NamedSharding:
     value = var.get_value()
     names = variable_names(var)
     if names is None or len(names) != len(value.shape):
@@ -189,7 +201,7 @@ def variable_sharding(var, mesh: Mesh, rules=None) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(names, mesh, rules, tuple(value.shape)))
 
 
-def flat_shardings(module, mesh: Mesh, rules=None) -> dict[str, NamedSharding]:
+def flat_shardings(module: nnx.Module, mesh: Mesh, rules: Rules | None = None) -> dict[str, NamedSharding]:
     """Flat variable path -> NamedSharding for every variable of a (possibly abstract) module.
 
     `flux.load(path, shardings=lambda m: flat_shardings(m, mesh, rules))` reads a
@@ -216,14 +228,14 @@ class ActivationSharding:
     mesh: Mesh
     rules: tuple[tuple[str, tuple[str, ...]], ...]
 
-    def spec(self, names, shape=None) -> PartitionSpec:
+    def spec(self, names: Iterable[str | None], shape: tuple[int, ...] | None = None) -> PartitionSpec:
         return logical_to_spec(names, self.mesh, dict(self.rules), shape)
 
-    def constrain(self, x, names):
+    def constrain(self, x: jax.Array, names: Iterable[str | None]) -> jax.Array:
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, self.spec(names, x.shape)))
 
 
-def shard_model(model, mesh: Mesh, rules=None):
+def shard_model(model: NodeT, mesh: Mesh, rules: Rules | None = None) -> NodeT:
     """Places every variable of an NNX object (a model, or an nnx.Optimizer) on `mesh` by its
     logical names (unnamed ones replicated), and gives the model's blocks the activation rules.
     In place; returns `model`."""
@@ -238,14 +250,14 @@ def shard_model(model, mesh: Mesh, rules=None):
     return model
 
 
-def unshard_activations(model) -> None:
+def unshard_activations(model: nnx.Pytree) -> None:
     """Removes the activation constraints (e.g. to run a sharded model's weights on one device)."""
     for _, node in nnx.iter_graph(model):
         if isinstance(node, nnx.Module) and hasattr(node, "activation_sharding"):
             node.activation_sharding = None
 
 
-def placement(model) -> dict[str, PartitionSpec]:
+def placement(model: nnx.Pytree) -> dict[str, PartitionSpec]:
     """Flat path -> the PartitionSpec each variable currently has (for logs and tests)."""
     _, state = nnx.split(model)
     out = {}
@@ -258,13 +270,15 @@ def placement(model) -> dict[str, PartitionSpec]:
 # ----------------------------------------------------------------------------- batches
 
 
-def batch_sharding(mesh: Mesh, rules=None, ndim: int = 1, batch_size: int | None = None) -> NamedSharding:
+def batch_sharding(mesh: Mesh, rules: Rules | None = None, ndim: int = 1,
+                   batch_size: int | None = None) -> NamedSharding:
     names = ("activation_batch",) + (None,) * (ndim - 1)
     shape = None if batch_size is None else (batch_size,) + (1,) * (ndim - 1)
     return NamedSharding(mesh, logical_to_spec(names, mesh, rules, shape))
 
 
-def shard_batch(tree, mesh: Mesh, rules=None, *, replicate: Callable[[str], bool] | None = None):
+def shard_batch(tree: Any, mesh: Mesh, rules: Rules | None = None, *,
+                replicate: Callable[[str], bool] | None = None) -> Any:
     """Process-local numpy batch -> global jax arrays, the batch dim over `activation_batch` (data, fsdp).
 
     Every process passes its own share (local batch = global / process count,
@@ -312,7 +326,7 @@ def is_multihost_environment() -> bool:
     return n is not None and n > 1
 
 
-def maybe_initialize_distributed(config=None) -> bool:
+def maybe_initialize_distributed(config: config_lib.ConfigLike | None = None) -> bool:
     """Calls `jax.distributed.initialize` on multi-host runs only; True if it did.
 
     `config` (dict / ConfigDict, e.g. `config.distributed`), fields all optional (configs/base.py's

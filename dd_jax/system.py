@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,12 @@ from dd_jax import flow, icd, lora, sampling
 from dd_jax.data import blend, text_cache
 from dd_jax.models import autoencoder, flux
 from dd_jax.models.pixel_ae import PixelAutoencoder
+
+if TYPE_CHECKING:
+    import ml_collections
+    from flax.nnx import filterlib
+
+    from dd_jax.models.store import Shardings
 
 # Pipeline image key of each ICD layer.
 LAYER_IMAGES = {"z": "composite", "x": "foreground", "y": "background"}
@@ -81,11 +87,11 @@ class System:
     pixel_autoencoder: PixelAutoencoder | None  # the weightless alternative to model.vae
     spec: icd.LayerSpec
     guidance: float | None
-    config: Any
+    config: ml_collections.ConfigDict
     _prompts: Any = dataclasses.field(default=None, repr=False)
 
     @property
-    def autoencoder(self):
+    def autoencoder(self) -> nnx.Module | PixelAutoencoder:
         return self.model.vae if self.model.vae is not None else self.pixel_autoencoder
 
     @property
@@ -131,23 +137,23 @@ class System:
         txt, vec = self._prompts(prompts)
         return jnp.asarray(txt), jnp.asarray(vec)
 
-    def trainable(self):
+    def trainable(self) -> filterlib.Filter:
         """The variable filter the optimizer updates (never the VAE)."""
         return nnx.LoRAParam if self.config.lora.enabled else nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vae")))
 
 
-def flux_params(model_cfg) -> flux.FluxParams:
+def flux_params(model_cfg: ml_collections.ConfigDict) -> flux.FluxParams:
     base = flux.PRESETS[model_cfg.preset].to_dict() if model_cfg.preset else {}
     overrides = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(model_cfg.params).items()}
     return flux.FluxParams.from_dict({**base, **overrides})
 
 
-def layer_spec(cfg) -> icd.LayerSpec:
+def layer_spec(cfg: ml_collections.ConfigDict) -> icd.LayerSpec:
     return icd.LayerSpec(condition="z", targets=tuple(cfg.targets), lpec=cfg.lpec, cloned=tuple(cfg.cloned),
                          offset=cfg.offset, condition_t0=cfg.condition_t0)
 
 
-def weight_paths(config) -> tuple[str, str]:
+def weight_paths(config: ml_collections.ConfigDict) -> tuple[str, str]:
     """(transformer checkpoint, VAE folder): the explicit fields, else model.weights' transformer/ and vae/."""
     weights = config.model.weights
     checkpoint, ae_path = config.model.checkpoint, config.autoencoder.path
@@ -165,7 +171,8 @@ def weight_paths(config) -> tuple[str, str]:
     return checkpoint, ae_path
 
 
-def build_model(config, *, seed: int | None = None, load_weights: bool = True, shardings=None) -> Decomposer:
+def build_model(config: ml_collections.ConfigDict, *, seed: int | None = None, load_weights: bool = True,
+                shardings: Shardings | None = None) -> Decomposer:
     """The model a config describes. `load_weights=False` initialises every part randomly
     (use under `nnx.eval_shape` for abstract shapes, e.g. ahead-of-time compilation).
     `shardings` (see `flux.load`) places a converted transformer on devices as it is read."""
@@ -211,7 +218,7 @@ def build_model(config, *, seed: int | None = None, load_weights: bool = True, s
     return Decomposer(transformer, conditioner, vae)
 
 
-def wrap(model: Decomposer, config) -> System:
+def wrap(model: Decomposer, config: ml_collections.ConfigDict) -> System:
     """The System around a (possibly abstract) model."""
     ac = config.autoencoder
     pixel = PixelAutoencoder(ac.factor) if ac.kind == "pixel" else None
@@ -219,7 +226,8 @@ def wrap(model: Decomposer, config) -> System:
     return System(model, pixel, layer_spec(config.icd), guidance, config)
 
 
-def build(config, *, seed: int | None = None, load_weights: bool = True, shardings=None) -> System:
+def build(config: ml_collections.ConfigDict, *, seed: int | None = None, load_weights: bool = True,
+          shardings: Shardings | None = None) -> System:
     """Builds the system from a config (see configs/base.py for the fields)."""
     return wrap(build_model(config, seed=seed, load_weights=load_weights, shardings=shardings), config)
 
@@ -239,5 +247,5 @@ def decompose(system: System, composite: jax.Array, task: jax.Array, key: jax.Ar
     return {name: system.images(t, h_img, w_img) for name, t in tokens.items()}
 
 
-def count_params(module: nnx.Module, filt=nnx.Param) -> int:
+def count_params(module: nnx.Module, filt: filterlib.Filter = nnx.Param) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(module, filt))))

@@ -42,6 +42,7 @@ import os
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,13 @@ from dd_jax import checkpoints, config as config_lib, flow, hostmem, sharding, s
 from dd_jax.checkpoints import RunError, to_host
 from dd_jax.data import pipeline
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from jax.sharding import Mesh
+
+    from dd_jax.sharding import Rules
+
 ARRAY_KEYS = ("composite", "background", "foreground", "task", "txt", "vec")
 
 
@@ -60,7 +68,7 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def device_batch(batch: dict, mesh=None, rules=None) -> dict:
+def device_batch(batch: dict, mesh: Mesh | None = None, rules: Rules | None = None) -> dict:
     """The model's inputs of a process-local numpy batch; with `mesh`, global arrays split over (data, fsdp)."""
     arrays = {k: v for k, v in batch.items() if k in ARRAY_KEYS}
     if mesh is None:
@@ -146,12 +154,12 @@ def _tb_writer(workdir: str):
     return SummaryWriter(os.path.join(workdir, "tb"))
 
 
-def data_shards(config) -> int:
+def data_shards(config: ml_collections.ConfigDict) -> int:
     """How many Grain shards the global batch is read from (`data.shards`; 0 = one per process)."""
     return int(config.data.shards) or jax.process_count()
 
 
-def check_batch(config, mesh) -> None:
+def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     """The global batch splits evenly over the data shards, the processes and the mesh's batch axes."""
     b, n_proc, shards = int(config.data.batch_size), jax.process_count(), data_shards(config)
     split = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -169,7 +177,7 @@ def check_batch(config, mesh) -> None:
                          f"(e.g. --config.mesh.tensor=... --config.mesh.fsdp=...)")
 
 
-def text_source(config) -> tuple[str | None, str | None]:
+def text_source(config: ml_collections.ConfigDict) -> tuple[str | None, str | None]:
     """(text cache, online encoders) for the input pipeline: the cache by default, `text.online` encodes."""
     t = config.text
     if t.kind != "precomputed":
@@ -191,7 +199,7 @@ class ProcessData:
     Checkpointed state: {"shards": S, "iterator": state} -- every shard has consumed the same number of
     batches, so one Grain iterator state (a position) serves all of them on every process."""
 
-    def __init__(self, config, worker_count: int | None = None):
+    def __init__(self, config: ml_collections.ConfigDict, worker_count: int | None = None):
         d = config.data
         worker_count = d.worker_count if worker_count is None else worker_count
         self.shards = data_shards(config)
@@ -243,7 +251,7 @@ def _end_partial_line(path: str) -> None:
         pass
 
 
-def check_data(config) -> None:
+def check_data(config: ml_collections.ConfigDict) -> None:
     """The data the run reads exists: every task of `data.tasks` built under `data.dir`, with examples in its
     train split (read from dataset_info.json: nothing imported, nothing opened). RunError otherwise."""
     d = config.data
@@ -270,7 +278,7 @@ def check_data(config) -> None:
                            f"--train N")
 
 
-def check_config(config) -> None:
+def check_config(config: ml_collections.ConfigDict) -> None:
     """The config builds a model: every part made abstractly (`nnx.eval_shape`: nothing allocated, no
     weights read) with its optimizer; the weight paths it names exist. RunError naming what is wrong."""
     t = config.train
@@ -300,7 +308,7 @@ def check_config(config) -> None:
         raise RunError(f"the config does not build a model: {checkpoints.one_line(e)}") from e
 
 
-def validate(config, workdir: str, mesh) -> None:
+def validate(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> None:
     """Everything checked before the run directory is touched: a rerun keeps the run's architecture, the
     config builds (`check_config`), the batch splits over the mesh, the data exists."""
     if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -520,7 +528,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     return summary
 
 
-def set_gpu_memory_fraction(config) -> str | None:
+def set_gpu_memory_fraction(config: ml_collections.ConfigDict) -> str | None:
     """Exports `train.gpu_memory_fraction` as XLA_PYTHON_CLIENT_MEM_FRACTION (JAX's GPU memory pool; its default
     is 0.75) unless the environment sets it; JAX reads it when it starts its GPU client, so call this first."""
     frac = float(config.train.gpu_memory_fraction or 0.0)
@@ -531,7 +539,7 @@ def set_gpu_memory_fraction(config) -> str | None:
     return os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
 
 
-def main(argv):
+def main(argv: Sequence[str]) -> None:
     from absl import flags, logging
 
     del argv

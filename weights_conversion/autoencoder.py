@@ -154,7 +154,7 @@ def block(path: str) -> str:
     return common.numbered_group(path, split_at=("mid",))
 
 
-def autoencoder_plan(source: str):
+def autoencoder_plan(source: str) -> tuple[SafetensorsReader, AutoEncoderParams, dict[str, planlib.Rule]]:
     """(reader, AutoEncoderParams, plan) for an autoencoder checkpoint; nothing read but headers."""
     path, layout = find_autoencoder(source)
     reader = SafetensorsReader.open(path)

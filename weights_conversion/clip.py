@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection
 
 from dd_jax.models import clip as clip_model
 from dd_jax.models.clip import CLIPTextConfig
@@ -51,7 +52,7 @@ def find_clip(source: str) -> str:
     return source
 
 
-def detect_prefix(names) -> str:
+def detect_prefix(names: Collection[str]) -> str:
     for p in PREFIXES:
         if f"{p}embeddings.token_embedding.weight" in names:
             return p
@@ -64,7 +65,7 @@ def block(path: str) -> str:
     return common.numbered_group(path)
 
 
-def clip_plan(source: str):
+def clip_plan(source: str) -> tuple[SafetensorsReader, CLIPTextConfig, dict[str, planlib.Rule]]:
     """(reader, CLIPTextConfig, plan) for a CLIP text checkpoint; nothing read but headers."""
     path = find_clip(source)
     with open(os.path.join(path, "config.json")) as f:

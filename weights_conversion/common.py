@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import ml_dtypes
 import numpy as np
@@ -25,8 +26,11 @@ from dd_jax.models import store
 from dd_jax.models.tokenizers import TOKENIZER_DIR  # a converted text encoder's tokenizer: OUT/<component>/tokenizer
 from weights_conversion import plan as planlib
 
+if TYPE_CHECKING:
+    from weights_conversion.safetensors_reader import SafetensorsReader
 
-def flat_shapes(abstract_module) -> dict[str, tuple[int, ...]]:
+
+def flat_shapes(abstract_module: nnx.Module) -> dict[str, tuple[int, ...]]:
     """Flat parameter path -> shape of an abstract (eval_shape) NNX module, in state order."""
     _, st = nnx.split(abstract_module)
     return {".".join(map(str, p)): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(st)}
@@ -81,7 +85,7 @@ def direct_rules(target: str, shape: tuple[int, ...], source: str) -> dict[str, 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 
 
-def source_dtype(reader, plan: Mapping[str, planlib.Rule]) -> np.dtype:
+def source_dtype(reader: SafetensorsReader, plan: Mapping[str, planlib.Rule]) -> np.dtype:
     """The checkpoint's dominant dtype over the tensors the plan reads (by element count)."""
     counts = collections.Counter()
     for rule in plan.values():
@@ -109,7 +113,7 @@ def copy_tokenizer(src: str, dst: str, max_length: int | None = None) -> None:
             json.dump(config, f, indent=2)
 
 
-def write_model(reader, plan: Mapping[str, planlib.Rule], output: str, *, model: str, config: dict,
+def write_model(reader: SafetensorsReader, plan: Mapping[str, planlib.Rule], output: str, *, model: str, config: dict,
                 dtype: str | None, block_fn: Callable[[str], str] = numbered_group, overwrite: bool = False,
                 progress: bool = True, tokenizer_dir: str | None = None, max_length: int | None = None,
                 label: str = "") -> str:

@@ -27,13 +27,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 
 from weights_conversion import pipeline
 from weights_conversion.common import DTYPES
 from weights_conversion.safetensors_reader import CheckpointError
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", required=True,
                     help="diffusers pipeline folder, or one component: BFL .safetensors file or diffusers folder")

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Iterable, Sequence
 
 from dd_jax.models import flux as flux_model, store
 from dd_jax.models.flux import FluxParams
@@ -144,7 +145,7 @@ def default_axes_dim(head_dim: int) -> tuple[int, int, int]:
     return first, row, rest - row
 
 
-def strip_bfl_prefix(names) -> str:
+def strip_bfl_prefix(names: Iterable[str]) -> str:
     """The common tool prefix in front of BFL names, if any ("" when none)."""
     for p in BFL_PREFIXES:
         if any(n.startswith(p + "img_in.") for n in names):
@@ -153,7 +154,7 @@ def strip_bfl_prefix(names) -> str:
 
 
 def params_from_bfl_shapes(shapes: dict[str, tuple[int, ...]], prefix: str = "",
-                           axes_dim=None, theta: int = 10_000) -> FluxParams:
+                           axes_dim: Sequence[int] | None = None, theta: int = 10_000) -> FluxParams:
     def shape(name):
         if prefix + name not in shapes:
             raise CheckpointError(f"missing key {prefix + name!r}: not a BFL Flux checkpoint?")
@@ -210,7 +211,8 @@ def find_transformer(source: str) -> tuple[str, str]:
     raise CheckpointError(f"{source}: neither a BFL .safetensors file nor a diffusers folder (no config.json)")
 
 
-def transformer_plan(source: str, axes_dim=None, theta: int = 10_000):
+def transformer_plan(source: str, axes_dim: Sequence[int] | None = None,
+                     theta: int = 10_000) -> tuple[SafetensorsReader, FluxParams, dict[str, planlib.Rule]]:
     """(reader, FluxParams, plan) for a transformer checkpoint; nothing read but headers."""
     path, layout = find_transformer(source)
     reader = SafetensorsReader.open(path)
@@ -230,7 +232,7 @@ def transformer_plan(source: str, axes_dim=None, theta: int = 10_000):
 
 
 def convert_transformer(source: str, output: str, dtype: str | None = None, *, overwrite: bool = False,
-                        axes_dim=None, progress: bool = True) -> str:
+                        axes_dim: Sequence[int] | None = None, progress: bool = True) -> str:
     """Converts a Flux transformer checkpoint; returns OUT. `dtype=None` keeps the source's."""
     reader, params, plan = transformer_plan(source, axes_dim=axes_dim)
     return common.write_model(reader, plan, output, model="flux", config=params.to_dict(), dtype=dtype,

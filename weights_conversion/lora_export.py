@@ -29,11 +29,15 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from weights_conversion.flux import _split_sizes, diffusers_modules
+
+if TYPE_CHECKING:
+    from flax import nnx
 
 PREFIX = "transformer"
 FINAL_ADALN = "final_layer.adaLN_modulation.1"
@@ -115,7 +119,7 @@ def _metadata(rank: int, alpha: float, n_modules: int, source: str) -> dict[str,
                                                        "modules": n_modules, "source": source})}
 
 
-def from_model(transformer, path: str, *, dtype: str = "float32", prefix: str = PREFIX) -> str:
+def from_model(transformer: nnx.Module, path: str, *, dtype: str = "float32", prefix: str = PREFIX) -> str:
     """Exports the LoRA adapters of a live Flux model (`dd_jax.lora.apply_lora`)."""
     from dd_jax import lora  # pylint: disable=g-import-not-at-top
 
@@ -162,7 +166,7 @@ def export_run(checkpoint: str, output: str, *, dtype: str = "float32", prefix: 
             "kinds": blocks}
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     import argparse  # pylint: disable=g-import-not-at-top
     import sys  # pylint: disable=g-import-not-at-top
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from dd_jax.models import store
 from dd_jax.models.tokenizers import T5_MAX_LENGTH
@@ -65,7 +65,7 @@ def t5_max_length(pipeline_dir: str) -> int:
     return length
 
 
-def check_component(name: str, source: str, axes_dim=None) -> None:
+def check_component(name: str, source: str, axes_dim: Sequence[int] | None = None) -> None:
     """Raises CheckpointError if `source` does not hold a convertible `name` checkpoint (headers only)."""
     if name == "transformer":
         flux_maps.transformer_plan(source, axes_dim=axes_dim)
@@ -80,7 +80,7 @@ def check_component(name: str, source: str, axes_dim=None) -> None:
 
 
 def convert_component(name: str, source: str, output: str, dtype: str | None = None, *, overwrite: bool = False,
-                      progress: bool = True, axes_dim=None, tokenizer_dir: str | None = None,
+                      progress: bool = True, axes_dim: Sequence[int] | None = None, tokenizer_dir: str | None = None,
                       max_length: int | None = None) -> str:
     """Converts one component checkpoint (a diffusers/transformers folder or a single file) into `output`."""
     if name == "transformer":
@@ -98,7 +98,7 @@ def convert_component(name: str, source: str, output: str, dtype: str | None = N
 
 
 def convert_pipeline(source: str, output: str, components: str | Iterable[str] | None = None,
-                     dtype: str | None = None, *, overwrite: bool = False, axes_dim=None,
+                     dtype: str | None = None, *, overwrite: bool = False, axes_dim: Sequence[int] | None = None,
                      progress: bool = True) -> dict[str, str]:
     """Converts the pipeline's components (default: all it holds) into OUT/<component>; returns their paths."""
     source, output = os.fspath(source), os.fspath(output)

@@ -14,11 +14,15 @@ import dataclasses
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dd_jax.models import store
 from weights_conversion.safetensors_reader import CheckpointError, SafetensorsReader
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 Shape = tuple[int, ...]
 
@@ -112,7 +116,7 @@ def check(plan: Mapping[str, Rule], reader: SafetensorsReader, ignore: Iterable[
                               + (f"; and {more} more problem(s)" if more > 0 else ""))
 
 
-def stream(plan: Mapping[str, Rule], reader: SafetensorsReader, writer: store.GroupedWriter, dtype,
+def stream(plan: Mapping[str, Rule], reader: SafetensorsReader, writer: store.GroupedWriter, dtype: npt.DTypeLike,
            group_fn: Callable[[str], str] = store.module_group, progress: bool = True) -> None:
     """Converts group by group (by default one module each): one group's arrays are alive at a time."""
     groups: dict[str, list[str]] = {}

@@ -19,9 +19,13 @@ import json
 import os
 import struct
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import ml_dtypes
 import numpy as np
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 _DTYPES = {
     "F64": np.dtype(np.float64),
@@ -130,7 +134,7 @@ class SafetensorsReader:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: v.shape for k, v in self._infos.items()}
 
-    def read(self, name: str, dtype=None) -> np.ndarray:
+    def read(self, name: str, dtype: npt.DTypeLike | None = None) -> np.ndarray:
         """Reads one tensor (a fresh array, not a mapping of the file)."""
         info = self._infos[name]
         count = int(np.prod(info.shape, dtype=np.int64))

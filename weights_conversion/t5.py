@@ -59,7 +59,7 @@ def block(path: str) -> str:
     return common.numbered_group(path)
 
 
-def t5_plan(source: str):
+def t5_plan(source: str) -> tuple[SafetensorsReader, T5Config, dict[str, planlib.Rule]]:
     """(reader, T5Config, plan) for a T5 encoder checkpoint; nothing read but headers."""
     path = find_t5(source)
     with open(os.path.join(path, "config.json")) as f:

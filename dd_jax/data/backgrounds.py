@@ -122,7 +122,7 @@ class PackageBackgrounds:
         wts = np.array([_PACKAGE[n][2] for n in self.names])
         self.p = wts / wts.sum()
 
-    def sample(self, rng, h, w, events):
+    def sample(self, rng: np.random.Generator, h: int, w: int, events: list) -> tuple[np.ndarray, str]:
         del events
         name = self.names[int(rng.choice(len(self.names), p=self.p))]
         return random_view(package_image(name), rng, h, w, native=self.native), _PACKAGE[name][1]
@@ -131,10 +131,10 @@ class PackageBackgrounds:
 class ProceduralBackgrounds:
     """Structured backgrounds: ``xray_bag`` scans or ``microscopy`` fields."""
 
-    def __init__(self, fn: Callable):
+    def __init__(self, fn: Callable[[np.random.Generator, int, int], tuple[np.ndarray, str]]):
         self.fn = fn
 
-    def sample(self, rng, h, w, events):
+    def sample(self, rng: np.random.Generator, h: int, w: int, events: list) -> tuple[np.ndarray, str]:
         del events
         return self.fn(rng, h, w)
 
@@ -182,7 +182,7 @@ class _Folder:
         raise SourceError(f"{folder}: no usable image among {self.report.files} image file(s): {what}; "
                           "add usable images or choose another folder")
 
-    def load(self, path: str, events: list):
+    def load(self, path: str, events: list) -> np.ndarray | None:
         raise NotImplementedError
 
     def _pick(self, rng, events, load):
@@ -203,10 +203,10 @@ class FolderBackgrounds(_Folder):
         self.native = native
         super().__init__(folder, min_side)
 
-    def load(self, path, events, draft_hw=None):
+    def load(self, path: str, events: list, draft_hw: tuple[int, int] | None = None) -> np.ndarray | None:
         return images.load_rgb(path, events, self.min_side, draft_hw=draft_hw)
 
-    def sample(self, rng, h, w, events):
+    def sample(self, rng: np.random.Generator, h: int, w: int, events: list) -> tuple[np.ndarray, str]:
         path, a = self._pick(rng, events, lambda p, ev: self.load(p, ev, None if self.native else (h, w)))
         desc = images.sidecar_caption(path) or "a natural photograph"
         return random_view(a, rng, h, w, native=self.native), desc
@@ -227,10 +227,10 @@ class FolderForegrounds(_Folder):
         self.task = task
         super().__init__(folder, min_side)
 
-    def load(self, path, events):
+    def load(self, path: str, events: list) -> np.ndarray | None:
         return images.load_rgba(path, events, self.min_side, emission=self.task in ("flare", "cell"))
 
-    def sample(self, rng, h, w, events):
+    def sample(self, rng: np.random.Generator, h: int, w: int, events: list) -> tuple[np.ndarray, str]:
         path, a = self._pick(rng, events, self.load)
         desc = images.sidecar_caption(path) or blend.FOREGROUND_DESCRIPTIONS[self.task]
         if self.task in _FULL_FRAME:
@@ -256,7 +256,8 @@ class FolderForegrounds(_Folder):
 
 
 def make_backgrounds(task: str, folder: str | None = None, min_side: int = 64,
-                     native: tuple[float, float] | None = None, exclude: tuple[str, ...] = ()):
+                     native: tuple[float, float] | None = None,
+                     exclude: tuple[str, ...] = ()) -> FolderBackgrounds | ProceduralBackgrounds | PackageBackgrounds:
     """The default background source of a task (a user folder wins); ``native``: see `random_view`;
     ``exclude``: bundled photos not to use."""
     if folder:

@@ -58,9 +58,18 @@ layers).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    import jax
+    import numpy.typing as npt
+
+    # The laws run on numpy or jax arrays (jax.numpy as soon as one input is a jax value).
+    ImageArray: TypeAlias = np.ndarray | jax.Array
 
 TASKS = ("xray", "glassware", "watermark", "cell", "occlusion", "flare")
 TASK_INDEX = {t: i for i, t in enumerate(TASKS)}
@@ -118,57 +127,57 @@ def task_prompt(task: str) -> str:
     return caption(FOREGROUND_DESCRIPTIONS[task], BACKGROUND_PROMPT)
 
 
-def split_rgba(foreground_rgba):
+def split_rgba(foreground_rgba: ImageArray) -> tuple[ImageArray, ImageArray]:
     """(A, alpha) with alpha keeping a trailing axis of size 1."""
     return foreground_rgba[..., :3], foreground_rgba[..., 3:4]
 
 
 # ----------------------------------------------------------------- the laws
-def alpha_over(a, alpha, b):
+def alpha_over(a: ImageArray, alpha: ImageArray, b: ImageArray | float) -> ImageArray:
     """(1 - alpha) b + alpha a."""
     return (1.0 - alpha) * b + alpha * a
 
 
-def xray_law(a, alpha, b):
+def xray_law(a: ImageArray, alpha: ImageArray, b: ImageArray) -> ImageArray:
     """(1 - alpha) b + alpha (a b): multiplicative darkening."""
     return (1.0 - alpha) * b + alpha * (a * b)
 
 
-def luma(rgb):
+def luma(rgb: ImageArray) -> ImageArray:
     """Rec. 601 luma, keeping a trailing axis of size 1."""
     return rgb[..., 0:1] * 0.299 + rgb[..., 1:2] * 0.587 + rgb[..., 2:3] * 0.114
 
 
-def glass_law(a, alpha, b):
+def glass_law(a: ImageArray, alpha: ImageArray, b: ImageArray) -> ImageArray:
     """Multiply where b is dark (luma < 0.5), screen where it is bright, weighted by alpha."""
     xp = _xp(a, alpha, b)
     g = xp.where(luma(b) < 0.5, a * b, 1.0 - (1.0 - a) * (1.0 - b))
     return (1.0 - alpha) * b + alpha * g
 
 
-def additive_law(light, b):
+def additive_law(light: ImageArray, b: ImageArray) -> ImageArray:
     """clip(light + b): ``light`` is the premultiplied emission alpha A."""
     xp = _xp(light, b)
     return xp.clip(light + b, 0.0, 1.0)
 
 
-def to_linear(x, gamma: float = FLARE_GAMMA):
+def to_linear(x: ImageArray, gamma: float = FLARE_GAMMA) -> ImageArray:
     xp = _xp(x)
     return xp.clip(x, 0.0, 1.0) ** gamma
 
 
-def from_linear(x, gamma: float = FLARE_GAMMA):
+def from_linear(x: ImageArray, gamma: float = FLARE_GAMMA) -> ImageArray:
     xp = _xp(x)
     return xp.maximum(xp.clip(x, 0.0, 1.0), _EPS) ** (1.0 / gamma)
 
 
-def flare_law(light, b, gamma: float = FLARE_GAMMA):
+def flare_law(light: ImageArray, b: ImageArray, gamma: float = FLARE_GAMMA) -> ImageArray:
     """Add the flare ``light`` (display-encoded, on black) in linear light."""
     return from_linear(to_linear(b, gamma) + to_linear(light, gamma), gamma)
 
 
 # ------------------------------------------------------------ task dispatch
-def composite(task: str, foreground_rgba, background):
+def composite(task: str, foreground_rgba: ImageArray, background: ImageArray) -> ImageArray:
     """The composite image of an RGBA foreground over an RGB background."""
     _check_task(task)
     a, alpha = split_rgba(foreground_rgba)
@@ -183,7 +192,7 @@ def composite(task: str, foreground_rgba, background):
     return flare_law(alpha * a, background)  # flare
 
 
-def foreground_alone(task: str, foreground_rgba):
+def foreground_alone(task: str, foreground_rgba: ImageArray) -> ImageArray:
     """The 3-channel rendering of the foreground layer alone (see module doc)."""
     _check_task(task)
     a, alpha = split_rgba(foreground_rgba)
@@ -194,7 +203,8 @@ def foreground_alone(task: str, foreground_rgba):
     return alpha_over(a, alpha, ALONE_BACKDROP[task])  # glassware, watermark, occlusion
 
 
-def recompose(task: str, foreground_render, background, alpha=None):
+def recompose(task: str, foreground_render: ImageArray, background: ImageArray,
+              alpha: ImageArray | None = None) -> ImageArray:
     """Composite from a 3-channel foreground rendering and a background.
 
     ``alpha`` ([..., 1] in [0, 1]) is required for the tasks in
@@ -221,7 +231,7 @@ def recompose(task: str, foreground_render, background, alpha=None):
     return xp.where(luma(background) < 0.5, mult, screen)
 
 
-def rgba_from_alone(task: str, foreground_render, alpha):
+def rgba_from_alone(task: str, foreground_render: ImageArray, alpha: ImageArray) -> ImageArray:
     """Invert ``foreground_alone`` given alpha: the straight RGBA layer."""
     _check_task(task)
     xp = _xp(foreground_render, alpha)
@@ -236,7 +246,7 @@ def rgba_from_alone(task: str, foreground_render, alpha):
     return xp.concatenate([xp.clip(a, 0.0, 1.0), alpha], axis=-1)
 
 
-def emission_to_rgba(light):
+def emission_to_rgba(light: ImageArray) -> ImageArray:
     """An emission image on black (flare, cells) as straight RGBA.
 
     alpha = max over channels, A = light / alpha, so that alpha A == light.
@@ -258,7 +268,7 @@ def quantize_rgba(foreground_rgba: np.ndarray) -> np.ndarray:
 EMISSIVE = frozenset({"cell", "flare"})  # foreground is light added to the scene, shown on black
 
 
-def estimate_alpha(fg_render, composite, background, backdrop: float):
+def estimate_alpha(fg_render: ImageArray, composite: ImageArray, background: ImageArray, backdrop: float) -> ImageArray:
     """Alpha [H, W, 1] of an alpha-over layer from its rendering on `backdrop`, the composite and the background.
 
     composite - background = alpha (A - B) and render - g = alpha (A - g) give
@@ -282,7 +292,7 @@ def estimate_alpha(fg_render, composite, background, backdrop: float):
     return xp.clip(alpha, least, 1.0)
 
 
-def transmittance_to_rgba(render):
+def transmittance_to_rgba(render: ImageArray) -> ImageArray:
     """An X-ray item's transmittance on white (``foreground_alone('xray', ...)``) as straight RGBA.
 
     alpha = 1 - min over channels (the least alpha with A in [0, 1]), so that
@@ -294,14 +304,14 @@ def transmittance_to_rgba(render):
     return xp.concatenate([xp.clip(a, 0.0, 1.0), alpha], axis=-1)
 
 
-def layer_alpha(task: str, fg_render, composite, background):
+def layer_alpha(task: str, fg_render: ImageArray, composite: ImageArray, background: ImageArray) -> ImageArray | None:
     """The alpha needed by ``recompose`` for `task` (None for the laws that need none)."""
     if _check_task(task) in RECOMPOSE_NEEDS_ALPHA:
         return estimate_alpha(fg_render, composite, background, ALONE_BACKDROP[task])
     return None
 
 
-def foreground_rgba(task: str, fg_render, composite, background):
+def foreground_rgba(task: str, fg_render: ImageArray, composite: ImageArray, background: ImageArray) -> ImageArray:
     """The predicted foreground layer as straight RGBA [H, W, 4] (what decompose saves).
 
     Emissive layers (cell, flare): alpha is the emission's brightest channel;
@@ -324,17 +334,18 @@ def foreground_rgba(task: str, fg_render, composite, background):
     return transmittance_to_rgba(fg_render)
 
 
-def rmse(a, b) -> float:
+def rmse(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
     """Root mean square difference of two images (on their own scale)."""
     return float(np.sqrt(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)))
 
 
-def recompose_error(task: str, fg_render, composite, background) -> float:
+def recompose_error(task: str, fg_render: ImageArray, composite: ImageArray, background: ImageArray) -> float:
     """RMSE (0-1 scale) of the composite against the law re-applied to the predicted layers."""
     return rmse(recompose(task, fg_render, background, layer_alpha(task, fg_render, composite, background)), composite)
 
 
-def layers_error(task: str, foreground_rgba, background, image) -> float:
+def layers_error(task: str, foreground_rgba: npt.ArrayLike, background: npt.ArrayLike,
+                 image: npt.ArrayLike) -> float:
     """RMSE (0-1 scale) of `image` against the law applied to a straight RGBA foreground over a background (e.g.
     the layers decompose writes, as uint8: divided by 255 here)."""
     scale = lambda a: np.asarray(a, np.float64) / (255.0 if np.asarray(a).dtype == np.uint8 else 1.0)  # noqa: E731

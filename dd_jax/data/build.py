@@ -35,13 +35,18 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from dd_jax.data import blend
+
+if TYPE_CHECKING:
+    import tensorflow_datasets as tfds
 
 BENCHMARKS = ("logo", "clwd", "flare7k")  # public benchmarks read from a folder the user supplies
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dd_jax.data.build", description=__doc__.split("\n\n")[0])
     p.add_argument("--task", required=True, choices=list(blend.TASKS) + list(BENCHMARKS))
     p.add_argument("--out", required=True, help="TFDS data_dir to write into")
@@ -96,7 +101,7 @@ class InputError(ValueError):
     """A build refused before anything was written; the text says why and what to do."""
 
 
-def check_existing(builder, args: argparse.Namespace) -> bool:
+def check_existing(builder: tfds.core.DatasetBuilder, args: argparse.Namespace) -> bool:
     """Whether a complete dataset with the requested parameters is already there (True: reuse it).
 
     Raises InputError for a folder in the dataset's place that TFDS did not write, and (without
@@ -135,7 +140,7 @@ def check_existing(builder, args: argparse.Namespace) -> bool:
     return True
 
 
-def build(args: argparse.Namespace):
+def build(args: argparse.Namespace) -> tfds.core.DatasetBuilder:
     """Builds and returns the (prepared) TFDS builder. Raises InputError (nothing written) for refusals."""
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
@@ -187,7 +192,7 @@ def skipped_anything(summary: dict) -> bool:
     return any(any((summary.get(name) or {}).get("skipped", {}).values()) for name in ("backgrounds", "foregrounds"))
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.time()
     try:

@@ -78,5 +78,5 @@ class Clwd(public.PairedBuilder):
     def find_splits(self, source: str) -> dict[str, list]:
         return find_splits(source)
 
-    def read(self, paths, events):
+    def read(self, paths: dict[str, str], events: list) -> dict | None:
         return read_example(paths, events)

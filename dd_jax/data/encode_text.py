@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from dd_jax.data import blend, pipeline, text_cache
 
 
-def dataset_captions(data_dir: str, tasks="all", splits: Sequence[str] = ("train", "test")) -> list[str]:
+def dataset_captions(data_dir: str, tasks: str | Sequence[str] = "all",
+                     splits: Sequence[str] = ("train", "test")) -> list[str]:
     """Every caption of the built datasets (images are not decoded), in record order, duplicates kept."""
     import tensorflow_datasets as tfds  # TensorFlow is slow to import: only when built datasets are read
 
@@ -41,7 +42,7 @@ def dataset_captions(data_dir: str, tasks="all", splits: Sequence[str] = ("train
     return out
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dd_jax.data.encode_text", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="built datasets (python -m dd_jax.data.build --out)")
     ap.add_argument("--encoders", required=True, help="converted pipeline folder with t5/ and clip/")

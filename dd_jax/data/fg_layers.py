@@ -9,6 +9,8 @@ in ``blend.py``. Sizes are given for a 512 px image and scale with
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from dd_jax.data import blend, raster
@@ -72,7 +74,7 @@ def _logo(canvas: raster.Canvas, rng, cx, cy, size, font_rng, fonts=None) -> Non
     canvas.text((cx, cy), letters, font, value=fill)
 
 
-def watermark(rng: np.random.Generator, h: int, w: int):
+def watermark(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, str]:
     """A large (96-128 px at 512) mark at low opacity (< 0.25), appendix A."""
     s = min(h, w) / 512.0
     size = rng.uniform(96, 128) * s
@@ -144,7 +146,8 @@ def _text_masks(h, w, draw, outline: float):
     return fill, np.clip(draw(raster.Canvas(h, w), outline).mask() - fill, 0, 1)
 
 
-def watermark_photo(rng: np.random.Generator, h: int, w: int, fonts=None):
+def watermark_photo(rng: np.random.Generator, h: int, w: int,
+                    fonts: Sequence[str] | None = None) -> tuple[np.ndarray, str]:
     """One watermark of a photo, in its own pixels: tiled diagonal text, a
     corner or centred logo with text, a copyright line, a signature or a
     large word; opacity 0.15-0.8, any colour, sometimes an outline and a
@@ -307,7 +310,7 @@ def _frost(rng, h, w, s):
 _OCCLUDERS = ((_fog, 0.6), (_drops, 0.5), (_streaks, 0.25), (_dirt, 0.35), (_frost, 0.25))
 
 
-def occlusion(rng: np.random.Generator, h: int, w: int, scale: float | None = None):
+def occlusion(rng: np.random.Generator, h: int, w: int, scale: float | None = None) -> tuple[np.ndarray, str]:
     """A full-image translucent window layer: fog, raindrops, rain, dirt,
     condensation (each present with its own probability, at least one).
     `scale`: sizes relative to a 512 px image (default: min(h, w) / 512)."""
@@ -323,7 +326,7 @@ def occlusion(rng: np.random.Generator, h: int, w: int, scale: float | None = No
 
 
 # ---------------------------------------------------------------- flare
-def flare(rng: np.random.Generator, h: int, w: int, scale: float | None = None):
+def flare(rng: np.random.Generator, h: int, w: int, scale: float | None = None) -> tuple[np.ndarray, str]:
     """A lens flare in linear light: core and glow, starburst streaks, a halo
     ring, ghosts along the line through the image centre, and sometimes an
     anamorphic streak. Returned as RGBA with alpha A == the flare on black.

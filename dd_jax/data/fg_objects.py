@@ -74,7 +74,7 @@ def _glass(rng, h, w, kind, cx, bottom, height):
     return raster.stack(layers), desc
 
 
-def glassware(rng: np.random.Generator, h: int, w: int):
+def glassware(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, str]:
     """One to three glass vessels standing on a common line, side by side."""
     k = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))
     bottom = h * rng.uniform(0.82, 0.97)
@@ -192,7 +192,7 @@ def transmittance_to_rgba(t: np.ndarray) -> np.ndarray:
     return np.concatenate([np.clip(a, 0, 1), alpha], -1).astype(np.float32)
 
 
-def xray(rng: np.random.Generator, h: int, w: int):
+def xray(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, str]:
     """One or two contraband items in SIXray pseudo-colour, with internal density."""
     s = min(h, w)
     t = np.ones((h, w, 3), np.float32)
@@ -225,7 +225,7 @@ def _curve(rng, h, w, n=40):
     return pts
 
 
-def xray_bag(rng: np.random.Generator, h: int, w: int):
+def xray_bag(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, str]:
     """A baggage scan: bag frame, clothes, electronics, cables, bottles."""
     s = min(h, w) / 512.0
     t = np.ones((h, w, 3), np.float32)
@@ -319,7 +319,7 @@ def _cells(rng, h, w, n, r_range, stain, nucleus, body_gain):
     return light
 
 
-def cell(rng: np.random.Generator, h: int, w: int):
+def cell(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, str]:
     """Overlapping semi-transparent fluorescent cells (emission on black)."""
     stain = str(rng.choice(list(_STAINS)))
     blue = rng.random() < 0.6
@@ -330,7 +330,7 @@ def cell(rng: np.random.Generator, h: int, w: int):
     return rgba, f"semi-transparent overlapping {stain} fluorescent cells{nuc}"
 
 
-def microscopy(rng: np.random.Generator, h: int, w: int):
+def microscopy(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, str]:
     """A dim fluorescence field: dark tinted base, out-of-focus cells, noise."""
     base = np.asarray(_STAINS[str(rng.choice(list(_STAINS)))], np.float32) * rng.uniform(0.02, 0.06)
     n = int(rng.uniform(6, 30) * max(1.0, h * w / 512**2))

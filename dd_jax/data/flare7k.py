@@ -86,5 +86,5 @@ class Flare7k(public.PairedBuilder):
     def find_splits(self, source: str) -> dict[str, list]:
         return find_splits(source, self.builder_config.name)
 
-    def read(self, paths, events):
+    def read(self, paths: dict[str, str], events: list) -> dict | None:
         return read_example(paths, events)

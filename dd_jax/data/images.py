@@ -246,7 +246,7 @@ def read_rgb(path: str, max_side: int | None = None) -> np.ndarray:
     return _over_white(a) if a.shape[-1] == 4 else a
 
 
-def load_rgb(path: str, events: list, min_side: int = 1, draft_hw=None) -> np.ndarray | None:
+def load_rgb(path: str, events: list, min_side: int = 1, draft_hw: tuple[int, int] | None = None) -> np.ndarray | None:
     """uint8 [H, W, 3], or None (with a 'skipped' event naming the reason) when unusable.
 
     Background images with alpha are flattened over white (how a viewer shows them).

@@ -57,7 +57,7 @@ def _natural_path(root: str, coco_id: str) -> str | None:
     return None
 
 
-def read_example(root: str, split_dir: str, stem: str, ext: str, gray: bool, events: list):
+def read_example(root: str, split_dir: str, stem: str, ext: str, gray: bool, events: list) -> dict | None:
     """One LOGO triple as an ``alphablend`` example, or None (with an event)."""
     base = os.path.join(root, split_dir)
     comp = images.load_rgb(os.path.join(base, "image", stem + ext), events)

@@ -41,7 +41,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import grain
 import jax
@@ -131,7 +132,7 @@ def _find_dataset_dir(data_dir: str, task: str) -> tuple[str, str]:
     raise FileNotFoundError(f"no complete dataset for {task!r} under {data_dir!r}")
 
 
-def open_source(data_dir: str, task: str, split: str):
+def open_source(data_dir: str, task: str, split: str) -> tuple[Any, str]:
     """A random-access ``tfds`` data source and its dataset name."""
     import tensorflow_datasets as tfds  # TensorFlow is slow to import: only when a dataset is opened
 
@@ -230,7 +231,7 @@ def _text(x) -> str:
 class AttachText(grain.transforms.Map):
     """Adds the cached T5 states (``txt``) and CLIP pooled output (``vec``) of the example's caption."""
 
-    def __init__(self, cache):
+    def __init__(self, cache: tc.TextCache):
         self.cache = cache
 
     def map(self, element: dict) -> dict:
@@ -241,7 +242,7 @@ class AttachText(grain.transforms.Map):
 class EncodeText(grain.transforms.Map):
     """Online alternative to the cache: encodes a batch's captions with T5 + CLIP (memoized per caption)."""
 
-    def __init__(self, encoder):
+    def __init__(self, encoder: tc.TextEncoder):
         self.encoder = encoder
 
     def map(self, batch: dict) -> dict:
@@ -268,7 +269,7 @@ class _Tag(grain.transforms.MapWithIndex):
 
 
 # ----------------------------------------------------------------- pipeline
-def resolve_tasks(data_dir: str, tasks) -> list[str]:
+def resolve_tasks(data_dir: str, tasks: str | Iterable[str]) -> list[str]:
     if isinstance(tasks, str):
         if tasks == "all":
             return [t for t in blend.TASKS if os.path.isdir(os.path.join(data_dir, "alphablend", t))]
@@ -276,7 +277,7 @@ def resolve_tasks(data_dir: str, tasks) -> list[str]:
     return list(tasks)
 
 
-def make_pipeline(data_dir: str, tasks, split: str = "train", height: int = 512, width: int = 512,
+def make_pipeline(data_dir: str, tasks: str | Iterable[str], split: str = "train", height: int = 512, width: int = 512,
                   batch_size: int = 1, seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
                   worker_count: int = 0, shard_index: int | None = None, shard_count: int | None = None,
                   weights: Sequence[float] | None = None, drop_remainder: bool | None = None,

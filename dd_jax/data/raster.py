@@ -86,11 +86,11 @@ class Canvas:
     def _p(self, pts):
         return [(float(x) * self.ss, float(y) * self.ss) for x, y in pts]
 
-    def polygon(self, pts, value: float = 1.0):
+    def polygon(self, pts: Sequence[tuple[float, float]], value: float = 1.0) -> Canvas:
         self.draw.polygon(self._p(pts), fill=int(round(value * 255)))
         return self
 
-    def ellipse(self, cx, cy, rx, ry, value: float = 1.0, width: float = 0):
+    def ellipse(self, cx: float, cy: float, rx: float, ry: float, value: float = 1.0, width: float = 0) -> Canvas:
         box = self._p([(cx - rx, cy - ry), (cx + rx, cy + ry)])
         v = int(round(value * 255))
         if width:
@@ -99,13 +99,13 @@ class Canvas:
             self.draw.ellipse(box, fill=v)
         return self
 
-    def line(self, pts, width: float, value: float = 1.0):
+    def line(self, pts: Sequence[tuple[float, float]], width: float, value: float = 1.0) -> Canvas:
         self.draw.line(self._p(pts), fill=int(round(value * 255)),
                        width=max(1, int(round(width * self.ss))), joint="curve")
         return self
 
-    def text(self, xy, text: str, font: Font, value: float = 1.0, anchor: str = "mm",
-             stroke: float = 0):
+    def text(self, xy: tuple[float, float], text: str, font: Font, value: float = 1.0, anchor: str = "mm",
+             stroke: float = 0) -> Canvas:
         v = int(round(value * 255))
         self.draw.text(self._p([xy])[0], text, fill=v, font=font.at(self.ss), anchor=anchor,
                        stroke_width=int(stroke * self.ss), stroke_fill=v)
@@ -116,7 +116,7 @@ class Canvas:
         return np.asarray(im, np.float32) / 255.0
 
 
-def rotate(x: np.ndarray, angle_deg: float, center=None) -> np.ndarray:
+def rotate(x: np.ndarray, angle_deg: float, center: tuple[float, float] | None = None) -> np.ndarray:
     """Rotate a float array about ``center`` (x, y), keeping its size."""
     if x.ndim == 3:
         return np.stack([rotate(x[..., c], angle_deg, center) for c in range(x.shape[-1])], -1)
@@ -134,8 +134,8 @@ def profile_polygon(cx: float, top: float, height: float,
     return right + left
 
 
-def wobbly_ellipse(rng: np.random.Generator, cx, cy, rx, ry, angle=0.0,
-                   wobble=0.1, n=48) -> list[tuple[float, float]]:
+def wobbly_ellipse(rng: np.random.Generator, cx: float, cy: float, rx: float, ry: float, angle: float = 0.0,
+                   wobble: float = 0.1, n: int = 48) -> list[tuple[float, float]]:
     """An irregular closed outline (cells, blobs): radius with low harmonics."""
     t = np.linspace(0, 2 * np.pi, n, endpoint=False)
     r = np.ones(n)
@@ -173,7 +173,7 @@ class Font:
     def __init__(self, path: str, size: float):
         self.path, self.size = path, max(6.0, float(size))
 
-    def at(self, scale: int = 1):
+    def at(self, scale: int = 1) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
         return _font(self.path, int(round(self.size * scale)))
 
     def getlength(self, text: str) -> float:
@@ -206,7 +206,7 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ layers
-def layer(alpha: np.ndarray, colour) -> np.ndarray:
+def layer(alpha: np.ndarray, colour: Sequence[float] | np.ndarray) -> np.ndarray:
     """An RGBA layer of one colour (or a colour image [H, W, 3]) and an alpha map."""
     alpha = np.clip(alpha, 0.0, 1.0).astype(np.float32)
     rgb = np.broadcast_to(np.asarray(colour, np.float32), alpha.shape + (3,))

@@ -30,12 +30,16 @@ import os
 import shutil
 import sys
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import ml_dtypes
 import numpy as np
 from flax import nnx
 
 from dd_jax.models import clip, t5, tokenizers
+
+if TYPE_CHECKING:
+    import ml_collections
 
 FORMAT = "dd_jax.text_cache/1"
 CACHE_DIR = "text_cache"
@@ -222,7 +226,7 @@ class PromptConditioning:
         self._encoder = None
 
     @classmethod
-    def from_config(cls, config) -> PromptConditioning:
+    def from_config(cls, config: ml_collections.ConfigDict) -> PromptConditioning:
         tc = config.text
         cache = tc.cache or (default_cache_dir(config.data.dir) if config.data.dir else "")
         return cls(cache or None, encoders_path(config) or None)
@@ -241,6 +245,6 @@ class PromptConditioning:
         return self._encoder.encode(prompts)
 
 
-def encoders_path(config) -> str:
+def encoders_path(config: ml_collections.ConfigDict) -> str:
     """The converted T5/CLIP folder a config names: text.encoders, else model.weights."""
     return config.text.encoders or config.model.weights

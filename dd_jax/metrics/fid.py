@@ -19,6 +19,7 @@ with ``load_inception(path)``.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +29,9 @@ from dd_jax.metrics.frechet import frechet_distance, gaussian_statistics
 from dd_jax.metrics.inception import FORMAT, InceptionV3
 from dd_jax.metrics.resize import resize_bilinear
 from dd_jax.metrics.weights import load_module
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 __all__ = ["load_inception", "features", "statistics", "fid", "fid_from_features",
            "frechet_distance", "INPUT_SIZE"]
@@ -48,7 +52,7 @@ def _features(model: InceptionV3, images, resize: bool):
     return model(2.0 * x - 1.0)
 
 
-def features(model: InceptionV3, images, batch_size: int = 50, resize: bool = True) -> np.ndarray:
+def features(model: InceptionV3, images: npt.ArrayLike, batch_size: int = 50, resize: bool = True) -> np.ndarray:
     """(N, 2048) float32 pool features of float NHWC RGB ``images`` in [0, 1].
 
     ``resize=False`` feeds the images at their own size (not the FID protocol;
@@ -67,19 +71,19 @@ def features(model: InceptionV3, images, batch_size: int = 50, resize: bool = Tr
     return np.concatenate(out, axis=0)
 
 
-def statistics(model: InceptionV3, images, batch_size: int = 50) -> tuple[np.ndarray, np.ndarray]:
+def statistics(model: InceptionV3, images: npt.ArrayLike, batch_size: int = 50) -> tuple[np.ndarray, np.ndarray]:
     """Float64 mean and covariance of the pool features of ``images``."""
     return gaussian_statistics(features(model, images, batch_size))
 
 
-def fid_from_features(features_a, features_b) -> float:
+def fid_from_features(features_a: npt.ArrayLike, features_b: npt.ArrayLike) -> float:
     """FID between two (N, 2048) feature sets."""
     mu1, s1 = gaussian_statistics(features_a)
     mu2, s2 = gaussian_statistics(features_b)
     return frechet_distance(mu1, s1, mu2, s2)
 
 
-def fid(model: InceptionV3, images_a, images_b, batch_size: int = 50) -> float:
+def fid(model: InceptionV3, images_a: npt.ArrayLike, images_b: npt.ArrayLike, batch_size: int = 50) -> float:
     """FID between two sets of float NHWC images in [0, 1] (at least two each)."""
     return fid_from_features(features(model, images_a, batch_size),
                              features(model, images_b, batch_size))

@@ -15,13 +15,18 @@ FID of a set against itself comes out ~0.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import scipy.linalg
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 __all__ = ["frechet_distance", "gaussian_statistics"]
 
 
-def gaussian_statistics(features) -> tuple[np.ndarray, np.ndarray]:
+def gaussian_statistics(features: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance (unbiased, as ``np.cov(rowvar=False)``) of (N, D) features."""
     f = np.asarray(features, dtype=np.float64)
     if f.ndim != 2:
@@ -36,7 +41,7 @@ def _psd_sqrt(s: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+def frechet_distance(mu1: npt.ArrayLike, sigma1: npt.ArrayLike, mu2: npt.ArrayLike, sigma2: npt.ArrayLike) -> float:
     """Squared Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), as a float."""
     mu1 = np.atleast_1d(np.asarray(mu1, dtype=np.float64))
     mu2 = np.atleast_1d(np.asarray(mu2, dtype=np.float64))

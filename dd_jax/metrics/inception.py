@@ -31,13 +31,13 @@ def _pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def max_pool(x, size: int = 3, stride: int = 2, pad: int = 0):
+def max_pool(x: jax.Array, size: int = 3, stride: int = 2, pad: int = 0) -> jax.Array:
     return jax.lax.reduce_window(
         x, -jnp.inf, jax.lax.max, (1, size, size, 1), (1, stride, stride, 1),
         ((0, 0), (pad, pad), (pad, pad), (0, 0)))
 
 
-def avg_pool_3x3_same(x):
+def avg_pool_3x3_same(x: jax.Array) -> jax.Array:
     """3x3, stride 1, zero padding 1, the average over the in-image taps only
     (``count_include_pad=False``, TensorFlow's SAME average pool)."""
     window, strides = (1, 3, 3, 1), (1, 1, 1, 1)
@@ -51,14 +51,15 @@ def avg_pool_3x3_same(x):
 class BasicConv2d(nnx.Module):
     """Conv (no bias) -> BatchNorm (inference, eps 1e-3) -> ReLU."""
 
-    def __init__(self, cin: int, cout: int, kernel, stride=1, padding=0, *, rngs: nnx.Rngs):
+    def __init__(self, cin: int, cout: int, kernel: int | tuple[int, int], stride: int | tuple[int, int] = 1,
+                 padding: int | tuple[int, int] = 0, *, rngs: nnx.Rngs):
         ph, pw = _pair(padding)
         self.conv = nnx.Conv(cin, cout, _pair(kernel), strides=_pair(stride),
                              padding=((ph, ph), (pw, pw)), use_bias=False,
                              precision=_HIGHEST, rngs=rngs)
         self.bn = nnx.BatchNorm(cout, use_running_average=True, epsilon=1e-3, rngs=rngs)
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         return jax.nn.relu(self.bn(self.conv(x)))
 
 
@@ -72,7 +73,7 @@ class InceptionA(nnx.Module):
         self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1, rngs=rngs)
         self.branch_pool = BasicConv2d(cin, pool_features, 1, rngs=rngs)
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         b1 = self.branch1x1(x)
         b5 = self.branch5x5_2(self.branch5x5_1(x))
         b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
@@ -87,7 +88,7 @@ class InceptionB(nnx.Module):
         self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1, rngs=rngs)
         self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2, rngs=rngs)
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         b3 = self.branch3x3(x)
         bd = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
         return jnp.concatenate([b3, bd, max_pool(x)], axis=-1)
@@ -107,7 +108,7 @@ class InceptionC(nnx.Module):
         self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3), rngs=rngs)
         self.branch_pool = BasicConv2d(cin, 192, 1, rngs=rngs)
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         b1 = self.branch1x1(x)
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         bd = x
@@ -127,7 +128,7 @@ class InceptionD(nnx.Module):
         self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0), rngs=rngs)
         self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2, rngs=rngs)
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         b3 = self.branch3x3_2(self.branch3x3_1(x))
         b7 = x
         for layer in (self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3,
@@ -153,7 +154,7 @@ class InceptionE(nnx.Module):
         self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0), rngs=rngs)
         self.branch_pool = BasicConv2d(cin, 192, 1, rngs=rngs)
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         b1 = self.branch1x1(x)
         a = self.branch3x3_1(x)
         b3 = jnp.concatenate([self.branch3x3_2a(a), self.branch3x3_2b(a)], axis=-1)
@@ -185,7 +186,7 @@ class InceptionV3(nnx.Module):
         self.Mixed_7b = InceptionE(1280, "avg", rngs=rngs)
         self.Mixed_7c = InceptionE(2048, "max", rngs=rngs)
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """(N, H, W, 3) in [-1, 1] -> (N, 2048) pool features."""
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = max_pool(x)

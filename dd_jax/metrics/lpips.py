@@ -21,6 +21,7 @@ The backbone weights are torchvision's ImageNet AlexNet; the heads ship with the
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,9 @@ import numpy as np
 from flax import nnx
 
 from dd_jax.metrics.weights import load_module
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 __all__ = ["LPIPS", "AlexNetFeatures", "load", "distance", "FORMAT", "SHIFT", "SCALE"]
 
@@ -59,7 +63,7 @@ class AlexNetFeatures(nnx.Module):
         self.conv4 = conv(384, 256, 3, 1, 1)
         self.conv5 = conv(256, 256, 3, 1, 1)
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
         relu1 = jax.nn.relu(self.conv1(x))
         relu2 = jax.nn.relu(self.conv2(_max_pool(relu1)))
         relu3 = jax.nn.relu(self.conv3(_max_pool(relu2)))
@@ -74,7 +78,7 @@ class LinearHead(nnx.Module):
     def __init__(self, channels: int, *, rngs: nnx.Rngs):
         self.weight = nnx.Param(jax.random.uniform(rngs.params(), (channels,)) / channels)
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         return jnp.einsum("nhwc,c->nhw", x, self.weight[...], precision=_HIGHEST)
 
 
@@ -93,12 +97,12 @@ class LPIPS(nnx.Module):
         self.lin3 = LinearHead(CHANNELS[3], rngs=rngs)
         self.lin4 = LinearHead(CHANNELS[4], rngs=rngs)
 
-    def scale(self, x):
+    def scale(self, x: jax.Array) -> jax.Array:
         shift = jnp.asarray(SHIFT, x.dtype)
         scale = jnp.asarray(SCALE, x.dtype)
         return (x - shift) / scale
 
-    def per_layer(self, x0, x1):
+    def per_layer(self, x0: jax.Array, x1: jax.Array) -> list[jax.Array]:
         """The five layer scores, each (N,)."""
         n = x0.shape[0]
         taps = self.net(self.scale(jnp.concatenate([x0, x1], axis=0)))
@@ -109,7 +113,7 @@ class LPIPS(nnx.Module):
             out.append(jnp.mean(head(jnp.square(f0 - f1)), axis=(1, 2)))
         return out
 
-    def __call__(self, x0, x1):
+    def __call__(self, x0: jax.Array, x1: jax.Array) -> jax.Array:
         return sum(self.per_layer(x0, x1))
 
 
@@ -123,7 +127,7 @@ def _distance(model: LPIPS, a, b):
     return model(2.0 * a.astype(jnp.float32) - 1.0, 2.0 * b.astype(jnp.float32) - 1.0)
 
 
-def distance(model: LPIPS, a, b, batch_size: int = 32) -> np.ndarray:
+def distance(model: LPIPS, a: npt.ArrayLike, b: npt.ArrayLike, batch_size: int = 32) -> np.ndarray:
     """Per-image LPIPS of float NHWC images in [0, 1] (lpips' ``normalize=True``)."""
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape:

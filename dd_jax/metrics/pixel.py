@@ -15,12 +15,18 @@ Definitions (the LOGO papers' evaluation code, e.g. SLBR's ``compute_RMSE``):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax.numpy as jnp
+
+if TYPE_CHECKING:
+    import jax
+    from jax.typing import ArrayLike
 
 __all__ = ["rmse", "rmse_masked", "psnr", "mse"]
 
 
-def as_image_batch(a, b):
+def as_image_batch(a: ArrayLike, b: ArrayLike) -> tuple[jax.Array, jax.Array]:
     """Two float32 NHWC batches of the same shape (a single HWC image becomes a batch of one)."""
     a = jnp.asarray(a, jnp.float32)
     b = jnp.asarray(b, jnp.float32)
@@ -33,18 +39,18 @@ def as_image_batch(a, b):
     return a, b
 
 
-def mse(a, b):
+def mse(a: ArrayLike, b: ArrayLike) -> jax.Array:
     """Per-image mean squared error of float images (their own scale)."""
     a, b = as_image_batch(a, b)
     return jnp.mean(jnp.square(a - b), axis=(1, 2, 3))
 
 
-def rmse(a, b):
+def rmse(a: ArrayLike, b: ArrayLike) -> jax.Array:
     """Per-image RMSE on the 0-255 scale of float NHWC images in [0, 1]."""
     return 255.0 * jnp.sqrt(mse(a, b))
 
 
-def rmse_masked(a, b, mask):
+def rmse_masked(a: ArrayLike, b: ArrayLike, mask: ArrayLike) -> jax.Array:
     """Per-image RMSE (0-255 scale) inside ``mask`` (the LOGO papers' RMSEw).
 
     ``mask``: (N, H, W), (N, H, W, 1), or (H, W) / (H, W, 1) shared by all
@@ -66,6 +72,6 @@ def rmse_masked(a, b, mask):
     return jnp.sqrt(sq / (channels * (jnp.sum(m, axis=(1, 2, 3)) + 1e-6)))
 
 
-def psnr(a, b, max_val: float = 1.0):
+def psnr(a: ArrayLike, b: ArrayLike, max_val: float = 1.0) -> jax.Array:
     """Per-image PSNR in dB (inf for identical images)."""
     return 10.0 * jnp.log10(max_val**2 / mse(a, b))

@@ -37,11 +37,17 @@ Flare7K++ (flare; as ``evaluate.py`` of https://github.com/ykdai/Flare7K):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import numpy as np
 from scipy.ndimage import uniform_filter
 
 from dd_jax import metrics
 from dd_jax.data import blend
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 PSNR_CAP = 100.0  # dB, identical images
 PROTOCOLS = ("clwd", "flare7k")
@@ -55,7 +61,7 @@ def protocol_for(dataset: str) -> str | None:
     return name if name in PROTOCOLS else None
 
 
-def quantize(x) -> np.ndarray:
+def quantize(x: npt.ArrayLike) -> np.ndarray:
     """[0, 1] floats rounded to 8 bits, float64 in [0, 1] (what a saved result reads back as)."""
     return np.rint(np.clip(np.asarray(x, np.float64), 0.0, 1.0) * 255.0) / 255.0
 
@@ -65,7 +71,7 @@ def _batch(x) -> np.ndarray:
     return x[None] if x.ndim == 3 else x
 
 
-def psnr(a, b) -> np.ndarray:
+def psnr(a: npt.ArrayLike, b: npt.ArrayLike) -> np.ndarray:
     """Per-image PSNR (dB) of [0, 1] images, capped at PSNR_CAP."""
     a, b = _batch(a), _batch(b)
     mse = np.mean((a - b) ** 2, axis=(1, 2, 3))
@@ -73,7 +79,7 @@ def psnr(a, b) -> np.ndarray:
         return np.minimum(10.0 * np.log10(1.0 / mse), PSNR_CAP)
 
 
-def ssim_uniform(a, b, win: int = 7, data_range: float = 255.0) -> np.ndarray:
+def ssim_uniform(a: npt.ArrayLike, b: npt.ArrayLike, win: int = 7, data_range: float = 255.0) -> np.ndarray:
     """Per-image SSIM as ``skimage.metrics.structural_similarity(gt, x, channel_axis=-1)`` on 8-bit images.
 
     `a`, `b`: [0, 1] images (scaled to 0-255 here). Uniform win x win window,
@@ -94,7 +100,7 @@ def ssim_uniform(a, b, win: int = 7, data_range: float = 255.0) -> np.ndarray:
     return s[:, p:-p, p:-p, :].mean(axis=(1, 2, 3))
 
 
-def region_masks(mask) -> dict[str, np.ndarray]:
+def region_masks(mask: npt.ArrayLike) -> dict[str, np.ndarray]:
     """Flare7K++'s evaluation regions from its colour-coded mask image, each [N, H, W] in [0, 1].
 
     As ``extract_mask`` in https://github.com/ykdai/Flare7K (evaluate.py): the
@@ -110,7 +116,7 @@ def region_masks(mask) -> dict[str, np.ndarray]:
     return {"glare": g / 255.0, "streak": np.clip(r - g, 0.0, None) / 255.0, "global": (255.0 - b) / 255.0}
 
 
-def masked_psnr(a, b, m) -> np.ndarray:
+def masked_psnr(a: npt.ArrayLike, b: npt.ArrayLike, m: npt.ArrayLike) -> np.ndarray:
     """Per-image PSNR (dB) inside the weight map `m` [N, H, W] as Flare7K's ``compare_score``; NaN for an empty map.
 
     mse = sum over pixels and channels of ((a - b) m)^2 / (C sum m) on [0, 1]
@@ -128,13 +134,15 @@ def masked_psnr(a, b, m) -> np.ndarray:
     return np.where(area > 0, out, np.nan)
 
 
-def flare7k_lpips_inputs(x) -> np.ndarray:
+def flare7k_lpips_inputs(x: npt.ArrayLike) -> np.ndarray:
     """What to give ``lpips.distance`` (which maps [0, 1] to [-1, 1]) so that the network sees [0, 1] itself,
     as Flare7K's script feeds ``lpips.LPIPS`` without ``normalize=True``."""
     return (np.asarray(x, np.float32) + 1.0) * 0.5
 
 
-def per_image(protocol: str, *, pred_bg, bg, comp, fg_rgba, mask, pred_fg=None, lpips=None) -> dict[str, np.ndarray]:
+def per_image(protocol: str, *, pred_bg: npt.ArrayLike, bg: npt.ArrayLike, comp: npt.ArrayLike, fg_rgba: npt.ArrayLike,
+              mask: npt.ArrayLike, pred_fg: npt.ArrayLike | None = None,
+              lpips: Callable[[np.ndarray, np.ndarray], npt.ArrayLike] | None = None) -> dict[str, np.ndarray]:
     """The protocol's per-image values for one batch.
 
     pred_bg, bg, comp: [N, H, W, 3]; fg_rgba: the stored foreground [N, H, W, 4];

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -33,7 +34,7 @@ FORMATS = {"rmse": "{:.2f}", "ssim": "{:.4f}", "lpips": "{:.4f}", "fid": "{:.2f}
 COLUMNS = ("composite", "background (model)", "background (truth)", "foreground (model)", "foreground (truth)")
 
 
-def fmt(value, metric: str) -> str:
+def fmt(value: float | str | None, metric: str) -> str:
     if value is None:
         return "-"
     if isinstance(value, str):
@@ -41,7 +42,7 @@ def fmt(value, metric: str) -> str:
     return FORMATS.get(metric, "{:.4f}").format(value)
 
 
-def ordered(labels, order) -> list[str]:
+def ordered(labels: Iterable[str], order: Sequence[str]) -> list[str]:
     rank = {name: i for i, name in enumerate(order)}
     return sorted(labels, key=lambda t: (rank.get(t, len(order)), t))
 
@@ -76,7 +77,7 @@ def summary_table(report: dict) -> list[str]:
     return lines
 
 
-def paper_table(report: dict, layer: str, order, per_block: int = 3) -> list[str]:
+def paper_table(report: dict, layer: str, order: Sequence[str], per_block: int = 3) -> list[str]:
     tasks = report["tasks"]
     names = ordered(tasks, order)
     lines = []

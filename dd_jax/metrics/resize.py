@@ -11,10 +11,14 @@ Written as two small interpolation matrices applied with einsum.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:
+    from jax.typing import ArrayLike
 
 __all__ = ["interpolation_matrix", "resize_bilinear"]
 
@@ -36,7 +40,7 @@ def interpolation_matrix(in_size: int, out_size: int) -> np.ndarray:
     return m
 
 
-def resize_bilinear(images, size: tuple[int, int]):
+def resize_bilinear(images: ArrayLike, size: tuple[int, int]) -> jax.Array:
     """Resize float NHWC ``images`` to ``size = (height, width)``."""
     x = jnp.asarray(images)
     h, w = x.shape[1], x.shape[2]

@@ -16,11 +16,16 @@ padding=5)``) and the map is averaged over every pixel, borders included.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dd_jax.metrics.pixel import as_image_batch
+
+if TYPE_CHECKING:
+    from jax.typing import ArrayLike
 
 __all__ = ["ssim", "gaussian_window"]
 
@@ -53,8 +58,8 @@ def _blur(x, taps, zero_pad: bool):
 
 
 def ssim(
-    a,
-    b,
+    a: ArrayLike,
+    b: ArrayLike,
     *,
     max_val: float = 1.0,
     filter_size: int = 11,
@@ -63,7 +68,7 @@ def ssim(
     k2: float = 0.03,
     zero_pad: bool = False,
     return_map: bool = False,
-):
+) -> jax.Array:
     """Per-image SSIM of float NHWC images (``max_val`` is their range, 1.0 for [0, 1]).
 
     Returns an (N,) float32 array (the mean SSIM of each image over rows,

@@ -20,7 +20,7 @@ re-exported from `dd_jax.icd`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,11 @@ from flax import nnx
 
 from dd_jax.models import layers, store
 from dd_jax.models.layers import Precision
+
+if TYPE_CHECKING:
+    from jax.typing import DTypeLike
+
+    from dd_jax.models.store import Shardings
 
 Array = jax.Array
 
@@ -74,7 +79,7 @@ PRESETS: dict[str, AutoEncoderParams] = {
 }
 
 
-def __getattr__(name):  # re-export without a second copy, and without importing icd eagerly
+def __getattr__(name: str) -> Any:  # re-export without a second copy, and without importing icd eagerly
     if name in ("pack", "unpack"):
         from dd_jax import icd
 
@@ -237,7 +242,8 @@ class Decoder(nnx.Module):
 
 
 class AutoEncoder(nnx.Module):
-    def __init__(self, params: AutoEncoderParams, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
+    def __init__(self, params: AutoEncoderParams, *, rngs: nnx.Rngs, param_dtype: DTypeLike = jnp.float32,
+                 dtype: DTypeLike | None = None):
         self.params = params
         prec = Precision(param_dtype=jnp.dtype(param_dtype), dtype=jnp.dtype(dtype or param_dtype))
         self.dtype = prec.dtype
@@ -296,12 +302,14 @@ class AutoEncoder(nnx.Module):
         return self.decode(self.encode(images))
 
 
-def abstract(params: AutoEncoderParams, *, param_dtype=jnp.float32, dtype=None) -> AutoEncoder:
+def abstract(params: AutoEncoderParams, *, param_dtype: DTypeLike = jnp.float32,
+             dtype: DTypeLike | None = None) -> AutoEncoder:
     """The model's structure, shapes and dtypes, with no memory allocated."""
     return nnx.eval_shape(lambda: AutoEncoder(params, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype))
 
 
-def load(path: str, dtype=None, *, compute_dtype=None, shardings=None) -> AutoEncoder:
+def load(path: str, dtype: DTypeLike | None = None, *, compute_dtype: DTypeLike | None = None,
+         shardings: Shardings | None = None) -> AutoEncoder:
     """Loads a converted autoencoder folder (`scripts/convert_flux.py --components vae`).
 
     `dtype` is the parameter dtype (default: as stored); `compute_dtype`

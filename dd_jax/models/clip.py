@@ -19,7 +19,7 @@ position holding `eos_token_id`. LayerNorms run in float32.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,11 @@ from flax import nnx
 
 from dd_jax.models import layers, store
 from dd_jax.models.layers import Precision
+
+if TYPE_CHECKING:
+    from jax.typing import DTypeLike
+
+    from dd_jax.models.store import Shardings
 
 Array = jax.Array
 
@@ -150,7 +155,8 @@ class CLIPEncoder(nnx.Module):
 
 
 class CLIPTextModel(nnx.Module):
-    def __init__(self, cfg: CLIPTextConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
+    def __init__(self, cfg: CLIPTextConfig, *, rngs: nnx.Rngs, param_dtype: DTypeLike = jnp.float32,
+                 dtype: DTypeLike | None = None):
         self.config = cfg
         prec = Precision(param_dtype=jnp.dtype(param_dtype), dtype=jnp.dtype(dtype or param_dtype))
         self.dtype = prec.dtype
@@ -181,12 +187,14 @@ class CLIPTextModel(nnx.Module):
         return hidden, pooled
 
 
-def abstract(cfg: CLIPTextConfig, *, param_dtype=jnp.float32, dtype=None) -> CLIPTextModel:
+def abstract(cfg: CLIPTextConfig, *, param_dtype: DTypeLike = jnp.float32,
+             dtype: DTypeLike | None = None) -> CLIPTextModel:
     """The model's structure, shapes and dtypes, with no memory allocated."""
     return nnx.eval_shape(lambda: CLIPTextModel(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype))
 
 
-def load(path: str, dtype=None, *, compute_dtype=None, shardings=None) -> CLIPTextModel:
+def load(path: str, dtype: DTypeLike | None = None, *, compute_dtype: DTypeLike | None = None,
+         shardings: Shardings | None = None) -> CLIPTextModel:
     """Loads a converted CLIP text encoder folder (`scripts/convert_flux.py --components clip`).
 
     `dtype` is the parameter dtype (default: as stored); `compute_dtype`

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,11 @@ from flax import nnx
 
 from dd_jax.models import layers, store
 from dd_jax.models.layers import Precision
+
+if TYPE_CHECKING:
+    from jax.typing import DTypeLike
+
+    from dd_jax.models.store import Shardings
 
 Array = jax.Array
 
@@ -118,9 +123,9 @@ def _stack(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nn
 
 
 class Flux(nnx.Module):
-    def __init__(self, params: FluxParams, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None,
-                 attention_impl: str = "xla", scan_layers: bool = False, remat: str = "none",
-                 platform: str | None = None):
+    def __init__(self, params: FluxParams, *, rngs: nnx.Rngs, param_dtype: DTypeLike = jnp.float32,
+                 dtype: DTypeLike | None = None, attention_impl: str = "xla", scan_layers: bool = False,
+                 remat: str = "none", platform: str | None = None):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
         if attention_impl not in layers.ATTENTION_IMPLEMENTATIONS:
@@ -215,7 +220,8 @@ class Flux(nnx.Module):
         return self.final_layer(img, vec, vec_cond, img_mask)
 
 
-def abstract(params: FluxParams, *, param_dtype=jnp.float32, dtype=None, attention_impl: str = "xla",
+def abstract(params: FluxParams, *, param_dtype: DTypeLike = jnp.float32,
+             dtype: DTypeLike | None = None, attention_impl: str = "xla",
              scan_layers: bool = False, remat: str = "none", platform: str | None = None) -> Flux:
     """The model's structure, shapes and dtypes, with no memory allocated."""
     return nnx.eval_shape(lambda: Flux(params, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype,
@@ -293,7 +299,8 @@ def adaln_zero(model: Flux) -> Flux:
     return model
 
 
-def load(path: str, dtype=None, *, compute_dtype=None, attention_impl: str = "xla", shardings=None,
+def load(path: str, dtype: DTypeLike | None = None, *, compute_dtype: DTypeLike | None = None,
+         attention_impl: str = "xla", shardings: Shardings | None = None,
          scan_layers: bool = False, remat: str = "none", platform: str | None = None) -> Flux:
     """Loads a converted checkpoint (`scripts/convert_flux.py` output) into either layout.
 

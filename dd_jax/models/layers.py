@@ -29,12 +29,17 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+
+if TYPE_CHECKING:
+    from jax.typing import DTypeLike
+
+    from dd_jax.sharding import ActivationSharding
 
 Array = jax.Array
 
@@ -100,12 +105,12 @@ ACT_HEADS = ("activation_batch", "activation_length", "activation_heads", None)
 ACT_EMBED = ("activation_batch", "activation_length", "activation_embed")
 
 
-def constrain(x: Array, names: tuple, sharding=None) -> Array:
+def constrain(x: Array, names: tuple, sharding: ActivationSharding | None = None) -> Array:
     """Sharding constraint by logical names; a no-op without an activation-sharding object."""
     return x if sharding is None else sharding.constrain(x, names)
 
 
-def resolve_attention(implementation: str | None, dtype=None, platform: str | None = None) -> str:
+def resolve_attention(implementation: str | None, dtype: DTypeLike | None = None, platform: str | None = None) -> str:
     """The kernel an implementation name means on this platform ("auto": cuDNN on NVIDIA with
     16-bit inputs, splash on TPU, XLA otherwise); a clear error where the kernel cannot run."""
     impl = implementation or "xla"
@@ -199,7 +204,7 @@ xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
 
 
 def attention(q: Array, k: Array, v: Array, pe: Array, *, implementation: str | None = "xla",
-              sharding=None, platform: str | None = None) -> Array:
+              sharding: ActivationSharding | None = None, platform: str | None = None) -> Array:
     """Self-attention with RoPE. q, k, v: [B, L, H, D] -> [B, L, H*D].
 
     The single place where attention is computed; `implementation` selects

@@ -25,8 +25,8 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,16 @@ import numpy as np
 from flax import nnx
 
 from dd_jax import hostmem
+
+if TYPE_CHECKING:
+    from types import TracebackType
+    from typing import TypeAlias
+
+    from jax.typing import DTypeLike
+
+    # `shardings` of the loaders: flat path -> Sharding, or a function of the abstract module giving one.
+    FlatShardings: TypeAlias = Mapping[str, jax.sharding.Sharding]
+    Shardings: TypeAlias = FlatShardings | Callable[[nnx.Module], FlatShardings]
 
 FORMAT = "dd_jax.grouped/1"
 META_FILE = "dd_jax_model.json"
@@ -214,7 +224,8 @@ class GroupedWriter:
     def __enter__(self) -> GroupedWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc_type is not None:
             self.abort()
         self._ckptr.close()
@@ -245,7 +256,7 @@ def read_meta(model_dir: str) -> dict:
 
 
 def read_groups(model_dir: str, targets: Mapping[str, jax.ShapeDtypeStruct] | None = None,
-                groups: Iterable[str] | None = None):
+                groups: Iterable[str] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yields (group, flat dict) one group at a time.
 
     `targets` (flat path -> ShapeDtypeStruct, optionally with sharding) sets the
@@ -288,8 +299,8 @@ def _stacked_order(groups: Iterable[str], per_layer: Mapping[str, tuple[str, int
     return sorted(groups, key=key)
 
 
-def load_module(model_dir: str, abstract_module, *, shardings: Mapping[str, Any] | None = None,
-                stacked: Mapping[str, Sequence[str]] | None = None):
+def load_module(model_dir: str, abstract_module: nnx.Module, *, shardings: Mapping[str, Any] | None = None,
+                stacked: Mapping[str, Sequence[str]] | None = None) -> nnx.Module:
     """Fills an abstract NNX module (from `nnx.eval_shape`) with stored weights.
 
     Each parameter is restored in the dtype of the abstract module's variable
@@ -346,8 +357,9 @@ def load_module(model_dir: str, abstract_module, *, shardings: Mapping[str, Any]
     return nnx.merge(graphdef, state)
 
 
-def load_model(path: str, model: str, build: Callable[[dict, Any], Any], dtype=None, *, shardings=None,
-               stacked: Callable[[Any], Mapping[str, Sequence[str]]] | None = None):
+def load_model(path: str, model: str, build: Callable[[dict, Any], Any], dtype: DTypeLike | None = None, *,
+               shardings: Shardings | None = None,
+               stacked: Callable[[Any], Mapping[str, Sequence[str]]] | None = None) -> nnx.Module:
     """Loads a converted component folder holding `model` ("flux", "autoencoder", "t5", "clip", ...).
 
     `build(config_dict, param_dtype)` returns the abstract module (from

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,11 @@ from flax import nnx
 
 from dd_jax.models import layers, store
 from dd_jax.models.layers import Precision
+
+if TYPE_CHECKING:
+    from jax.typing import DTypeLike
+
+    from dd_jax.models.store import Shardings
 
 Array = jax.Array
 
@@ -183,7 +188,8 @@ class T5Stack(nnx.Module):
 
 
 class T5Encoder(nnx.Module):
-    def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
+    def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs, param_dtype: DTypeLike = jnp.float32,
+                 dtype: DTypeLike | None = None):
         self.config = cfg
         prec = Precision(param_dtype=jnp.dtype(param_dtype), dtype=jnp.dtype(dtype or param_dtype))
         self.dtype = prec.dtype
@@ -195,12 +201,13 @@ class T5Encoder(nnx.Module):
         return self.encoder(self.shared(jnp.asarray(input_ids)), attention_mask)
 
 
-def abstract(cfg: T5Config, *, param_dtype=jnp.float32, dtype=None) -> T5Encoder:
+def abstract(cfg: T5Config, *, param_dtype: DTypeLike = jnp.float32, dtype: DTypeLike | None = None) -> T5Encoder:
     """The model's structure, shapes and dtypes, with no memory allocated."""
     return nnx.eval_shape(lambda: T5Encoder(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype))
 
 
-def load(path: str, dtype=None, *, compute_dtype=None, shardings=None) -> T5Encoder:
+def load(path: str, dtype: DTypeLike | None = None, *, compute_dtype: DTypeLike | None = None,
+         shardings: Shardings | None = None) -> T5Encoder:
     """Loads a converted T5 encoder folder (`scripts/convert_flux.py --components t5`).
 
     `dtype` is the parameter dtype (default: as stored); `compute_dtype`
