@@ -5,47 +5,23 @@ sidecar's per-pass records and the PSD's layer order. A pointwise fake model sta
 import glob
 import json
 import os
-import types
 
-import jax.numpy as jnp
-import ml_collections
+import fake_model
 import numpy as np
 import pytest
 from PIL import Image
 
-from dd_jax import decompose, inference
+from dd_jax import decompose
 from dd_jax.data import blend
 
 TILE = 16
 
 
-class FakeSystem:
-    """What decompose and inference read of a System; `system_lib.decompose` is patched to `pointwise`."""
-
-    def __init__(self):
-        self.config = ml_collections.ConfigDict({"data": {"height": TILE, "width": TILE},
-                                                  "sample": {"tile": True, "steps": 1}})
-        self.spec = types.SimpleNamespace(targets=("x", "y"))
-        self.model = types.SimpleNamespace(conditioner=object())
-
-
-def pointwise(comp, task):
-    """Layers in [-1, 1] that depend on each pixel alone and on the task (so a pass changes the image)."""
-    t = np.asarray(task, np.float32)[:, None, None, None]
-    return {"y": 0.8 * comp + 0.1 * np.sin(3 * comp) - 0.04 * t, "x": comp ** 2 - 0.5}
-
-
 @pytest.fixture
 def fake(monkeypatch):
     """The model inputs seen, per call: (composite [B, H, W, 3] in [0, 1], task indices)."""
-    calls = []
-
-    def decompose_fn(system, composite, task, key, steps, guidance=None, extra=None):
-        calls.append(((np.asarray(composite) + 1) / 2, np.asarray(task)))
-        return {k: jnp.asarray(v) for k, v in pointwise(np.asarray(composite), np.asarray(task)).items()}
-
-    monkeypatch.setattr(inference.system_lib, "decompose", decompose_fn)
-    monkeypatch.setattr(decompose.checkpoints, "load_trained", lambda *a, **k: FakeSystem())
+    calls = fake_model.patch(monkeypatch)
+    monkeypatch.setattr(decompose.checkpoints, "load_trained", lambda *a, **k: fake_model.FakeSystem(TILE))
     monkeypatch.setattr(decompose.inference, "load_task_head", lambda *a, **k: None)
     return calls
 
