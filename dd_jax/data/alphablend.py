@@ -191,6 +191,28 @@ class Alphablend(_Builder):
         return out
 
 
+def counted_examples(builder, split: str, reads, empty_error: str | None = None):
+    """Yields the (key, example) of `reads`, (key, read(events) -> example or None) pairs, for the benchmark
+    builders: skipped events are counted in `builder.summary["skipped"]`, written examples in
+    `summary["examples"][split]`, both stored in the metadata. `empty_error`: raise BuildError with it when
+    nothing was readable."""
+    n = 0
+    for key, read in reads:
+        events: list = []
+        ex = read(events)
+        for kind, reason, _ in events:
+            if kind == "skipped":
+                builder.summary["skipped"][reason] += 1
+        if ex is not None:
+            n += 1
+            yield key, ex
+    if n == 0 and empty_error:
+        raise BuildError(empty_error)
+    builder.summary["examples"][split] = n
+    builder.info.metadata["summary"] = {"examples": dict(builder.summary["examples"]),
+                                        "skipped": dict(builder.summary["skipped"])}
+
+
 class BuildError(RuntimeError):
     """A build that cannot make its examples; the text says why."""
 

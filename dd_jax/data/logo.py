@@ -121,17 +121,7 @@ class Logo(alphablend._Builder):  # pylint: disable=protected-access
         gray = self.builder_config.name == "gray"
         files = sorted(f for f in os.listdir(os.path.join(root, split_dir, "image"))
                        if os.path.splitext(f)[1].lower() in images.IMAGE_EXTS)
-        n = 0
-        for f in files:
-            stem, ext = os.path.splitext(f)
-            events: list = []
-            ex = read_example(root, split_dir, stem, ext, gray, events)
-            for kind, reason, _ in events:
-                if kind == "skipped":
-                    self.summary["skipped"][reason] += 1
-            if ex is not None:
-                n += 1
-                yield stem, ex
-        self.summary["examples"][split_dir] = n
-        self.info.metadata["summary"] = {"examples": dict(self.summary["examples"]),
-                                         "skipped": dict(self.summary["skipped"])}
+        stems = (os.path.splitext(f) for f in files)
+        reads = ((stem, lambda events, stem=stem, ext=ext: read_example(root, split_dir, stem, ext, gray, events))
+                 for stem, ext in stems)
+        return alphablend.counted_examples(self, split_dir, reads)

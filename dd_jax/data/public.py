@@ -155,19 +155,6 @@ class PairedBuilder(alphablend._Builder):  # pylint: disable=protected-access
         return {split: self._generate_examples(split, pairs) for split, pairs in self.check_source().items()}
 
     def _generate_examples(self, split: str, pairs):
-        n = 0
-        for key, paths in pairs:
-            events: list = []
-            ex = self.read(paths, events)
-            for kind, reason, _ in events:
-                if kind == "skipped":
-                    self.summary["skipped"][reason] += 1
-            if ex is not None:
-                n += 1
-                yield key, ex
-        if n == 0:
-            raise alphablend.BuildError(f"{self.name}/{self.builder_config.name}: no readable example in split "
-                                        f"{split!r} of {self.source}")
-        self.summary["examples"][split] = n
-        self.info.metadata["summary"] = {"examples": dict(self.summary["examples"]),
-                                         "skipped": dict(self.summary["skipped"])}
+        reads = ((key, lambda events, paths=paths: self.read(paths, events)) for key, paths in pairs)
+        return alphablend.counted_examples(self, split, reads, f"{self.name}/{self.builder_config.name}: no "
+                                           f"readable example in split {split!r} of {self.source}")
