@@ -32,6 +32,7 @@ def diffusers_guided(tmp_path_factory):
     return model, str(path)
 
 
+@pytest.mark.slow  # covered by test_flux_position (a peaked fixture) and test_encoders_pipeline (the script)
 def test_diffusers_parity_via_cli(diffusers_guided, tmp_path):
     model, path = diffusers_guided
     out = tmp_path / "converted"
@@ -77,6 +78,7 @@ def bfl_checkpoint(tmp_path_factory):
     return reference, str(path), params
 
 
+@pytest.mark.slow  # covered by test_flux_position.test_bfl_file_parity_sees_position (the same CLI, a peaked fixture)
 def test_bfl_single_file_parity(bfl_checkpoint, tmp_path):
     reference, path, params = bfl_checkpoint
     assert convert.main(["--source", path, "--output", str(tmp_path / "o"), "--axes-dim", "4,6,6", "--quiet"]) == 0

@@ -61,6 +61,7 @@ def test_train_step_donates_what_it_changes_and_never_returns_the_base():
     assert mem.argument_size_in_bytes >= sum(sizes.values())
 
 
+@pytest.mark.slow  # the defect this step fixed, kept as its record; the test above checks the step in use
 def test_old_nnx_jit_step_returned_the_base():
     """What the step replaced (nnx.jit, no donation): every Variable came back as a fresh output buffer."""
     model = _model()
