@@ -9,6 +9,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+# XLA:CPU compiles fast rather than well (LLVM at -O0, no expensive passes): the programs here are tiny and each
+# runs a few times, so optimising them cost more than it saved (a test pair of train steps: 58 -> 40 s). The HLO,
+# and with it every buffer, alias and sharding the tests check, is the same. Child processes inherit the flags;
+# those that force a device count append to them (`host_devices.with_xla_flags`).
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE_FLAGS).strip()
+
+
 # One persistent XLA compilation cache per test session: the first process to load this file (pytest itself, before
 # it starts any xdist worker) creates it; the workers and the CLI subprocesses tests start inherit the variable, so a
 # program compiled once (the tiny train step that many tests and CLI runs share) is read back, not compiled again.

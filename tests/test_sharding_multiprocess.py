@@ -23,6 +23,7 @@ import sys
 import numpy as np
 import pytest
 import train_helpers as th
+from host_devices import with_xla_flags
 from tolerance import assert_close
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +39,7 @@ def _free_port() -> int:
 def _launch(workdir, c, n_proc: int, devices_per_proc: int, steps: int, extra=()) -> list[str]:
     """Runs the trainer in `n_proc` processes; returns their outputs (fails with them on an error)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_proc}",
+               XLA_FLAGS=with_xla_flags(f"--xla_force_host_platform_device_count={devices_per_proc}"),
                # later launches reuse the compiled programs of earlier ones
                JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.dirname(workdir), "jax_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
