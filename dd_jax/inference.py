@@ -42,8 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dd_jax import checkpoints, hostmem, system as system_lib
-from dd_jax.data import blend, pipeline
+from dd_jax import checkpoints, hostmem, optional, system as system_lib
+from dd_jax.data import blend
 
 if TYPE_CHECKING:
     import ml_collections
@@ -423,6 +423,14 @@ def _fit_main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--overwrite", action="store_true", help="replace an existing task_head.json")
     args = ap.parse_args(argv)
+    try:  # built data is read through Grain's pipeline from TFDS files; decomposition needs neither
+        for module in ("grain", "tensorflow_datasets"):
+            optional.require(module, "python -m dd_jax.inference --data")
+    except optional.MissingPackage as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from dd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
     path = args.checkpoint or checkpoints.DEFAULT_MODEL
     dest = os.path.join(path, TASK_HEAD_FILE)
     if os.path.exists(dest) and not args.overwrite:

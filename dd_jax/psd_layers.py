@@ -52,13 +52,13 @@ import os
 
 import numpy as np
 
+from dd_jax import optional
 from dd_jax.data import blend
 
 # blend mode of each layer kind -> psd_tools.constants.BlendMode member name
 MODES = {"normal": "NORMAL", "multiply": "MULTIPLY", "screen": "SCREEN", "add": "LINEAR_DODGE"}
 TASK_MODES = {"watermark": "normal", "occlusion": "normal", "xray": "multiply", "cell": "add", "flare": "add",
               "glassware": "multiply+screen"}
-PSD_TOOLS_PIN = "psd-tools==1.10.4"
 
 
 def _blend_fn(mode: str, b: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -147,11 +147,8 @@ def addition_error(task: str, background: np.ndarray, foreground: np.ndarray, im
 
 
 def check_available() -> None:
-    """Raises ValueError (one line) when psd-tools cannot be imported."""
-    try:
-        import psd_tools  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    except ImportError as e:
-        raise ValueError(f"--format psd needs psd-tools ({e}): pip install {PSD_TOOLS_PIN}") from e
+    """Raises optional.MissingPackage, a ValueError (one line), when psd-tools cannot be imported."""
+    optional.require("psd_tools", "decompose --format psd")
 
 
 @contextlib.contextmanager

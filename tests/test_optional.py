@@ -1,0 +1,59 @@
+"""dd_jax.optional: one line naming the package and its pin; the pins are pyproject.toml's."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tomllib
+
+import pytest
+
+from dd_jax import optional, psd_layers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _pins(lines) -> dict[str, str]:
+    """{normalized name: version} of the `name==version` lines (markers and comments dropped)."""
+    out = {}
+    for line in lines:
+        m = re.match(r"\s*([A-Za-z0-9_.-]+)==([^;#\s]+)", line)
+        if m:
+            out[re.sub(r"[-_.]+", "-", m.group(1)).lower()] = m.group(2)
+    return out
+
+
+def pyproject_pins() -> dict[str, str]:
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        return _pins(tomllib.load(f)["project"]["dependencies"])
+
+
+def test_pins_are_pyprojects():
+    assert _pins(optional.PINS.values()).items() <= pyproject_pins().items()
+
+
+def test_missing_package_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "psd_tools", None)  # import psd_tools -> ModuleNotFoundError
+    with pytest.raises(ValueError) as e:
+        psd_layers.check_available()
+    assert isinstance(e.value, ImportError)
+    assert str(e.value) == "decompose --format psd needs psd-tools: pip install psd-tools==1.10.4"
+
+
+def test_a_missing_dependency_of_the_package_is_named(monkeypatch):
+    def fake(name):
+        raise ModuleNotFoundError("No module named 'aggdraw'", name="aggdraw")
+    monkeypatch.setattr(optional.importlib, "import_module", fake)
+    with pytest.raises(optional.MissingPackage, match=r"^decompose --format psd needs psd-tools \(No module named "
+                                                      r"'aggdraw'\): pip install psd-tools==1\.10\.4$"):
+        optional.require("psd_tools", "decompose --format psd")
+
+
+def test_inference_fit_names_grain_when_it_is_missing(monkeypatch, capsys, tmp_path):
+    from dd_jax import inference
+
+    monkeypatch.setitem(sys.modules, "grain", None)
+    assert inference._fit_main(["--data", str(tmp_path), "--checkpoint", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ("error: python -m dd_jax.inference --data needs grain: "
+                                       "pip install grain==0.2.18\n")
