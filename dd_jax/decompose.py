@@ -98,7 +98,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from dd_jax import checkpoints, config as config_lib, hostmem, inference, psd_layers
+from dd_jax import checkpoints, config as config_lib, hostmem, inference, outdir, psd_layers
 from dd_jax.data import blend, images
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -146,25 +146,6 @@ def output_stems(files: list[str]) -> dict[str, str]:
     for f in sorted(clashing()):  # still the same (e.g. only the case differs): number them
         stems[f] = f"{stems[f]}_{files.index(f)}"
     return stems
-
-
-def check_output_folder(output: str) -> None:
-    """Raises ValueError (one line) unless `output` is, or can be made, a writable folder: checked before
-    any model runs. Nothing is created."""
-    if os.path.lexists(output) and not os.path.isdir(output):
-        raise ValueError(f"--output {output}: exists and is not a folder; choose a folder")
-    existing = os.path.abspath(output)
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(f"--output {output}: {existing} is a file, so no folder can be made under it")
-    try:
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".dd_jax-write-test-")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"--output {output}: {existing} is not writable ({e.strerror or e}); choose another "
-                         f"folder") from e
 
 
 class WriteError(ValueError):
@@ -288,7 +269,7 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
         raise ValueError(f"--steps {steps}: at least one sampling step")
     if num_samples < 1 or batch_size < 1:
         raise ValueError("--num-samples and --batch-size must be >= 1")
-    check_output_folder(output)
+    outdir.check_folder(output)
     files = list_inputs(inputs)
     if not files:
         raise ValueError(f"no image files in {', '.join(inputs)} ({', '.join(IMAGE_EXTENSIONS)})")

@@ -25,6 +25,10 @@ per-image values), ``REPORT_DIR/report.md`` (the tables) and
 background RMSE: composite | background model / truth | foreground model /
 truth). Without ``--lpips-weights`` / ``--fid-weights`` (converted with
 ``scripts/convert_metrics_weights.py``) those columns read "n/a (no weights)".
+A report folder that holds one of these files is refused before any work
+(exit status 2, one line) unless ``--overwrite`` is given; the three are
+written under temporary names and moved in together, so a run that dies
+leaves the report before it whole.
 
 Images are compared at the stored size of the data, decomposed exactly as
 ``decompose`` does (``dd_jax.inference``): in overlapping tiles of the
@@ -50,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dd_jax import checkpoints, config as config_lib, hostmem, inference, metrics
+from dd_jax import checkpoints, config as config_lib, hostmem, inference, metrics, outdir
 from dd_jax.data import pipeline
 from dd_jax.metrics import fid, lpips, protocols, report as report_lib
 from dd_jax.metrics.frechet import frechet_distance, gaussian_statistics
@@ -300,12 +304,18 @@ def run(data_dir: str, output: str, checkpoint: str | None = None, *, tasks: str
         num_samples: int = 1, batch_size: int = 8, limit: int | None = None, guidance: float | None = None,
         lpips_weights: str | None = None, fid_weights: str | None = None, at_working_size: bool = False,
         nets: Networks | None = None, command: str | None = None, mode: str | None = None,
-        overlap: int | None = None,
+        overlap: int | None = None, overwrite: bool = False,
         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
     """Evaluates a trained model (export folder or training workdir); writes and returns the report.
 
-    `nets` replaces the LPIPS / FID networks loaded from the weight files.
+    `nets` replaces the LPIPS / FID networks loaded from the weight files. Raises ValueError (one line), before
+    any work, if `output` holds a report file (`report_lib.FILES`) and not `overwrite`.
     """
+    outdir.check_folder(output)
+    existing = [f for f in report_lib.FILES if os.path.lexists(os.path.join(output, f))]
+    if existing and not overwrite:
+        raise ValueError(f"{os.path.join(output, existing[0])} exists; pass --overwrite to replace the report "
+                         f"({', '.join(report_lib.FILES)}), or choose another --output")
     checkpoint = checkpoint or checkpoints.DEFAULT_MODEL
     config = config_lib.load_config_file(config_file) if config_file else None
     system = checkpoints.load_trained(checkpoint, config)
@@ -351,7 +361,14 @@ def run(data_dir: str, output: str, checkpoint: str | None = None, *, tasks: str
         "lpips_weights": nets.lpips_path, "fid_weights": nets.fid_path, "psnr_cap_db": PSNR_CAP,
         "seconds": round(time.time() - t0, 1), "tasks": results, "summary": overall(results),
     }
-    report_lib.write(report, cases, output)
+    try:
+        report_lib.write(report, cases, output, overwrite=overwrite)
+    except FileExistsError as e:  # appeared during the run: kept, as is
+        raise ValueError(f"{e.filename} appeared during the run and was kept; pass --overwrite to replace it, or "
+                         f"choose another --output") from e
+    except OSError as e:  # e.g. a full disk: the files written before are whole, the failed one is not there
+        raise ValueError(f"{e.strerror or e} writing the report in {output}: stopped, no partial file left; "
+                         f"rerun with --overwrite once there is room") from e
     log(f"wrote {output}/metrics.json, report.md, cases.png ({time.time() - t0:.1f}s)")
     return report
 
@@ -383,6 +400,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--mode", default=None, choices=inference.MODES,
                     help="tile or resize (see dd_jax.inference; default: the model's config, sample.tile)")
     ap.add_argument("--overlap", type=int, default=None, help="tile overlap in pixels (default: a quarter of a tile)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace the report files (metrics.json, report.md, cases.png) in --output; without it "
+                         "the run refuses a folder holding one, before any work")
     args = ap.parse_args(argv)
     if args.num_samples < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         ap.error("--num-samples, --batch-size and --limit must be >= 1")
@@ -401,6 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      batch_size=args.batch_size, limit=args.limit, guidance=args.guidance,
                      lpips_weights=args.lpips_weights, fid_weights=args.fid_weights,
                      at_working_size=args.at_working_size, mode=args.mode, overlap=args.overlap,
+                     overwrite=args.overwrite,
                      command=" ".join(["python -m dd_jax.evaluate"] + list(sys.argv[1:] if argv is None else argv)))
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)

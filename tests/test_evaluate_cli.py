@@ -226,3 +226,62 @@ def test_markdown_layout_blocks_of_three():
     assert len(headers) == 2 and headers[0].startswith("| Models | watermark RMSE↓")  # the paper's order
     fg = report_lib.paper_table({"tasks": tasks}, "foreground", report_lib.FOREGROUND_ORDER)
     assert "| Model | - | - |" in "\n".join(fg)  # no foreground prediction: dashes
+
+
+# ------------------------------------------------------------------ never lose a report (issue 25)
+REPORT = ("metrics.json", "report.md", "cases.png")
+
+
+def run_cli(argv):
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        rc = evaluate.main([str(a) for a in argv])
+    return rc, err.getvalue()
+
+
+@pytest.mark.parametrize("name", ["report.md", "metrics.json"])
+def test_an_existing_report_is_refused_up_front(setup, tmp_path, monkeypatch, name):
+    """Without --overwrite a report file in --output is refused with one line naming it and the option, before
+    the model is loaded; the folder is left as it was."""
+    _, data, model = setup
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / name).write_text("last week's numbers")
+    (out / "notes.txt").write_text("kept")
+    loads = []
+    monkeypatch.setattr(checkpoints, "load_trained", lambda *a, **k: loads.append(a) or 1 / 0)
+    rc, err = run_cli(["--data", data, "--output", out, "--checkpoint", model, "--tasks", "xray", "--steps", 1])
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, err
+    assert str(out / name) in lines[0] and "--overwrite" in lines[0]
+    assert not loads  # refused before any work
+    assert sorted(os.listdir(out)) == sorted([name, "notes.txt"])
+    assert (out / name).read_text() == "last week's numbers"
+
+
+def test_overwrite_replaces_the_report_whole(setup, tmp_path, monkeypatch):
+    """--overwrite replaces the report; a write that fails half-way leaves the report before it whole."""
+    _, data, model = setup
+    out = tmp_path / "rep"
+    argv = ["--data", data, "--output", out, "--checkpoint", model, "--tasks", "xray", "--steps", 1, "--limit", 1,
+            "--batch-size", 1]
+    assert run_cli(argv)[0] == 0
+    (out / "notes.txt").write_text("kept")
+    before = {f: (out / f).read_bytes() for f in REPORT}
+
+    class Crash(Exception):
+        pass
+
+    def crash(report):
+        raise Crash  # the run dies while the report is being written
+
+    monkeypatch.setattr(report_lib, "markdown", crash)
+    with pytest.raises(Crash):
+        quiet(evaluate.run, data, str(out), model, tasks=["xray"], steps=1, limit=1, batch_size=1, overwrite=True)
+    assert {f: (out / f).read_bytes() for f in REPORT} == before  # nothing half-written
+    assert sorted(os.listdir(out)) == sorted([*REPORT, "notes.txt"])  # no temporary file left
+    monkeypatch.undo()
+    rc, err = run_cli(argv + ["--overwrite", "--seed", 5])
+    assert rc == 0, err
+    assert json.loads((out / "metrics.json").read_text())["seed"] == 5
+    assert sorted(os.listdir(out)) == sorted([*REPORT, "notes.txt"])

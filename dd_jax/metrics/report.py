@@ -18,11 +18,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from dd_jax import outdir
 from dd_jax.metrics import protocols
 
 NA = "n/a (no weights)"
@@ -31,6 +32,7 @@ FOREGROUND_ORDER = ("glassware", "xray", "cell", "watermark", "flare", "occlusio
 METHOD_NAMES = {"identity": "Identity (composite)", "model": "Model"}
 FORMATS = {"rmse": "{:.2f}", "ssim": "{:.4f}", "lpips": "{:.4f}", "fid": "{:.2f}", "psnr": "{:.2f}",
            "rmse_w": "{:.2f}", "ssim_zero_pad": "{:.4f}", "ratio": "{:.3f}"}
+FILES = ("metrics.json", "report.md", "cases.png")  # what `write` makes in the report folder
 COLUMNS = ("composite", "background (model)", "background (truth)", "foreground (model)", "foreground (truth)")
 
 
@@ -223,14 +225,21 @@ def to_json(report: dict) -> str:
     return _SCALAR_LIST.sub(lambda m: "[" + re.sub(r",\n\s*", ", ", m.group(1)) + "]", text) + "\n"
 
 
-def write(report: dict, cases: dict, output: str) -> None:
-    """metrics.json, report.md and cases.png in `output`."""
+def write(report: dict, cases: dict, output: str, overwrite: bool = False) -> None:
+    """metrics.json, report.md and cases.png (`FILES`) in `output`, written under temporary names and moved in
+    together (`dd_jax.outdir.write_files`): existing ones are replaced only with `overwrite`, else
+    FileExistsError."""
     os.makedirs(output, exist_ok=True)
-    with open(os.path.join(output, "metrics.json"), "w") as f:
-        f.write(to_json(report))
-    with open(os.path.join(output, "report.md"), "w") as f:
-        f.write(markdown(report))
+
+    def text(content: str) -> Callable[[str], None]:
+        def write_text(path: str) -> None:
+            with open(path, "w") as f:
+                f.write(content)
+        return write_text
+
     sizes = [max(r["eval_size"]) for r in report["tasks"].values()] or [64]
     tile = 64 if max(sizes) <= 64 else 96
-    case_grid(cases, ordered(report["tasks"], BACKGROUND_ORDER), tile).save(
-        os.path.join(output, "cases.png"), optimize=True)
+    grid = case_grid(cases, ordered(report["tasks"], BACKGROUND_ORDER), tile)
+    writers = {"metrics.json": text(to_json(report)), "report.md": text(markdown(report)),
+               "cases.png": lambda path: grid.save(path, format="PNG", optimize=True)}
+    outdir.write_files([(os.path.join(output, f), writers[f]) for f in FILES], overwrite=overwrite)
