@@ -54,7 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
     ic.condition_t0 = False  # modulate condition tokens as t = 0 (OminiControl)
 
     c.data = d = ml_collections.ConfigDict()
-    d.dir = ""  # the --out folder of python -m dd_jax.data.build
+    d.source = "built"  # "built": data sets under data.dir | "procedural": synthesized by index, no build step
+    d.style = "classic"  # procedural only: "classic" | "photo" (dd_jax.data.synth), or both in turn: "classic+photo"
+    d.dir = ""  # the --out folder of python -m dd_jax.data.build (source "built")
     d.tasks = "xray"  # a subtask, a list, or "all"
     d.height = 512
     d.width = 512
@@ -67,6 +69,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.train = t = ml_collections.ConfigDict()
     t.steps = 30_000
+    t.max_minutes = 0.0  # wall-clock budget from the process's start (0 = none): the run stops in time to save a
+    #                      checkpoint and export; the same command resumes it
     t.learning_rate = 1e-4
     t.warmup_steps = 100
     t.decay = False  # cosine decay to 10% over the run

@@ -1,4 +1,4 @@
-"""The Grain input pipeline over built AlphaBlend / LOGO datasets.
+"""The Grain input pipeline over built AlphaBlend / LOGO datasets, or procedural data drawn by index.
 
 ``make_pipeline(...)`` returns a ``grain.IterDataset``; ``iter(ds)`` gives a
 ``grain.DatasetIterator`` whose ``get_state()`` / ``set_state()`` checkpoint
@@ -26,6 +26,10 @@ rendering -> scale to [-1, 1]. Batches are dicts of numpy arrays, NHWC:
               exists; ``python -m dd_jax.data.encode_text``) or online
               encoding (``text_encoders``); see ``dd_jax.data.text_cache``
 
+With ``source="procedural"`` the records are synthesized on access
+(``dd_jax.data.procedural``) instead of read: nothing is built or stored,
+and the same transform follows.
+
 Determinism: a batch depends only on (datasets, seed, batch_size, shard,
 worker_count). Sharding slices records before shuffling: shard i of n gets
 records i, i+n, ... of the mixture, so shards are disjoint and cover it.
@@ -49,7 +53,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from dd_jax.data import blend, text_cache as tc
+from dd_jax.data import blend, procedural, text_cache as tc
 
 # ----------------------------------------------------------------- sources
 # TFDS imports the module named by every "pythonClassName" in a dataset's features.json when it opens the
@@ -269,9 +273,15 @@ class _Tag(grain.transforms.MapWithIndex):
 
 
 # ----------------------------------------------------------------- pipeline
-def resolve_tasks(data_dir: str, tasks: str | Iterable[str]) -> list[str]:
+SOURCES = ("built", "procedural")
+
+
+def resolve_tasks(data_dir: str, tasks: str | Iterable[str], source: str = "built") -> list[str]:
+    """The task names of `tasks`; "all": every subtask (procedural) or every one built under `data_dir`."""
     if isinstance(tasks, str):
         if tasks == "all":
+            if source == "procedural":
+                return list(blend.TASKS)
             return [t for t in blend.TASKS if os.path.isdir(os.path.join(data_dir, "alphablend", t))]
         return [tasks]
     return list(tasks)
@@ -284,7 +294,8 @@ def make_pipeline(data_dir: str, tasks: str | Iterable[str], split: str = "train
                   random_crop: bool | None = None, include_rgba: bool = False, crop: str = "resize",
                   read_threads: int = 2,
                   prefetch_buffer_size: int = 16, worker_buffer_size: int = 2, text_cache: str | None = "auto",
-                  text_encoders: str | None = None) -> grain.IterDataset:
+                  text_encoders: str | None = None, source: str = "built", style: str = "classic"
+                  ) -> grain.IterDataset:
     """The training / evaluation input pipeline (see the module docstring).
 
     Args:
@@ -315,18 +326,35 @@ def make_pipeline(data_dir: str, tasks: str | Iterable[str], split: str = "train
       text_encoders: encode captions online instead, with the converted T5 + CLIP
         of this folder (``scripts/convert_flux.py --output``); holds the encoders
         in the input pipeline's process.
+      source: ``built`` (the data sets under ``data_dir``) or ``procedural``
+        (examples synthesized by index, ``dd_jax.data.procedural``: no build, no
+        disk; ``data_dir`` is not read, ``tasks`` ``all`` means every subtask,
+        and ``num_epochs`` / ``shuffle`` do not apply: the stream is endless and
+        every record is a fresh draw).
+      style: the synthesizer's style for ``procedural`` (``synth.STYLES``).
     """
     if height % 16 or width % 16:
         raise ValueError(f"height and width must be multiples of 16, got {height}x{width}")
-    tasks = resolve_tasks(data_dir, tasks)
+    if source not in SOURCES:
+        raise ValueError(f"data source {source!r}; choose from {', '.join(SOURCES)}")
+    tasks = resolve_tasks(data_dir, tasks, source)
     if not tasks:
         raise ValueError(f"no tasks found under {data_dir!r}")
     if shard_index is None or shard_count is None:
         shard_index, shard_count = jax.process_index(), jax.process_count()
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"bad shard {shard_index} of {shard_count}")
-    opened = [open_source(data_dir, t, split) for t in tasks]
     shard = slice(shard_index, None, shard_count)
+    if source == "procedural":
+        if num_epochs is not None:
+            raise ValueError("procedural data is an endless stream: num_epochs does not apply")
+        ds = grain.MapDataset.source(procedural.ProceduralSource(
+            tasks, height, width, seed=seed, split=split, style=style, weights=weights))[shard]
+        return _examples(ds, data_dir, height, width, batch_size, seed, True if drop_remainder is None
+                         else drop_remainder, shuffle if random_crop is None else random_crop, include_rgba, crop,
+                         read_threads, prefetch_buffer_size, worker_count, worker_buffer_size, None
+                         if text_cache == "auto" else text_cache, text_encoders)
+    opened = [open_source(data_dir, t, split) for t in tasks]
     if weights is None:
         ds = grain.MapDataset.source(MultiSource([s for s, _ in opened], [n for _, n in opened]))[shard]
         if shuffle:
@@ -344,14 +372,24 @@ def make_pipeline(data_dir: str, tasks: str | Iterable[str], split: str = "train
             parts.append((p.shuffle(seed=seed + 7919 * (k + 1)) if shuffle else p).repeat(None))
             offset += len(src)
         ds = grain.MapDataset.mix(parts, weights=list(weights))
-    random_crop = shuffle if random_crop is None else random_crop
+    return _examples(ds, data_dir, height, width, batch_size, seed,
+                     (num_epochs is None) if drop_remainder is None else drop_remainder,
+                     shuffle if random_crop is None else random_crop, include_rgba, crop, read_threads,
+                     prefetch_buffer_size, worker_count, worker_buffer_size, text_cache, text_encoders)
+
+
+def _examples(ds: grain.MapDataset, data_dir: str, height: int, width: int, batch_size: int, seed: int, drop: bool,
+              random_crop: bool, include_rgba: bool, crop: str, read_threads: int, prefetch_buffer_size: int,
+              worker_count: int, worker_buffer_size: int, text_cache: str | None,
+              text_encoders: str | None) -> grain.IterDataset:
+    """Records -> prepared, text-attached batches, read by threads (and worker processes): make_pipeline's
+    common tail for every source."""
     ds = ds.random_map(Prepare(height, width, random_crop, include_rgba, crop), seed=seed + 1)
     cache, encoder = _text_source(data_dir, text_cache, text_encoders)
     if cache is not None:
         ds = ds.map(AttachText(cache))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                               prefetch_buffer_size=prefetch_buffer_size))
-    drop = (num_epochs is None) if drop_remainder is None else drop_remainder
     it = it.batch(batch_size, drop_remainder=drop)
     if encoder is not None:
         it = it.map(EncodeText(encoder))

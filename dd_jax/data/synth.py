@@ -68,11 +68,14 @@ class Synthesizer:
         (seed, task, split, i), not on the order or process it is made in.
       min_side: user background images with a shorter side are skipped
         (default: half the output's shorter side, at least 32 px).
+      style: ``classic`` or ``photo`` (`STYLES`).
+      exclude_held_out: never use the bundled photos of the real-photo
+        evaluation (``backgrounds.HELD_OUT_PHOTOS``); default: in style "photo".
     """
 
     def __init__(self, task: str, height: int = 512, width: int = 512, backgrounds: str | None = None,
                  foregrounds: str | None = None, seed: int = 0, min_side: int | None = None,
-                 style: str = "classic"):
+                 style: str = "classic", exclude_held_out: bool | None = None):
         if task not in blend.TASK_INDEX:
             raise ValueError(f"unknown task {task!r}; expected one of {blend.TASKS}")
         if style not in STYLES:
@@ -80,8 +83,9 @@ class Synthesizer:
         self.task, self.height, self.width, self.seed, self.style = task, int(height), int(width), int(seed), style
         min_side = min_side or max(32, min(self.height, self.width) // 2)
         view = PHOTO_VIEW if style == "photo" else None
+        exclude_held_out = style == "photo" if exclude_held_out is None else exclude_held_out
         self.bg_source = sources.make_backgrounds(task, backgrounds, min_side, native=view,
-                                                  exclude=sources.HELD_OUT_PHOTOS if style == "photo" else ())
+                                                  exclude=sources.HELD_OUT_PHOTOS if exclude_held_out else ())
         self.fg_source = sources.FolderForegrounds(foregrounds, task) if foregrounds else None
 
     def reports(self) -> dict:
