@@ -354,6 +354,19 @@ def export(system: system_lib.System, out_dir: str, step: int | None = None) -> 
     return store.write_flat(out_dir, flat, extra={} if step is None else {"step": int(step)}, **meta)
 
 
+def home() -> str:
+    """Where runs live by default, outside any checkout: $DD_JAX_HOME, else ~/.cache/dd_jax."""
+    return os.path.abspath(os.path.expanduser(os.environ.get("DD_JAX_HOME") or os.path.join("~", ".cache", "dd_jax")))
+
+
+def default_workdir(config_file: str) -> str:
+    """`home()/runs/<name>` for a config file: `configs/tiny.py` -> tiny, `configs/gpu_h20.py:xray` ->
+    gpu_h20-xray."""
+    path, _, arg = os.fspath(config_file).partition(":") if not os.path.isfile(config_file) else (config_file, "", "")
+    name = os.path.splitext(os.path.basename(path))[0] + (f"-{arg}" if arg else "")
+    return os.path.join(home(), "runs", name)
+
+
 def is_model_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(os.fspath(path), store.META_FILE))
 

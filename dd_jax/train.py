@@ -1,4 +1,7 @@
-"""Training: `python -m dd_jax.train --config configs/xray.py --workdir DIR [--config.train.steps=100]`.
+"""Training: `python -m dd_jax.train --config configs/xray.py [--workdir DIR] [--config.train.steps=100]`.
+
+Without --workdir the run lives in `$DD_JAX_HOME/runs/<config name>` (DD_JAX_HOME: ~/.cache/dd_jax), outside
+any checkout, so that the same command resumes it in a later session.
 
 One jitted flow-matching step per batch (ICD layout, loss on the noisy
 layers: `flow.system_step`), AdamW on the trainable partition (LoRA
@@ -53,6 +56,7 @@ from flax import nnx
 from dd_jax import checkpoints, config as config_lib, flow, hostmem, sharding, system as system_lib
 from dd_jax.checkpoints import RunError, to_host
 from dd_jax.data import pipeline
+from dd_jax.models import store
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -209,7 +213,8 @@ class ProcessData:
         self.iterators = [iter(pipeline.make_pipeline(
             d.dir, d.tasks, "train", d.height, d.width, d.batch_size // self.shards, seed=d.seed,
             worker_count=worker_count, shard_index=i, shard_count=self.shards, crop=d.crop,
-            text_cache=text_cache, text_encoders=text_encoders)) for i in self.indices]
+            text_cache=text_cache, text_encoders=text_encoders, source=d.source, style=d.style))
+            for i in self.indices]
 
     def __iter__(self):
         return self
@@ -255,6 +260,15 @@ def check_data(config: ml_collections.ConfigDict) -> None:
     """The data the run reads exists: every task of `data.tasks` built under `data.dir`, with examples in its
     train split (read from dataset_info.json: nothing imported, nothing opened). RunError otherwise."""
     d = config.data
+    if d.source not in pipeline.SOURCES:
+        raise RunError(f"data.source={d.source!r}; choose from {', '.join(pipeline.SOURCES)}")
+    if d.source == "procedural":  # nothing on disk: the tasks and the style must name what the synthesizer makes
+        try:
+            pipeline.procedural.ProceduralSource(pipeline.resolve_tasks(d.dir, d.tasks, d.source), 16, 16,
+                                                 style=d.style)
+        except ValueError as e:
+            raise RunError(f"data.tasks={d.tasks!r}, data.style={d.style!r}: {e}") from e
+        return
     if not d.dir or not os.path.isdir(d.dir):
         raise RunError(f"data.dir {d.dir!r}: no such folder; build the data first (python -m dd_jax.data.build "
                        f"--out DIR) and pass --config.data.dir=DIR")
@@ -314,6 +328,10 @@ def validate(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh) -> Non
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise RunError(f"--workdir {workdir}: not a folder")
     checkpoints.check_rerun(workdir, config)
+    try:  # the run writes its export there at the end (or at train.max_minutes): refused now, not after the steps
+        store.check_replaceable(os.path.join(workdir, checkpoints.EXPORT), overwrite=True)
+    except FileExistsError as e:
+        raise RunError(f"{e} (it is where this run exports its model)") from e
     check_config(config)
     try:
         check_batch(config, mesh)
@@ -336,6 +354,43 @@ def _disk_full(e: BaseException) -> bool:
     return False
 
 
+def process_start_time() -> float:
+    """When this process started (seconds since the epoch): `train.max_minutes` counts from there, so the
+    budget covers imports, building the model and compiling, not only the steps."""
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+class Budget:
+    """`train.max_minutes`: whether to stop now so that one more step, a checkpoint and the export still end
+    before the deadline. What they take is measured as the run goes (a step: the time between steps, most
+    recent weighted most; a save: the last synchronous one), starting from `SAVE_GUESS` seconds per save."""
+
+    SAVE_GUESS = 15.0
+
+    def __init__(self, minutes: float, start: float | None = None):
+        minutes = float(minutes or 0.0)
+        if minutes < 0 or not math.isfinite(minutes):
+            raise RunError(f"train.max_minutes={minutes}: minutes from the process's start (0 = no budget)")
+        start = process_start_time() if start is None else start
+        self.deadline = start + 60.0 * minutes if minutes else None
+        self.step_seconds, self.save_seconds = 0.0, self.SAVE_GUESS
+
+    def note_step(self, seconds: float) -> None:
+        self.step_seconds = seconds if not self.step_seconds else 0.8 * self.step_seconds + 0.2 * seconds
+
+    def note_save(self, seconds: float) -> None:
+        self.save_seconds = seconds
+
+    def spent(self, now: float | None = None) -> bool:
+        """True when the time left is less than a step, a checkpoint and an export (twice over, as margin)."""
+        if self.deadline is None:
+            return False
+        reserve = 2.0 * (self.step_seconds + 2.0 * self.save_seconds)
+        return (time.time() if now is None else now) + reserve >= self.deadline
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict:
     """Runs (or resumes) training; returns a summary. `stop_after` ends early (tests).
 
@@ -345,6 +400,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
 
     Multi-process runs call `sharding.maybe_initialize_distributed` first (as `main` does)."""
     t = config.train
+    budget = Budget(t.max_minutes)
     rules = config.mesh.rules or None
     mesh = sharding.make_mesh(config.mesh)
     validate(config, workdir, mesh)
@@ -459,10 +515,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     def save(step: int, wait: bool):
         nonlocal in_flight
         flush(step)  # raises before saving if a loss went bad
+        t0 = time.time()
         try:
             ckpts.save(step, train_state(), data_it.get_state(), wait=wait)
         except Exception as e:  # an earlier asynchronous save's failure surfaces here
             raise save_failed(e, in_flight or step) from e
+        if wait:
+            budget.note_save(time.time() - t0)
         in_flight = None if wait else step
 
     # Stopping: stop_after is the same on every process, a signal reaches processes at different steps. With
@@ -472,6 +531,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     step = start
     try:
         with _Stop() as stop:
+            t_step = time.time()
             while step < t.steps:
                 batch = device_batch(next(data_it), mesh, rules)
                 with jax.set_mesh(mesh):
@@ -483,9 +543,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
                     hostmem.trim_if_grown()
                 if step % t.log_every == 0:
                     flush(step)
+                now = time.time()
+                if step > start + 1:  # the first step's time is mostly compilation
+                    budget.note_step(now - t_step)
+                t_step = now
+                out_of_time = budget.spent(now)
                 ending = step == t.steps or (stop_after is not None and step >= stop_after)
                 if agrees_on_stop_at(step, sync_every):
-                    ending = _any_process(ending or bool(stop.signal))
+                    ending = _any_process(ending or bool(stop.signal) or out_of_time)
+                    out_of_time = _any_process(out_of_time) if jax.process_count() > 1 else out_of_time
                 if step % t.checkpoint_every == 0 or ending:
                     save(step, wait=ending)  # asynchronous unless the run ends here
                 if t.preview_every and step % t.preview_every == 0:  # every process: the sampler is sharded
@@ -494,9 +560,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
                                  os.path.join(workdir, "previews", f"step_{step}.png"), writer, step)
                 if ending and step < t.steps:
                     why = stop.signal or ("stop_after" if stop_after is not None and step >= stop_after
-                                          else "another process's signal")
-                    print(f"{why}: saved a checkpoint at step {step}; rerun the same command to resume",
-                          file=sys.stderr)
+                                          else "max_minutes" if out_of_time else "another process's signal")
+                    print(f"{why}: saved a checkpoint at step {step}"
+                          f"{' and exporting it' if why == 'max_minutes' else ''}; rerun the same command to "
+                          f"resume", file=sys.stderr)
                     summary["interrupted"] = why
                 if ending:
                     break
@@ -515,7 +582,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         if writer is not None:
             writer.close()
     summary["step"] = step
-    if step >= t.steps:
+    if step >= t.steps or summary.get("interrupted") == "max_minutes":  # a budgeted run always leaves a model
         export_dir = os.path.join(workdir, checkpoints.EXPORT)
         try:  # every process gathers, 0 writes
             summary["export"] = checkpoints.export(system, export_dir, step)
@@ -553,8 +620,11 @@ def main(argv: Sequence[str]) -> None:
     sharding.maybe_initialize_distributed(config.distributed)  # before any other JAX call
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     logging.get_absl_logger().addFilter(_no_orbax_tracebacks)  # a failed save: orbax's lines, our one error
+    workdir = FLAGS.workdir or checkpoints.default_workdir(FLAGS["config"].config_filename)
+    if not FLAGS.workdir:
+        print(f"workdir: {workdir} (rerun the same command to resume it)", file=sys.stderr)
     try:
-        train(config, FLAGS.workdir)
+        train(config, workdir)
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
@@ -595,8 +665,9 @@ def _define_flags():
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "a config file, e.g. configs/tiny.py", lock_config=True)
-    flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs); reruns resume from it")
-    flags.mark_flags_as_required(["config", "workdir"])
+    flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs); reruns resume from it. Default: "
+                        "$DD_JAX_HOME/runs/<config name>, DD_JAX_HOME defaulting to ~/.cache/dd_jax")
+    flags.mark_flags_as_required(["config"])
 
 
 if __name__ == "__main__":
