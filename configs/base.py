@@ -56,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = d = ml_collections.ConfigDict()
     d.source = "built"  # "built": data sets under data.dir | "procedural": synthesized by index, no build step
     d.style = "classic"  # procedural only: "classic" | "photo" (dd_jax.data.synth), or both in turn: "classic+photo"
+    d.examples = 0  # procedural only: 0 = every record a fresh draw; N = the first N records, repeated
     d.dir = ""  # the --out folder of python -m dd_jax.data.build (source "built")
     d.tasks = "xray"  # a subtask, a list, or "all"
     d.height = 512

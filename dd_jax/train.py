@@ -213,7 +213,8 @@ class ProcessData:
         self.iterators = [iter(pipeline.make_pipeline(
             d.dir, d.tasks, "train", d.height, d.width, d.batch_size // self.shards, seed=d.seed,
             worker_count=worker_count, shard_index=i, shard_count=self.shards, crop=d.crop,
-            text_cache=text_cache, text_encoders=text_encoders, source=d.source, style=d.style))
+            text_cache=text_cache, text_encoders=text_encoders, source=d.source, style=d.style,
+            examples=d.examples))
             for i in self.indices]
 
     def __iter__(self):

@@ -94,3 +94,12 @@ def test_pipeline_refuses_epochs_and_unknown_sources():
         _pipe(num_epochs=2)
     with pytest.raises(ValueError, match="data source 'web'"):
         _pipe(source="web")
+
+
+def test_a_fixed_number_of_examples_repeats_reshuffled():
+    it = iter(_pipe(tasks=["watermark"], examples=6, batch_size=3))
+    epochs = [np.concatenate([next(it)["key"] for _ in range(2)]) for _ in range(3)]
+    assert all(sorted(e) == list(range(6)) for e in epochs)  # each epoch is the same 6 records
+    assert len({tuple(e) for e in epochs}) > 1  # in a new order
+    with pytest.raises(ValueError, match="examples=-1"):
+        _pipe(examples=-1)

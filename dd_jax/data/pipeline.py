@@ -294,8 +294,8 @@ def make_pipeline(data_dir: str, tasks: str | Iterable[str], split: str = "train
                   random_crop: bool | None = None, include_rgba: bool = False, crop: str = "resize",
                   read_threads: int = 2,
                   prefetch_buffer_size: int = 16, worker_buffer_size: int = 2, text_cache: str | None = "auto",
-                  text_encoders: str | None = None, source: str = "built", style: str = "classic"
-                  ) -> grain.IterDataset:
+                  text_encoders: str | None = None, source: str = "built", style: str = "classic",
+                  examples: int = 0) -> grain.IterDataset:
     """The training / evaluation input pipeline (see the module docstring).
 
     Args:
@@ -332,6 +332,9 @@ def make_pipeline(data_dir: str, tasks: str | Iterable[str], split: str = "train
         and ``num_epochs`` / ``shuffle`` do not apply: the stream is endless and
         every record is a fresh draw).
       style: the synthesizer's style for ``procedural`` (``synth.STYLES``).
+      examples: ``procedural`` only: 0 (every record a fresh draw), or N: the
+        first N records only, reshuffled every epoch (``shuffle``) and repeated
+        forever (a fixed training set, e.g. to see a model fit it).
     """
     if height % 16 or width % 16:
         raise ValueError(f"height and width must be multiples of 16, got {height}x{width}")
@@ -349,7 +352,14 @@ def make_pipeline(data_dir: str, tasks: str | Iterable[str], split: str = "train
         if num_epochs is not None:
             raise ValueError("procedural data is an endless stream: num_epochs does not apply")
         ds = grain.MapDataset.source(procedural.ProceduralSource(
-            tasks, height, width, seed=seed, split=split, style=style, weights=weights))[shard]
+            tasks, height, width, seed=seed, split=split, style=style, weights=weights))
+        if examples < 0:
+            raise ValueError(f"examples={examples}: 0 (endless) or a number of records")
+        if examples:
+            ds = ds[:examples][shard]
+            ds = (ds.shuffle(seed=seed) if shuffle else ds).repeat(None)
+        else:
+            ds = ds[shard]
         return _examples(ds, data_dir, height, width, batch_size, seed, True if drop_remainder is None
                          else drop_remainder, shuffle if random_crop is None else random_crop, include_rgba, crop,
                          read_threads, prefetch_buffer_size, worker_count, worker_buffer_size, None
