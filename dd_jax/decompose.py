@@ -54,9 +54,13 @@ when the file names are the same (`a/x.jpg`, `b/x.jpg` -> `a_x_jpg_...`,
 Nothing is written over: if an output file exists the run stops before the
 model runs, unless `--overwrite` is given (which replaces those outputs, never
 an input). The output folder is checked first (not a file, not under a file,
-writable); each file is written under a temporary name and renamed. A write
-that fails (a full disk) stops the run with one line, its partial file
-removed and the files written before kept. Exit status: 0 all inputs done,
+writable), then locked for the run (`OUT/.dd_jax.lock`, `dd_jax.outdir`): a
+second decompose or evaluate run on it stops at once with one line naming the
+first's pid. An input's files are written under temporary names and moved in
+together; without `--overwrite` by hard links, so a file another program made
+meanwhile is kept (the run stops). A write that fails (a full disk) stops the
+run with one line, its partial files removed and the files written before
+kept. Exit status: 0 all inputs done,
 1 some inputs skipped (unreadable; each is reported), 2 usage or input
 error, or a write that failed.
 
@@ -87,12 +91,13 @@ import argparse
 import collections
 import datetime
 import errno
+import functools
 import json
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -193,18 +198,11 @@ def task_from_name(path: str) -> str | None:
 
 
 def save_png(path: str, img: np.ndarray) -> None:
-    """Writes a PNG under a temporary name in the same folder, then renames it to `path` (a killed or failed
-    write leaves no partial `path`, and removes its temporary file when it can)."""
+    """Writes `img` ([0, 1] floats or uint8) as a PNG at `path` (decompose writes it to a temporary name that
+    `dd_jax.outdir.write_files` moves in)."""
     if img.dtype != np.uint8:
         img = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.partial-{os.getpid()}")
-    try:
-        Image.fromarray(img).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-        raise
+    Image.fromarray(img).save(path, format="PNG")
 
 
 def write_sidecar(output: str, report: dict) -> str:
@@ -273,217 +271,226 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
     files = list_inputs(inputs)
     if not files:
         raise ValueError(f"no image files in {', '.join(inputs)} ({', '.join(IMAGE_EXTENSIONS)})")
-    config = config_lib.load_config_file(config_file) if config_file else None
-    system = checkpoints.load_trained(checkpoint or checkpoints.DEFAULT_MODEL, config)
-    head = inference.load_task_head(checkpoint or checkpoints.DEFAULT_MODEL)  # None: uncalibrated task choice
-    cfg = system.config
-    steps = cfg.sample.steps if steps is None else steps
-    mode = mode or inference.default_mode(cfg)
-    tile = inference.working_size(system)
-    overlap = inference.default_overlap(tile) if overlap is None else overlap
-    if mode == "tile" and not 0 <= overlap < min(tile):
-        raise ValueError(f"--overlap must be in [0, {min(tile)}) for tiles of {tile[0]}x{tile[1]}")
-    protected = {os.path.realpath(f) for f in files}
-    has_fg = "x" in system.spec.targets
-    if select == "recompose" and not has_fg:
-        raise ValueError("--select recompose needs a model that predicts the foreground layer (no recomposition "
-                         "without it)")
-    stems = output_stems(files)
-    kept = 1 if select == "recompose" else num_samples  # outputs per input
-    # output kinds (and file name suffixes): one pass <stem>_foreground.png, N passes <stem>_foreground_<p>.png
-    fg_names = (["foreground"] if passes == 1 else [f"foreground_{p}" for p in range(1, passes + 1)]) if has_fg else []
+    with outdir.locked(output, "decompose"):  # until the run ends: one run at a time writes the folder
+        config = config_lib.load_config_file(config_file) if config_file else None
+        system = checkpoints.load_trained(checkpoint or checkpoints.DEFAULT_MODEL, config)
+        head = inference.load_task_head(checkpoint or checkpoints.DEFAULT_MODEL)  # None: uncalibrated task choice
+        cfg = system.config
+        steps = cfg.sample.steps if steps is None else steps
+        mode = mode or inference.default_mode(cfg)
+        tile = inference.working_size(system)
+        overlap = inference.default_overlap(tile) if overlap is None else overlap
+        if mode == "tile" and not 0 <= overlap < min(tile):
+            raise ValueError(f"--overlap must be in [0, {min(tile)}) for tiles of {tile[0]}x{tile[1]}")
+        protected = {os.path.realpath(f) for f in files}
+        has_fg = "x" in system.spec.targets
+        if select == "recompose" and not has_fg:
+            raise ValueError("--select recompose needs a model that predicts the foreground layer (no recomposition "
+                             "without it)")
+        stems = output_stems(files)
+        kept = 1 if select == "recompose" else num_samples  # outputs per input
+        # output kinds (and file name suffixes): one pass <stem>_foreground.png, N passes <stem>_foreground_<p>.png
+        fg_names = ((["foreground"] if passes == 1 else [f"foreground_{p}" for p in range(1, passes + 1)])
+                    if has_fg else [])
 
-    def out_names(stem: str) -> dict[str, str]:
-        names = {kind: f"{stem}_{kind}.png" for kind in ["background"] + fg_names} if fmt != "psd" else {}
-        if fmt != "png":
-            names["psd"] = f"{stem}.psd"
-        return names
+        def out_names(stem: str) -> dict[str, str]:
+            names = {kind: f"{stem}_{kind}.png" for kind in ["background"] + fg_names} if fmt != "psd" else {}
+            if fmt != "png":
+                names["psd"] = f"{stem}.psd"
+            return names
 
-    def sample_stem(path: str, k: int) -> str:
-        return stems[path] + (f"_s{k}" if kept > 1 else "")
+        def sample_stem(path: str, k: int) -> str:
+            return stems[path] + (f"_s{k}" if kept > 1 else "")
 
-    planned = [os.path.join(output, name) for f in files for k in range(kept)
-               for name in out_names(sample_stem(f, k)).values()]
-    existing = [p for p in planned if os.path.lexists(p) and (not overwrite or os.path.realpath(p) in protected)]
-    if existing:
-        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-        if any(os.path.realpath(p) in protected for p in existing):
-            raise ValueError(f"{existing[0]}{more} would be written over an input; choose another --output")
-        raise ValueError(f"{existing[0]}{more} exists; decompose writes over no file it did not write in this "
-                         f"run: pass --overwrite to replace its outputs, or choose another --output")
-    os.makedirs(output, exist_ok=True)
-    skipped, written, tasks_used, done, records = [], 0, {}, [], []
-    t0 = time.time()
-    progress = _Progress(t0)
-    key = jax.random.key(seed)
-    auto_key = jax.random.fold_in(key, 2**31 - 1)  # task choice: its own noise
-    print(f"decomposing {len(files)} file(s), mode {mode} ({tile[0]}x{tile[1]} "
-          f"{'tiles, overlap ' + str(overlap) if mode == 'tile' else 'working size'}), {steps} steps, "
-          f"{num_samples} sample(s) each{', keeping the best recomposition' if kept < num_samples else ''}"
-          f"{f', {passes} passes' if passes > 1 else ''}", file=sys.stderr)
+        planned = [os.path.join(output, name) for f in files for k in range(kept)
+                   for name in out_names(sample_stem(f, k)).values()]
+        existing = [p for p in planned if os.path.lexists(p) and (not overwrite or os.path.realpath(p) in protected)]
+        if existing:
+            more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+            if any(os.path.realpath(p) in protected for p in existing):
+                raise ValueError(f"{existing[0]}{more} would be written over an input; choose another --output")
+            raise ValueError(f"{existing[0]}{more} exists; decompose writes over no file it did not write in this "
+                             f"run: pass --overwrite to replace its outputs, or choose another --output")
+        skipped, written, tasks_used, done, records = [], 0, {}, [], []
+        t0 = time.time()
+        progress = _Progress(t0)
+        key = jax.random.key(seed)
+        auto_key = jax.random.fold_in(key, 2**31 - 1)  # task choice: its own noise
+        print(f"decomposing {len(files)} file(s), mode {mode} ({tile[0]}x{tile[1]} "
+              f"{'tiles, overlap ' + str(overlap) if mode == 'tile' else 'working size'}), {steps} steps, "
+              f"{num_samples} sample(s) each{', keeping the best recomposition' if kept < num_samples else ''}"
+              f"{f', {passes} passes' if passes > 1 else ''}", file=sys.stderr)
 
-    def pick_task(p: int, path: str, img: np.ndarray, choice_key) -> tuple[str, str]:
-        """Pass p's task and how it was chosen: --task's entry, else (pass 1) the file name, else automatic."""
-        t, how = per_pass[p - 1], "--task"
-        if t is None and p == 1:
-            t, how = task_from_name(path), "file name"
-        if t is None:
-            t, scores = inference.choose_task(system, img, steps=steps, key=choice_key, batch_size=batch_size,
-                                              guidance=guidance, prompt=prompt, head=head)
-            how = "chosen automatically: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
-        return t, how
+        def pick_task(p: int, path: str, img: np.ndarray, choice_key) -> tuple[str, str]:
+            """Pass p's task and how it was chosen: --task's entry, else (pass 1) the file name, else automatic."""
+            t, how = per_pass[p - 1], "--task"
+            if t is None and p == 1:
+                t, how = task_from_name(path), "file name"
+            if t is None:
+                t, scores = inference.choose_task(system, img, steps=steps, key=choice_key, batch_size=batch_size,
+                                                  guidance=guidance, prompt=prompt, head=head)
+                how = "chosen automatically: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+            return t, how
 
-    def announce(label: str, img: np.ndarray, t: str, how: str) -> None:
-        h, w = img.shape[:2]
-        count = inference.tile_count(h, w, tile, overlap) if mode == "tile" else 1
-        print(f"  {label} ({w}x{h}): task {t} ({how}); {count} tile(s)", file=sys.stderr)
+        def announce(label: str, img: np.ndarray, t: str, how: str) -> None:
+            h, w = img.shape[:2]
+            count = inference.tile_count(h, w, tile, overlap) if mode == "tile" else 1
+            print(f"  {label} ({w}x{h}): task {t} ({how}); {count} tile(s)", file=sys.stderr)
 
-    # Pass p > 1 of an input decomposes the 8-bit background its pass p - 1 wrote: queued here when that pass is
-    # done, and fed to the model before the next input is read (so memory follows the images in flight).
-    file_iter = iter(enumerate(files))
-    next_passes: collections.deque = collections.deque()  # (path, name, n, k, pass, image)
-    how_chosen: dict[tuple, str] = {}  # (path, k, pass) -> how its task was chosen
+        # Pass p > 1 of an input decomposes the 8-bit background its pass p - 1 wrote: queued here when that pass is
+        # done, and fed to the model before the next input is read (so memory follows the images in flight).
+        file_iter = iter(enumerate(files))
+        next_passes: collections.deque = collections.deque()  # (path, name, n, k, pass, image)
+        how_chosen: dict[tuple, str] = {}  # (path, k, pass) -> how its task was chosen
 
-    def items():
-        while True:
-            while next_passes:
-                path, name, n, k, p, img = next_passes.popleft()
-                t, how = pick_task(p, path, img, jax.random.fold_in(jax.random.fold_in(auto_key, n), 1000 * p + k))
-                how_chosen[path, k, p] = how
-                label = f"{name}, pass {p}" + (f", sample {k}" if num_samples > 1 else "")
+        def items():
+            while True:
+                while next_passes:
+                    path, name, n, k, p, img = next_passes.popleft()
+                    t, how = pick_task(p, path, img, jax.random.fold_in(jax.random.fold_in(auto_key, n), 1000 * p + k))
+                    how_chosen[path, k, p] = how
+                    label = f"{name}, pass {p}" + (f", sample {k}" if num_samples > 1 else "")
+                    announce(label, img, t, how)
+                    yield (path, label, k, t, p), img, t
+                nxt = next(file_iter, None)
+                if nxt is None:
+                    return
+                n, path = nxt
+                try:
+                    img = read_rgb(path)
+                except Exception as e:  # unreadable file: report and go on
+                    skipped.append(path)
+                    print(f"skipping {path}: {e}", file=sys.stderr)
+                    continue
+                t, how = pick_task(1, path, img, jax.random.fold_in(auto_key, n))
+                name = os.path.basename(path)
+                label = name if passes == 1 else f"{name}, pass 1"
                 announce(label, img, t, how)
-                yield (path, label, k, t, p), img, t
-            nxt = next(file_iter, None)
-            if nxt is None:
-                return
-            n, path = nxt
+                for k in range(num_samples):
+                    how_chosen[path, k, 1] = how
+                    yield (path, label, k, t, 1), img, t
+
+        def save(files: list[tuple[str, Callable[[str], object]]]) -> None:
+            """Writes one output's files together (`outdir.write_files`): all of them or none."""
+            for dest, _ in files:
+                if os.path.realpath(dest) in protected:  # checked above; an input that appeared since
+                    raise ValueError(f"{dest} would be written over an input; choose another --output")
+            kept_msg = f"the {len(done)} file(s) written before ({written} decomposition(s)) are kept in {output}"
             try:
-                img = read_rgb(path)
-            except Exception as e:  # unreadable file: report and go on
-                skipped.append(path)
-                print(f"skipping {path}: {e}", file=sys.stderr)
-                continue
-            t, how = pick_task(1, path, img, jax.random.fold_in(auto_key, n))
-            name = os.path.basename(path)
-            label = name if passes == 1 else f"{name}, pass 1"
-            announce(label, img, t, how)
-            for k in range(num_samples):
-                how_chosen[path, k, 1] = how
-                yield (path, label, k, t, 1), img, t
+                outdir.write_files(files, overwrite=overwrite)
+            except FileExistsError as e:
+                raise WriteError(f"{e.filename} appeared during the run (another program wrote it) and was kept, "
+                                 f"not replaced: stopped; {kept_msg}") from e
+            except OSError as e:
+                why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+                raise WriteError(f"{why} writing {files[0][0]}{f' and {len(files) - 1} more' if len(files) > 1 else ''}"
+                                 f": stopped, its partial files removed; {kept_msg}") from e
+            done.extend(dest for dest, _ in files)
 
-    def save(dest: str, write, *args) -> None:
-        if os.path.realpath(dest) in protected:  # checked above; an input that appeared since
-            raise ValueError(f"{dest} would be written over an input; choose another --output")
-        try:
-            write(*args)
-        except OSError as e:
-            why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-            raise WriteError(f"{why} writing {dest}: stopped, its partial file removed; the {len(done)} "
-                             f"file(s) written before ({written} decomposition(s)) are kept in {output}") from e
-        done.append(dest)
+        def output_layers(t: str, layers: inference.Layers) -> tuple[np.ndarray, np.ndarray | None, float | None]:
+            """The 8-bit layers as written and their recomposition RMSE (0-1; None without a foreground)."""
+            bg = np.clip(np.rint(layers.background * 255.0), 0, 255).astype(np.uint8)
+            if not has_fg:
+                return bg, None, None
+            fg = blend.quantize_rgba(np.asarray(
+                blend.foreground_rgba(t, layers.foreground, layers.composite, layers.background)))
+            return bg, fg, blend.layers_error(t, fg, bg, layers.composite)
 
-    def output_layers(t: str, layers: inference.Layers) -> tuple[np.ndarray, np.ndarray | None, float | None]:
-        """The 8-bit layers as written and their recomposition RMSE (0-1; None without a foreground)."""
-        bg = np.clip(np.rint(layers.background * 255.0), 0, 255).astype(np.uint8)
-        if not has_fg:
-            return bg, None, None
-        fg = blend.quantize_rgba(np.asarray(
-            blend.foreground_rgba(t, layers.foreground, layers.composite, layers.background)))
-        return bg, fg, blend.layers_error(t, fg, bg, layers.composite)
+        chains: dict[tuple, list] = {}  # (path, k) -> its passes so far: (task, bg, fg, recomposition error)
+        inputs: dict[tuple, np.ndarray] = {}  # (path, k) -> the input (pass 1's composite)
+        pending: dict[str, list] = collections.defaultdict(list)  # --select recompose: an input's samples so far
+        index = {f: n for n, f in enumerate(files)}
 
-    chains: dict[tuple, list] = {}  # (path, k) -> its passes so far: (task, bg, fg, recomposition error)
-    inputs: dict[tuple, np.ndarray] = {}  # (path, k) -> the input (pass 1's composite)
-    pending: dict[str, list] = collections.defaultdict(list)  # --select recompose: an input's samples so far
-    index = {f: n for n, f in enumerate(files)}
-
-    def finish(path: str, k: int, chain: list, image: np.ndarray) -> None:
-        """Writes one input's (or sample's) layers once its last pass is done."""
-        nonlocal written
-        outs = [(k, chain, None if not has_fg else stack_error([c[:3] for c in chain], image))]
-        sample_errors = None
-        if kept < num_samples:
-            pending[path].append(outs[0])
-            if len(pending[path]) < num_samples:
-                return
-            samples = sorted(pending.pop(path), key=lambda o: o[0])
-            sample_errors = [o[2] for o in samples]
-            outs = [samples[int(np.argmin(sample_errors))]]
-        for k, chain, err in outs:
-            bg = chain[-1][1]  # the last pass's background
-            stem = sample_stem(path, k)
-            names = out_names(stem)
-            hows = [how_chosen[path, k, p] for p in range(1, passes + 1)]
-            record = {"input": path, "task": ",".join(c[0] for c in chain),
-                      "task_from": hows[0] if passes == 1 else hows, "size": list(bg.shape[1::-1]), "sample": k,
-                      "outputs": {}, "recompose_rmse": None if err is None else round(err * 255, 4),
-                      "passes": [{"pass": p, "task": c[0], "task_from": hows[p - 1],
-                                  "recompose_rmse": None if c[3] is None else round(c[3] * 255, 4),
-                                  "foreground": names.get(fg_names[p - 1]) if has_fg else None}
-                                 for p, c in enumerate(chain, 1)]}
-            if sample_errors is not None:
-                record["sample_recompose_rmse"] = [round(e * 255, 4) for e in sample_errors]
-            for kind, fname in names.items():
-                dest = os.path.join(output, fname)
-                if kind == "background":
-                    save(dest, save_png, dest, bg)
-                elif kind.startswith("foreground"):
-                    p = 1 if kind == "foreground" else int(kind.rsplit("_", 1)[1])
-                    save(dest, save_png, dest, chain[p - 1][2])
-                else:
-                    stack = psd_layers.pass_layers([c[:3] for c in chain])
-                    psd_img = psd_layers.composite(stack)
-                    save(dest, psd_layers.write, dest, stack)
-                    record["psd_layers"] = [{"name": n, "mode": psd_layers.MODES[m]} for n, m, _ in stack]
-                    record["psd_rmse"] = round(blend.rmse(psd_img, image) * 255, 4)
-                record["outputs"][kind] = fname
-            records.append(record)
-            tasks_used[path] = record["task"]
-            if passes > 1 or sample_errors is not None:
-                note = "" if err is None else f"recomposition RMSE {err * 255:.2f}/255"
-                if passes > 1 and err is not None:
-                    note += " (all passes)"
+        def finish(path: str, k: int, chain: list, image: np.ndarray) -> None:
+            """Writes one input's (or sample's) layers once its last pass is done."""
+            nonlocal written
+            outs = [(k, chain, None if not has_fg else stack_error([c[:3] for c in chain], image))]
+            sample_errors = None
+            if kept < num_samples:
+                pending[path].append(outs[0])
+                if len(pending[path]) < num_samples:
+                    return
+                samples = sorted(pending.pop(path), key=lambda o: o[0])
+                sample_errors = [o[2] for o in samples]
+                outs = [samples[int(np.argmin(sample_errors))]]
+            for k, chain, err in outs:
+                bg = chain[-1][1]  # the last pass's background
+                stem = sample_stem(path, k)
+                names = out_names(stem)
+                hows = [how_chosen[path, k, p] for p in range(1, passes + 1)]
+                record = {"input": path, "task": ",".join(c[0] for c in chain),
+                          "task_from": hows[0] if passes == 1 else hows, "size": list(bg.shape[1::-1]), "sample": k,
+                          "outputs": {}, "recompose_rmse": None if err is None else round(err * 255, 4),
+                          "passes": [{"pass": p, "task": c[0], "task_from": hows[p - 1],
+                                      "recompose_rmse": None if c[3] is None else round(c[3] * 255, 4),
+                                      "foreground": names.get(fg_names[p - 1]) if has_fg else None}
+                                     for p, c in enumerate(chain, 1)]}
                 if sample_errors is not None:
-                    note += f", sample {k} of {num_samples} kept (" + ", ".join(f"{e * 255:.2f}"
-                                                                           for e in sample_errors) + ")"
-                print(f"  {os.path.basename(path)}: {note or 'written'}", file=sys.stderr)
-            written += 1
+                    record["sample_recompose_rmse"] = [round(e * 255, 4) for e in sample_errors]
+                files = []
+                for kind, fname in names.items():
+                    dest = os.path.join(output, fname)
+                    if kind == "background":
+                        files.append((dest, functools.partial(save_png, img=bg)))
+                    elif kind.startswith("foreground"):
+                        p = 1 if kind == "foreground" else int(kind.rsplit("_", 1)[1])
+                        files.append((dest, functools.partial(save_png, img=chain[p - 1][2])))
+                    else:
+                        stack = psd_layers.pass_layers([c[:3] for c in chain])
+                        psd_img = psd_layers.composite(stack)
+                        files.append((dest, functools.partial(psd_layers.write, psd_layers=stack)))
+                        record["psd_layers"] = [{"name": n, "mode": psd_layers.MODES[m]} for n, m, _ in stack]
+                        record["psd_rmse"] = round(blend.rmse(psd_img, image) * 255, 4)
+                    record["outputs"][kind] = fname
+                save(files)
+                records.append(record)
+                tasks_used[path] = record["task"]
+                if passes > 1 or sample_errors is not None:
+                    note = "" if err is None else f"recomposition RMSE {err * 255:.2f}/255"
+                    if passes > 1 and err is not None:
+                        note += " (all passes)"
+                    if sample_errors is not None:
+                        note += f", sample {k} of {num_samples} kept (" + ", ".join(f"{e * 255:.2f}"
+                                                                               for e in sample_errors) + ")"
+                    print(f"  {os.path.basename(path)}: {note or 'written'}", file=sys.stderr)
+                written += 1
 
-    for rnd in range(passes):  # a round ends with its stream; passes still owed then are the next round's
-        stream = inference.decompose_stream(system, items(), steps=steps,
-                                            key=key if rnd == 0 else jax.random.fold_in(key, 2**30 + rnd),
-                                            mode=mode, batch_size=batch_size, overlap=overlap, guidance=guidance,
-                                            prompt=prompt, detail_transfer=detail_transfer, progress=progress)
-        for tag, layers in stream:
-            path, _, k, t, p = tag
-            bg, fg, err = output_layers(t, layers)
-            if p == 1:
-                inputs[path, k] = layers.composite
-            chains.setdefault((path, k), []).append((t, bg, fg, err))
-            note = "" if err is None else f", recomposition RMSE {err * 255:.2f}/255"
-            progress.finish(tag, inference.tile_count(*layers.composite.shape[:2], tile, overlap)
-                            if mode == "tile" else 1, note)
-            del layers
-            if p < passes:  # the next pass decomposes the background as written (8-bit)
-                next_passes.append((path, os.path.basename(path), index[path], k, p + 1,
-                                    bg.astype(np.float32) / 255.0))
-            else:
-                finish(path, k, chains.pop((path, k)), inputs.pop((path, k)))
-        if not next_passes:
-            break
-    report = {"tool": "dd_jax.decompose", "rmse_scale": "0-255", "recompose_rmse": "RMSE of the input against "
-              "the task's blend law applied to the written 8-bit layers (dd_jax.data.blend.layers_error)",
-              "checkpoint": checkpoint or checkpoints.DEFAULT_MODEL, "steps": steps, "seed": seed, "mode": mode,
-              "overlap": overlap if mode == "tile" else None, "batch_size": batch_size, "guidance": guidance,
-              "num_samples": num_samples, "select": select, "format": fmt, "images": records, "skipped": skipped,
-              "seconds": round(time.time() - t0, 2)}
-    try:
-        sidecar = write_sidecar(output, report)
-    except OSError as e:
-        raise WriteError(f"{e.strerror or e} writing the run's JSON sidecar in {output}; the {len(done)} "
-                         f"file(s) written ({written} decomposition(s)) are kept") from e
-    print(f"recomposition errors and settings: {sidecar}", file=sys.stderr)
-    return {"written": written, "files": done, "skipped": skipped, "output": output, "tasks": tasks_used,
-            "images": records, "sidecar": sidecar}
+        for rnd in range(passes):  # a round ends with its stream; passes still owed then are the next round's
+            stream = inference.decompose_stream(system, items(), steps=steps,
+                                                key=key if rnd == 0 else jax.random.fold_in(key, 2**30 + rnd),
+                                                mode=mode, batch_size=batch_size, overlap=overlap, guidance=guidance,
+                                                prompt=prompt, detail_transfer=detail_transfer, progress=progress)
+            for tag, layers in stream:
+                path, _, k, t, p = tag
+                bg, fg, err = output_layers(t, layers)
+                if p == 1:
+                    inputs[path, k] = layers.composite
+                chains.setdefault((path, k), []).append((t, bg, fg, err))
+                note = "" if err is None else f", recomposition RMSE {err * 255:.2f}/255"
+                progress.finish(tag, inference.tile_count(*layers.composite.shape[:2], tile, overlap)
+                                if mode == "tile" else 1, note)
+                del layers
+                if p < passes:  # the next pass decomposes the background as written (8-bit)
+                    next_passes.append((path, os.path.basename(path), index[path], k, p + 1,
+                                        bg.astype(np.float32) / 255.0))
+                else:
+                    finish(path, k, chains.pop((path, k)), inputs.pop((path, k)))
+            if not next_passes:
+                break
+        report = {"tool": "dd_jax.decompose", "rmse_scale": "0-255", "recompose_rmse": "RMSE of the input against "
+                  "the task's blend law applied to the written 8-bit layers (dd_jax.data.blend.layers_error)",
+                  "checkpoint": checkpoint or checkpoints.DEFAULT_MODEL, "steps": steps, "seed": seed, "mode": mode,
+                  "overlap": overlap if mode == "tile" else None, "batch_size": batch_size, "guidance": guidance,
+                  "num_samples": num_samples, "select": select, "format": fmt, "images": records, "skipped": skipped,
+                  "seconds": round(time.time() - t0, 2)}
+        try:
+            sidecar = write_sidecar(output, report)
+        except OSError as e:
+            raise WriteError(f"{e.strerror or e} writing the run's JSON sidecar in {output}; the {len(done)} "
+                             f"file(s) written ({written} decomposition(s)) are kept") from e
+        print(f"recomposition errors and settings: {sidecar}", file=sys.stderr)
+        return {"written": written, "files": done, "skipped": skipped, "output": output, "tasks": tasks_used,
+                "images": records, "sidecar": sidecar}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,7 +28,8 @@ truth). Without ``--lpips-weights`` / ``--fid-weights`` (converted with
 A report folder that holds one of these files is refused before any work
 (exit status 2, one line) unless ``--overwrite`` is given; the three are
 written under temporary names and moved in together, so a run that dies
-leaves the report before it whole.
+leaves the report before it whole. The folder is locked for the run
+(``dd_jax.outdir``): a second evaluate or decompose run on it stops at once.
 
 Images are compared at the stored size of the data, decomposed exactly as
 ``decompose`` does (``dd_jax.inference``): in overlapping tiles of the
@@ -309,68 +310,70 @@ def run(data_dir: str, output: str, checkpoint: str | None = None, *, tasks: str
     """Evaluates a trained model (export folder or training workdir); writes and returns the report.
 
     `nets` replaces the LPIPS / FID networks loaded from the weight files. Raises ValueError (one line), before
-    any work, if `output` holds a report file (`report_lib.FILES`) and not `overwrite`.
+    any work, if `output` holds a report file (`report_lib.FILES`) and not `overwrite`, or another run uses it
+    (`dd_jax.outdir.locked`, held until the report is written).
     """
     outdir.check_folder(output)
-    existing = [f for f in report_lib.FILES if os.path.lexists(os.path.join(output, f))]
-    if existing and not overwrite:
-        raise ValueError(f"{os.path.join(output, existing[0])} exists; pass --overwrite to replace the report "
-                         f"({', '.join(report_lib.FILES)}), or choose another --output")
-    checkpoint = checkpoint or checkpoints.DEFAULT_MODEL
-    config = config_lib.load_config_file(config_file) if config_file else None
-    system = checkpoints.load_trained(checkpoint, config)
-    cfg = system.config
-    steps = cfg.sample.steps if steps is None else steps
-    if steps < 1:
-        raise ValueError(f"steps={steps}: at least one sampling step")
-    working = (int(cfg.data.height), int(cfg.data.width))
-    mode = mode or inference.default_mode(cfg)
-    overlap = inference.default_overlap(working) if overlap is None else overlap
-    if mode not in inference.MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(inference.MODES)}")
-    nets = nets or Networks(lpips_weights, fid_weights)
-    names = resolve_tasks(data_dir, tasks)
-    if not names:
-        raise ValueError(f"no datasets found under {data_dir!r}")
-    log(f"evaluating {checkpoint} on {', '.join(names)} ({split}), working size {working[0]}x{working[1]}, "
-        f"mode {mode}, {steps} steps, {num_samples} sample(s), batch {batch_size}")
-    t0, results, batches = time.time(), {}, 0
-    has_fg = "x" in system.spec.targets
-    cases = {}
-    for task in names:
-        examples = pipeline.Examples(data_dir, task, split, limit, working if at_working_size else None)
-        dataset, size = examples.dataset, examples.size
-        if not len(examples):
-            log(f"  {dataset}: no examples in split {split!r}, skipped")
-            continue
-        res = TaskResult(dataset, size)
-        prog = lambda i, n, d=dataset: log(f"  {d}: {i}/{n} ({time.time() - t0:.1f}s)")  # noqa: E731
-        batches += evaluate_task(system, examples, res, nets, steps=steps, seed=seed, batch_size=batch_size,
-                                 num_samples=num_samples, guidance=guidance, key_offset=batches, progress=prog,
-                                 mode=mode, overlap=overlap)
-        results[label(dataset)] = summarize(res, nets, has_fg)
-        results[label(dataset)]["build"] = examples.metadata
-        cases[label(dataset)] = res.cases
-    report = {
-        "command": command, "checkpoint": display_path(checkpoint), "data": display_path(data_dir),
-        "split": split,
-        "steps": steps, "seed": seed, "num_samples": num_samples, "batch_size": batch_size, "limit": limit,
-        "guidance": guidance, "working_size": list(working), "at_working_size": at_working_size,
-        "mode": mode, "overlap": overlap if mode == "tile" else None,
-        "targets": list(system.spec.targets), "lpec": bool(cfg.icd.lpec),
-        "lpips_weights": nets.lpips_path, "fid_weights": nets.fid_path, "psnr_cap_db": PSNR_CAP,
-        "seconds": round(time.time() - t0, 1), "tasks": results, "summary": overall(results),
-    }
-    try:
-        report_lib.write(report, cases, output, overwrite=overwrite)
-    except FileExistsError as e:  # appeared during the run: kept, as is
-        raise ValueError(f"{e.filename} appeared during the run and was kept; pass --overwrite to replace it, or "
-                         f"choose another --output") from e
-    except OSError as e:  # e.g. a full disk: the files written before are whole, the failed one is not there
-        raise ValueError(f"{e.strerror or e} writing the report in {output}: stopped, no partial file left; "
-                         f"rerun with --overwrite once there is room") from e
-    log(f"wrote {output}/metrics.json, report.md, cases.png ({time.time() - t0:.1f}s)")
-    return report
+    with outdir.locked(output, "evaluate"):
+        existing = [f for f in report_lib.FILES if os.path.lexists(os.path.join(output, f))]
+        if existing and not overwrite:
+            raise ValueError(f"{os.path.join(output, existing[0])} exists; pass --overwrite to replace the report "
+                             f"({', '.join(report_lib.FILES)}), or choose another --output")
+        checkpoint = checkpoint or checkpoints.DEFAULT_MODEL
+        config = config_lib.load_config_file(config_file) if config_file else None
+        system = checkpoints.load_trained(checkpoint, config)
+        cfg = system.config
+        steps = cfg.sample.steps if steps is None else steps
+        if steps < 1:
+            raise ValueError(f"steps={steps}: at least one sampling step")
+        working = (int(cfg.data.height), int(cfg.data.width))
+        mode = mode or inference.default_mode(cfg)
+        overlap = inference.default_overlap(working) if overlap is None else overlap
+        if mode not in inference.MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(inference.MODES)}")
+        nets = nets or Networks(lpips_weights, fid_weights)
+        names = resolve_tasks(data_dir, tasks)
+        if not names:
+            raise ValueError(f"no datasets found under {data_dir!r}")
+        log(f"evaluating {checkpoint} on {', '.join(names)} ({split}), working size {working[0]}x{working[1]}, "
+            f"mode {mode}, {steps} steps, {num_samples} sample(s), batch {batch_size}")
+        t0, results, batches = time.time(), {}, 0
+        has_fg = "x" in system.spec.targets
+        cases = {}
+        for task in names:
+            examples = pipeline.Examples(data_dir, task, split, limit, working if at_working_size else None)
+            dataset, size = examples.dataset, examples.size
+            if not len(examples):
+                log(f"  {dataset}: no examples in split {split!r}, skipped")
+                continue
+            res = TaskResult(dataset, size)
+            prog = lambda i, n, d=dataset: log(f"  {d}: {i}/{n} ({time.time() - t0:.1f}s)")  # noqa: E731
+            batches += evaluate_task(system, examples, res, nets, steps=steps, seed=seed, batch_size=batch_size,
+                                     num_samples=num_samples, guidance=guidance, key_offset=batches, progress=prog,
+                                     mode=mode, overlap=overlap)
+            results[label(dataset)] = summarize(res, nets, has_fg)
+            results[label(dataset)]["build"] = examples.metadata
+            cases[label(dataset)] = res.cases
+        report = {
+            "command": command, "checkpoint": display_path(checkpoint), "data": display_path(data_dir),
+            "split": split,
+            "steps": steps, "seed": seed, "num_samples": num_samples, "batch_size": batch_size, "limit": limit,
+            "guidance": guidance, "working_size": list(working), "at_working_size": at_working_size,
+            "mode": mode, "overlap": overlap if mode == "tile" else None,
+            "targets": list(system.spec.targets), "lpec": bool(cfg.icd.lpec),
+            "lpips_weights": nets.lpips_path, "fid_weights": nets.fid_path, "psnr_cap_db": PSNR_CAP,
+            "seconds": round(time.time() - t0, 1), "tasks": results, "summary": overall(results),
+        }
+        try:
+            report_lib.write(report, cases, output, overwrite=overwrite)
+        except FileExistsError as e:  # another program wrote it during the run: kept, as is
+            raise ValueError(f"{e.filename} appeared during the run and was kept; pass --overwrite to replace it, or "
+                             f"choose another --output") from e
+        except OSError as e:  # e.g. a full disk: the files written before are whole, the failed one is not there
+            raise ValueError(f"{e.strerror or e} writing the report in {output}: stopped, no partial file left; "
+                             f"rerun with --overwrite once there is room") from e
+        log(f"wrote {output}/metrics.json, report.md, cases.png ({time.time() - t0:.1f}s)")
+        return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,11 @@
-"""Output folders of the command-line tools (`decompose`, `evaluate`): files moved in so that none is replaced
-by accident, or left half-written.
+"""Output folders of the command-line tools (`decompose`, `evaluate`): one run at a time per folder, and files
+moved in so that none is replaced by accident, or left half-written.
 
 `check_folder(output)` refuses (one line) an output that is not, and cannot be made, a writable folder, before
-any work and without making anything.
+any work and without making anything. `locked(folder, tool)` holds an exclusive lock (`fcntl.flock`,
+non-blocking) on `folder/.dd_jax.lock` for a run's duration: a second run on the same folder fails at once with
+one line naming the first's pid. The lock file is removed when the run ends (a killed run leaves it, unlocked:
+the next run takes it over). The folder is made if needed, and removed again if the run leaves it empty.
 
 `write_files([(dest, write), ...], overwrite=...)` writes each file to a temporary name in its folder, then
 moves them all in: with `overwrite` by renames (replacing), without by hard links, which fail (FileExistsError)
@@ -13,9 +16,26 @@ partial file, and a set of files (one image's layers, a report) comes whole or n
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+
+LOCK_FILE = ".dd_jax.lock"
+
+
+class FolderInUse(ValueError):
+    """Another run holds the output folder's lock."""
+
+
+def _holder(path: str, tool: str) -> tuple[str, str]:
+    """(tool, pid) of the run holding the lock file `path`, as it wrote them ("unknown" pid if unreadable)."""
+    try:
+        with open(path) as f:
+            pid, _, holder = f.read().strip().partition(" ")
+    except OSError:
+        pid = holder = ""
+    return holder or tool, pid or "unknown"
 
 
 def check_folder(output: str) -> None:
@@ -37,6 +57,44 @@ def check_folder(output: str) -> None:
                          f"folder") from e
 
 
+@contextlib.contextmanager
+def locked(folder: str, tool: str) -> Iterator[None]:
+    """Makes `folder` if needed and holds its lock while the body runs; raises FolderInUse (one line) if another
+    run holds it (`tool`: the run's name, for that message). On exit the lock file is removed, and `folder` too
+    if this call made it and it is empty."""
+    made = not os.path.isdir(folder)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_FILE)
+    try:
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                holder, pid = _holder(path, tool)
+                raise FolderInUse(f"{folder} is in use by another {holder} run (pid {pid}); wait for it to end or "
+                                  f"choose another --output") from None
+            try:  # the file we locked may have been removed by a run that just ended: lock the current one
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {tool}\n".encode())
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(path)  # while still locked: a run waiting on this file sees it gone and retries
+            os.close(fd)
+    finally:
+        if made:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # only if empty: a run that wrote nothing leaves no folder behind
+
+
 def write_files(files: Sequence[tuple[str, Callable[[str], object]]], *, overwrite: bool) -> None:
     """Writes each `(dest, write)` by `write(tmp)` to a temporary name in `dest`'s folder; once all are written,
     moves them to their `dest`s: replacing existing files only with `overwrite`, else by hard links that fail
@@ -54,7 +112,10 @@ def write_files(files: Sequence[tuple[str, Callable[[str], object]]], *, overwri
             if overwrite:
                 os.replace(tmp, dest)
             else:
-                os.link(tmp, dest)  # fails if `dest` exists, whoever made it and whenever
+                try:
+                    os.link(tmp, dest)  # fails if `dest` exists, whoever made it and whenever
+                except FileExistsError as e:
+                    raise FileExistsError(e.errno, e.strerror, dest) from None
                 moved.append(dest)
                 os.remove(tmp)
     except BaseException:

@@ -1,0 +1,108 @@
+"""decompose and evaluate never lose what is in their output folder (issue 25): one run at a time per folder, no
+file replaced by a race, one bad file name does not stop a batch, an interrupted run can be finished. A pointwise
+fake model stands in for the network."""
+
+import glob
+import io
+import json
+import os
+from contextlib import redirect_stderr, redirect_stdout
+
+import fake_model
+import numpy as np
+import pytest
+from PIL import Image
+
+from dd_jax import decompose, evaluate
+
+TILE = 16
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    calls = fake_model.patch(monkeypatch)
+    monkeypatch.setattr(decompose.checkpoints, "load_trained", lambda *a, **k: fake_model.FakeSystem(TILE))
+    monkeypatch.setattr(decompose.inference, "load_task_head", lambda *a, **k: None)
+    return calls
+
+
+def run_main(main, argv):
+    err = io.StringIO()
+    with redirect_stdout(io.StringIO()), redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, err.getvalue()
+
+
+def errors(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error")]
+
+
+def images(folder, *names, size=TILE):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), np.uint8)).save(folder / name)
+    return folder
+
+
+def sidecars(folder) -> list[dict]:
+    out = []
+    for path in sorted(glob.glob(os.path.join(folder, decompose.SIDECAR_PREFIX + "*.json"))):
+        with open(path) as f:
+            out.append(json.load(f))
+    return out
+
+
+def save_hook(monkeypatch, on_first):
+    """Calls `on_first()` when decompose writes its first PNG (before the file is in place)."""
+    real, state = Image.Image.save, {"done": False}
+
+    def save(self, fp, *a, **k):
+        if not state["done"]:
+            state["done"] = True
+            on_first()
+        return real(self, fp, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+
+
+# ------------------------------------------------------------------ one run at a time, no file replaced by a race
+def test_a_second_run_on_the_same_folder_fails_at_once(fake, tmp_path, monkeypatch):
+    src = images(tmp_path / "in", "xray_a.png", "xray_b.png")
+    out = tmp_path / "out"
+    second = []
+    save_hook(monkeypatch, lambda: second.append(run_main(decompose.main, ["--input", src, "--output", out])))
+    rc, err = run_main(decompose.main, ["--input", src, "--output", out])
+    assert rc == 0, err
+    (rc2, err2), = second
+    lines = err2.strip().splitlines()
+    assert rc2 == 2 and len(lines) == 1, err2
+    assert lines[0] == f"error: {out} is in use by another decompose run (pid {os.getpid()}); wait for it to end " \
+                       f"or choose another --output"
+    names = sorted(f for f in os.listdir(out) if not f.startswith(decompose.SIDECAR_PREFIX))
+    assert names == ["xray_a_background.png", "xray_a_foreground.png", "xray_b_background.png",
+                     "xray_b_foreground.png"]  # the lock file is gone
+    assert len(sidecars(out)) == 1
+
+
+def test_evaluate_shares_the_lock(tmp_path):
+    from dd_jax import outdir
+
+    out = tmp_path / "out"
+    with outdir.locked(str(out), "decompose"):
+        rc, err = run_main(evaluate.main, ["--data", tmp_path / "none", "--output", out])
+        assert rc == 2 and errors(err) == [f"error: {out} is in use by another decompose run (pid {os.getpid()}); "
+                                           f"wait for it to end or choose another --output"], err
+    assert not out.exists()  # made for the lock, removed with it
+
+
+def test_a_file_that_appears_during_the_run_is_kept(fake, tmp_path, monkeypatch):
+    """Another program writes one of the outputs after the run checked: it is kept, the run stops (exit 2)."""
+    src = images(tmp_path / "in", "xray_a.png")
+    out = tmp_path / "out"
+    save_hook(monkeypatch, lambda: (out / "xray_a_background.png").write_bytes(b"theirs"))
+    rc, err = run_main(decompose.main, ["--input", src, "--output", out])
+    assert rc == 2 and len(errors(err)) == 1, err
+    assert "xray_a_background.png appeared during the run" in errors(err)[0]
+    assert (out / "xray_a_background.png").read_bytes() == b"theirs"
+    assert sorted(os.listdir(out)) == ["xray_a_background.png"]  # nothing half-written, no temporary file
