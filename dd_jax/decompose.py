@@ -49,7 +49,11 @@ docs/decompose.md (scripts/two_overlays.py).
 Inputs that share a stem get names that tell them apart: the extension is
 added (`a/x.png`, `a/x.jpg` -> `x_png_...`, `x_jpg_...`), and the folder too
 when the file names are the same (`a/x.jpg`, `b/x.jpg` -> `a_x_jpg_...`,
-`b_x_jpg_...`).
+`b_x_jpg_...`). A stem whose output names would pass the file system's
+limit (NAME_MAX bytes) is cut and `~<8 hex digits of its SHA-1>` appended
+(`fit_stem`: the same names every run), announced, and mapped in the
+sidecar; an output name the file system refuses skips that input (one
+line, exit status 1) and the batch goes on.
 
 Nothing is written over: if an output file exists the run stops before the
 model runs, unless `--overwrite` is given (which replaces those outputs, never
@@ -60,9 +64,9 @@ first's pid. An input's files are written under temporary names and moved in
 together; without `--overwrite` by hard links, so a file another program made
 meanwhile is kept (the run stops). A write that fails (a full disk) stops the
 run with one line, its partial files removed and the files written before
-kept. Exit status: 0 all inputs done,
-1 some inputs skipped (unreadable; each is reported), 2 usage or input
-error, or a write that failed.
+kept. Exit status: 0 all inputs done, 1 some inputs skipped (unreadable,
+or a name refused; each is reported), 2 usage or input error, or a write
+that failed.
 
 Without `--checkpoint`, the small model shipped with the package is used
 (dd_jax/assets/tiny, configs/tiny.py). The task (blend law) comes from
@@ -92,6 +96,7 @@ import collections
 import datetime
 import errno
 import functools
+import hashlib
 import json
 import os
 import sys
@@ -151,6 +156,23 @@ def output_stems(files: list[str]) -> dict[str, str]:
     for f in sorted(clashing()):  # still the same (e.g. only the case differs): number them
         stems[f] = f"{stems[f]}_{files.index(f)}"
     return stems
+
+
+def fit_stem(stem: str, room: int) -> str:
+    """`stem` if it takes at most `room` bytes as a file name, else its longest prefix (whole characters) that
+    leaves room for `~` and 8 hex digits of the SHA-1 of the whole stem: the same input gets the same names in
+    every run, and two long stems that differ anywhere get different ones."""
+    if len(os.fsencode(stem)) <= room:
+        return stem
+    digest = hashlib.sha1(os.fsencode(stem)).hexdigest()[:8]
+    prefix = stem
+    while prefix and len(os.fsencode(prefix)) > room - 9:
+        prefix = prefix[:-1]
+    return f"{prefix}~{digest}"
+
+
+class NameRefused(ValueError):
+    """The file system refused one output's name (too long, characters it does not take): that input is skipped."""
 
 
 class WriteError(ValueError):
@@ -299,8 +321,17 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
                 names["psd"] = f"{stem}.psd"
             return names
 
+        def sample_suffix(k: int) -> str:
+            return f"_s{k}" if kept > 1 else ""
+
         def sample_stem(path: str, k: int) -> str:
-            return stems[path] + (f"_s{k}" if kept > 1 else "")
+            return stems[path] + sample_suffix(k)
+
+        # names longer than the file system takes (NAME_MAX, bytes): the stem shortened, the same in every run
+        room = outdir.name_max(output) - max(len(os.fsencode(n)) for k in range(kept)
+                                              for n in out_names(sample_suffix(k)).values())
+        shortened = {f: fit_stem(s, room) for f, s in stems.items() if fit_stem(s, room) != s}
+        stems.update(shortened)
 
         planned = [os.path.join(output, name) for f in files for k in range(kept)
                    for name in out_names(sample_stem(f, k)).values()]
@@ -320,6 +351,9 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
               f"{'tiles, overlap ' + str(overlap) if mode == 'tile' else 'working size'}), {steps} steps, "
               f"{num_samples} sample(s) each{', keeping the best recomposition' if kept < num_samples else ''}"
               f"{f', {passes} passes' if passes > 1 else ''}", file=sys.stderr)
+        for f, stem in shortened.items():
+            print(f"  {os.path.basename(f)}: its output names would be too long for {output}; written as "
+                  f"{stem}_... (the sidecar maps the input to them)", file=sys.stderr)
 
         def pick_task(p: int, path: str, img: np.ndarray, choice_key) -> tuple[str, str]:
             """Pass p's task and how it was chosen: --task's entry, else (pass 1) the file name, else automatic."""
@@ -382,6 +416,9 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
                 raise WriteError(f"{e.filename} appeared during the run (another program wrote it) and was kept, "
                                  f"not replaced: stopped; {kept_msg}") from e
             except OSError as e:
+                if outdir.is_name_error(e):
+                    raise NameRefused(f"{e.strerror or e} writing {files[0][0]}: the file system refuses the "
+                                      f"name") from e
                 why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
                 raise WriteError(f"{why} writing {files[0][0]}{f' and {len(files) - 1} more' if len(files) > 1 else ''}"
                                  f": stopped, its partial files removed; {kept_msg}") from e
@@ -442,7 +479,15 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
                         record["psd_layers"] = [{"name": n, "mode": psd_layers.MODES[m]} for n, m, _ in stack]
                         record["psd_rmse"] = round(blend.rmse(psd_img, image) * 255, 4)
                     record["outputs"][kind] = fname
-                save(files)
+                if path in shortened:
+                    record["names_shortened"] = True
+                try:
+                    save(files)
+                except NameRefused as e:  # this input only: reported, skipped; the batch goes on
+                    if path not in skipped:
+                        skipped.append(path)
+                    print(f"skipping {path}: {e}", file=sys.stderr)
+                    continue
                 records.append(record)
                 tasks_used[path] = record["task"]
                 if passes > 1 or sample_errors is not None:

@@ -16,6 +16,7 @@ partial file, and a set of files (one image's layers, a report) comes whole or n
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import tempfile
@@ -128,3 +129,17 @@ def write_files(files: Sequence[tuple[str, Callable[[str], object]]], *, overwri
 def write_file(dest: str, write: Callable[[str], object], *, overwrite: bool) -> None:
     """`write_files` of one file."""
     write_files([(dest, write)], overwrite=overwrite)
+
+
+def name_max(folder: str) -> int:
+    """The longest file name (bytes) `folder`'s file system takes (255 where it does not say)."""
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return 255
+
+
+def is_name_error(e: OSError) -> bool:
+    """Whether `e` is about one file's name (too long, characters the file system refuses), not the folder or the
+    disk."""
+    return e.errno in (errno.ENAMETOOLONG, errno.EILSEQ, errno.EINVAL)

@@ -106,3 +106,56 @@ def test_a_file_that_appears_during_the_run_is_kept(fake, tmp_path, monkeypatch)
     assert "xray_a_background.png appeared during the run" in errors(err)[0]
     assert (out / "xray_a_background.png").read_bytes() == b"theirs"
     assert sorted(os.listdir(out)) == ["xray_a_background.png"]  # nothing half-written, no temporary file
+
+
+# ------------------------------------------------------------------ one bad file name does not stop the batch
+@pytest.mark.parametrize("long_stem", ["x" * 245, "é" * 123], ids=["ascii", "utf8"])
+def test_an_over_long_name_is_shortened_and_the_batch_goes_on(fake, tmp_path, long_stem):
+    """`<stem>_background.png` over NAME_MAX (255 bytes): written under a shortened stem (the same every run,
+    announced, in the sidecar); the inputs after it are decomposed and the sidecar is written."""
+    src = images(tmp_path / "in", "a.png", long_stem + ".png", "z.png")
+    assert len(os.fsencode(long_stem + "_background.png")) > 255
+    out = tmp_path / "out"
+    rc, err = run_main(decompose.main, ["--input", src, "--output", out, "--task", "xray"])
+    assert rc == 0, err
+    names = sorted(f for f in os.listdir(out) if not f.startswith(decompose.SIDECAR_PREFIX))
+    assert len(names) == 6 and all(len(os.fsencode(n)) <= 255 for n in names)
+    assert {"a_background.png", "a_foreground.png", "z_background.png", "z_foreground.png"} < set(names)
+    (report,) = sidecars(out)
+    (rec,) = [r for r in report["images"] if r["input"] == str(src / (long_stem + ".png"))]
+    short = rec["outputs"]["background"]
+    assert short in names and short.startswith(long_stem[:100]) and short.endswith("_background.png")
+    assert rec["names_shortened"] and rec["outputs"]["foreground"] in names
+    assert [line for line in err.splitlines() if "too long" in line and short[:-len("_background.png")] in line]
+    with Image.open(out / short) as im:
+        assert im.size == (TILE, TILE)
+    # the same names in a second run
+    rc, err = run_main(decompose.main, ["--input", src, "--output", tmp_path / "again", "--task", "xray"])
+    assert rc == 0 and sorted(f for f in os.listdir(tmp_path / "again")
+                              if not f.startswith(decompose.SIDECAR_PREFIX)) == names
+
+
+def test_a_name_the_file_system_refuses_skips_that_input(fake, tmp_path, monkeypatch):
+    """An output name refused by the file system (here an injected EILSEQ): that input is skipped with one line,
+    the rest of the batch is written, the sidecar lists it as skipped, exit status 1 (some inputs failed)."""
+    import errno
+
+    src = images(tmp_path / "in", "a.png", "b.png", "c.png")
+    out = tmp_path / "out"
+    real = Image.Image.save
+
+    def save(self, fp, *a, **k):
+        if os.path.basename(str(fp)).startswith(".b_"):
+            raise OSError(errno.EILSEQ, "Invalid or incomplete multibyte or wide character", str(fp))
+        return real(self, fp, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    rc, err = run_main(decompose.main, ["--input", src, "--output", out, "--task", "xray"])
+    assert rc == 1, err
+    skips = [line for line in err.splitlines() if line.startswith("skipping")]
+    assert len(skips) == 1 and str(src / "b.png") in skips[0] and "refuses the name" in skips[0], err
+    assert not errors(err)
+    assert sorted(f for f in os.listdir(out) if not f.startswith(decompose.SIDECAR_PREFIX)) == [
+        "a_background.png", "a_foreground.png", "c_background.png", "c_foreground.png"]
+    (report,) = sidecars(out)
+    assert report["skipped"] == [str(src / "b.png")] and len(report["images"]) == 2
