@@ -251,7 +251,9 @@ def test_tile_geometry():
             # never three tiles on a pixel: neighbours' ramps sum to exactly one
             if all(2 * (b - a) >= 16 for a, b in zip(starts, starts[1:])):
                 np.testing.assert_allclose(total, 1.0, atol=1e-12)
-    assert inference.positions(1024, 64, 48) == inference.positions(1024, 64, 48)
+    assert inference.positions(1024, 64, 48) == list(range(0, 961, 48))  # (1024 - 64) / 48 = 20 steps exactly
+    assert inference.positions(70, 16, 12) == [0, 11, 22, 32, 43, 54]  # 54 / 12 -> 5 steps of 10.8, rounded
+    assert inference.positions(16, 16, 12) == inference.positions(9, 16, 12) == [0]  # one tile
     assert inference.tile_count(768, 1024, (64, 64), 16) == 16 * 21
 
 

@@ -172,8 +172,10 @@ def test_corrupt_newest_checkpoint_falls_back_and_is_kept(ref, data_dir, tmp_pat
     """Defect 4: resume skips the newest checkpoint that does not restore (one line), sets it aside and
     resumes from the one before with the reference's losses; the rerun's config is kept as config.8.json."""
     run = _copy(ref, tmp_path)
-    os.remove(os.path.join(run, "metrics.jsonl"))  # only the resumed steps are logged, and compared
-    shutil.copyfile(os.path.join(ref, "metrics.jsonl"), os.path.join(run, "metrics.jsonl"))
+    with open(os.path.join(ref, "metrics.jsonl")) as f:  # the log up to step 8: the resumed steps must be logged
+        logged_before = [line for line in f if json.loads(line)["step"] <= 8]
+    with open(os.path.join(run, "metrics.jsonl"), "w") as f:
+        f.writelines(logged_before)
     victim = _truncate_largest(os.path.join(run, "checkpoints", str(STEPS)))
     size = os.path.getsize(victim)
     before = _snapshot(run)
@@ -187,6 +189,10 @@ def test_corrupt_newest_checkpoint_falls_back_and_is_kept(ref, data_dir, tmp_pat
     moved = os.path.join(run, "skipped_checkpoints", str(STEPS))
     assert os.path.isdir(moved) and os.path.getsize(os.path.join(moved, os.path.relpath(
         victim, os.path.join(run, "checkpoints", str(STEPS))))) == size  # kept as it was
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        lines = f.readlines()
+    assert lines[:len(logged_before)] == logged_before  # appended to, not rewritten
+    assert sorted({json.loads(line)["step"] for line in lines[len(logged_before):]}) == list(range(9, STEPS + 1))
     _assert_resumed_like_ref(run, ref, 8)
     lost = _bytes_lost(run, before, allow_gone=(f"checkpoints{os.sep}{STEPS}", "export"))  # moved / re-exported
     FIGURES["bytes_lost"] += lost
