@@ -1,4 +1,4 @@
-"""dd_jax.optional: one line naming the package and its pin; the pins are pyproject.toml's."""
+"""dd_jax.optional: one line naming the package and its pin; the pins are pyproject.toml's, as are the carry list's."""
 
 from __future__ import annotations
 
@@ -31,6 +31,14 @@ def pyproject_pins() -> dict[str, str]:
 
 def test_pins_are_pyprojects():
     assert _pins(optional.PINS.values()).items() <= pyproject_pins().items()
+
+
+def test_carry_list_pins_pyprojects_versions():
+    with open(os.path.join(ROOT, "requirements-gpu-host.txt")) as f:
+        carry = _pins(f)
+    assert "grain" in carry and "ml-collections" in carry
+    shared = {k: v for k, v in carry.items() if k in pyproject_pins()}
+    assert shared == {k: pyproject_pins()[k] for k in shared}
 
 
 def test_missing_package_is_one_line(monkeypatch):
