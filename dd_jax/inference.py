@@ -412,9 +412,16 @@ def choose_task(system: system_lib.System, image: np.ndarray, *, steps: int, key
 
 
 def _fit_main(argv=None) -> int:
-    """`python -m dd_jax.inference --data DIR [--checkpoint MODEL]`: fit the task head, write MODEL/task_head.json."""
+    """`python -m dd_jax.inference (--data DIR | --procedural N) [--checkpoint MODEL]`: fit the task head, write
+    MODEL/task_head.json."""
     ap = argparse.ArgumentParser(prog="python -m dd_jax.inference", description=_fit_main.__doc__)
-    ap.add_argument("--data", required=True, help="built AlphaBlend data (python -m dd_jax.data.build), all six tasks")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="built AlphaBlend data (python -m dd_jax.data.build), all six tasks")
+    src.add_argument("--procedural", type=int, metavar="N",
+                     help="fit on N synthesized images per task (dd_jax.data.procedural, its test stream; no build "
+                          "step), and report the accuracy on N more from its validation stream")
+    ap.add_argument("--size", type=int, default=128, help="--procedural: image size (default 128)")
+    ap.add_argument("--style", default="classic+photo", help="--procedural: synthesizer style(s) (classic+photo)")
     ap.add_argument("--checkpoint", default=None, help="model folder (default: the shipped model)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--limit", type=int, default=None, help="first N examples per task")
@@ -423,13 +430,15 @@ def _fit_main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--overwrite", action="store_true", help="replace an existing task_head.json")
     args = ap.parse_args(argv)
-    try:  # built data is read through Grain's pipeline from TFDS files; decomposition needs neither
-        for module in ("grain", "tensorflow_datasets"):
-            optional.require(module, "python -m dd_jax.inference --data")
-    except optional.MissingPackage as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from dd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    if args.procedural is not None and (args.procedural < 1 or args.size < 16):
+        ap.error("--procedural N needs N >= 1 and --size >= 16")
+    if args.data is not None:
+        try:  # built data is read through Grain's pipeline from TFDS files; decomposition needs neither
+            for module in ("grain", "tensorflow_datasets"):
+                optional.require(module, "python -m dd_jax.inference --data")
+        except optional.MissingPackage as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
 
     path = args.checkpoint or checkpoints.DEFAULT_MODEL
     dest = os.path.join(path, TASK_HEAD_FILE)
@@ -439,20 +448,36 @@ def _fit_main(argv=None) -> int:
     system = checkpoints.load_trained(path)
     steps = system.config.sample.steps
 
-    def collect(data):
+    def collect(data, split=args.split):
         images, labels = [], []
         for t in blend.TASKS:
-            ex = pipeline.Examples(data, t, args.split, args.limit)
+            if args.procedural is not None:
+                from dd_jax.data import procedural  # pylint: disable=g-import-not-at-top
+
+                source = procedural.ProceduralSource([t], args.size, args.size, seed=args.seed, split=split,
+                                                     style=args.style)
+                images += [source[i]["composite"].astype(np.float32) / 255.0 for i in range(args.procedural)]
+                labels += [blend.TASK_INDEX[t]] * args.procedural
+                continue
+            from dd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+            ex = pipeline.Examples(data, t, split, args.limit)
             images += [ex[i]["composite"] for i in range(len(ex))]
             labels += [blend.TASK_INDEX[t]] * len(ex)
         print(f"{data}: {len(images)} images", file=sys.stderr)
         return task_features(system, images, steps=steps, key=jax.random.key(args.seed),
                              batch_size=args.batch_size), np.array(labels)
 
-    feats, labels = collect(args.data)
-    head = fit_task_head(feats, labels, note=f"fitted on {args.data} ({args.split}, {len(labels)} images)")
-    for name, (f, y) in [("fit data", (feats, labels))] + ([("eval data", collect(args.eval_data))]
-                                                            if args.eval_data else []):
+    if args.procedural is not None:
+        name = f"procedural {args.style} {args.size}px, seed {args.seed}"
+        feats, labels = collect(name, "test")
+        head = fit_task_head(feats, labels, note=f"fitted on {name} (test stream, {len(labels)} images)")
+        evaluation = [("eval data (validation stream)", collect(name, "validation"))]
+    else:
+        feats, labels = collect(args.data)
+        head = fit_task_head(feats, labels, note=f"fitted on {args.data} ({args.split}, {len(labels)} images)")
+        evaluation = [("eval data", collect(args.eval_data))] if args.eval_data else []
+    for name, (f, y) in [("fit data", (feats, labels))] + evaluation:
         for label, h in (("head", head), ("uncalibrated", None)):
             pred = np.argmax(task_scores(f, h), -1)
             conf = np.zeros((len(blend.TASKS),) * 2, int)
