@@ -172,8 +172,8 @@ def resolve_init_from(path: str, config: config_lib.ConfigLike) -> str:
     """The model folder `train.init_from` names (a model folder, or a run with an export), checked against
     the config before any work: RunError (one line) if it is neither, or was trained with another
     architecture (its parameters would not fit)."""
-    folder = path if is_model_folder(path) else os.path.join(path, EXPORT)
-    if not is_model_folder(folder):
+    folder = path if has_model_meta(path) else os.path.join(path, EXPORT)
+    if not has_model_meta(folder):
         raise RunError(f"train.init_from {path!r}: not a trained model folder (no {store.META_FILE}) nor a run "
                        f"with an {EXPORT}/ (train it to the end, or name its export)")
     meta = read_model_meta(folder)
@@ -367,7 +367,9 @@ def default_workdir(config_file: str) -> str:
     return os.path.join(home(), "runs", name)
 
 
-def is_model_folder(path: str) -> bool:
+def has_model_meta(path: str) -> bool:
+    """Whether `path` holds a model metadata file (`store.META_FILE`), whatever is in it: `read_model_meta`
+    checks it, with a one-line error. (`store.is_model_folder` also requires its format marker.)"""
     return os.path.isfile(os.path.join(os.fspath(path), store.META_FILE))
 
 
@@ -406,9 +408,9 @@ def export_step(path: str, meta: dict | None = None) -> int | None:
 def read_params(system: system_lib.System, path: str) -> None:
     """Sets the system's trainable parameters from a model folder (an export) or a run workdir's export."""
     path = os.fspath(path)
-    if not is_model_folder(path) and os.path.isdir(os.path.join(path, EXPORT)):
+    if not has_model_meta(path) and os.path.isdir(os.path.join(path, EXPORT)):
         path = os.path.join(path, EXPORT)
-    if not is_model_folder(path):
+    if not has_model_meta(path):
         raise FileNotFoundError(f"{path}: not a trained model folder (no {store.META_FILE}) nor a run with an export")
     read_model_meta(path)
     state = nnx.state(system.model, system.trainable())
@@ -445,7 +447,7 @@ def weight_sources(run: str) -> list[Weights]:
     export, then the older checkpoints (fallbacks should those not restore)."""
     export_dir = os.path.join(run, EXPORT)
     exp = None
-    if is_model_folder(export_dir):
+    if has_model_meta(export_dir):
         exp = Weights("export", export_dir, export_step(export_dir))
     steps = []
     if os.path.isdir(os.path.join(run, CHECKPOINTS)):
@@ -484,7 +486,7 @@ def load_trained(path: str, config: ml_collections.ConfigDict | None = None, loa
     weights (`weight_sources`: newest restorable checkpoint or the export, whichever is later). Prints
     what it loaded (path and step) through `log`."""
     path = os.fspath(path)
-    if is_model_folder(path):
+    if has_model_meta(path):
         meta = read_model_meta(path)
         config = config or model_config(path, meta)
         system = system_lib.build(config, load_weights=load_weights)
@@ -530,10 +532,10 @@ def read_trained_flat(path: str, log: Callable[[str], None] = _log) -> tuple[dic
             flat.update({k: np.asarray(v) for k, v in arrays.items()})
         return flat, config_dict(model_config(p, meta))
 
-    if is_model_folder(path):
+    if has_model_meta(path):
         log(f"reading weights from {Weights('export', path, export_step(path)).describe()}")
         return read_export(path)
-    if not os.path.isfile(os.path.join(path, CONFIG_FILE)) and not is_model_folder(os.path.join(path, EXPORT)):
+    if not os.path.isfile(os.path.join(path, CONFIG_FILE)) and not has_model_meta(os.path.join(path, EXPORT)):
         raise FileNotFoundError(f"{path}: neither a trained model folder (export) nor a training workdir")
 
     def read(w: Weights):

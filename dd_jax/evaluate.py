@@ -67,7 +67,7 @@ NA = "n/a (no weights)"
 LOGO_LABELS = {"logo/high": "LOGO-H", "logo/mid": "LOGO-L", "logo/gray": "LOGO-Gray", "clwd/default": "CLWD",
                "flare7k/real": "Flare7K++-real", "flare7k/synthetic": "Flare7K++-synthetic"}
 PIXEL_METRICS = ("rmse", "ssim", "psnr", "rmse_w", "ssim_zero_pad")
-PSNR_CAP = 100.0  # dB, for identical images (infinite PSNR)
+PSNR_CAP = protocols.PSNR_CAP  # dB, for identical images (infinite PSNR)
 LAYERS = ("background", "foreground")
 METHODS = ("identity", "model")
 
@@ -135,7 +135,7 @@ def fid_score(real: np.ndarray, fake: np.ndarray) -> float | None:
 def pixel_metrics(pred: jax.Array, truth: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
     """Per-image RMSE, SSIM, PSNR (capped), RMSEw inside `mask`, zero-padded SSIM of [0, 1] images."""
     return {"rmse": metrics.rmse(pred, truth), "ssim": metrics.ssim(pred, truth),
-            "psnr": jnp.minimum(metrics.psnr(pred, truth), PSNR_CAP),
+            "psnr": metrics.psnr(pred, truth, cap=PSNR_CAP),
             "rmse_w": metrics.rmse_masked(pred, truth, mask),
             "ssim_zero_pad": metrics.ssim(pred, truth, zero_pad=True)}
 

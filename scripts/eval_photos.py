@@ -138,10 +138,6 @@ def cases() -> list[tuple[str, str, str, np.ndarray, np.ndarray]]:
     return out
 
 
-def rmse(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.sqrt(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
-
-
 def contact(rows: list[list[np.ndarray]], width: int = 900) -> Image.Image:
     """One row per case: the images side by side, scaled to `width`, 4 px gaps."""
     out = []
@@ -189,7 +185,7 @@ def main(argv=None) -> int:
         fg = Image.open(os.path.join(outp, f"case{i:02d}_foreground.png"))
         fg_rgb = np.asarray(Image.alpha_composite(Image.new("RGBA", fg.size, (128, 128, 128, 255)),
                                                   fg.convert("RGBA")).convert("RGB"))
-        model, ident = rmse(pred, bg), rmse(comp, bg)
+        model, ident = blend.rmse(pred, bg), blend.rmse(comp, bg)
         results.append({"case": i, "photo": photo, "overlay": name, "task": task, "size": list(comp.shape[:2]),
                         "bg_rmse_model": model, "bg_rmse_identity": ident, "ratio": model / max(ident, 1e-9)})
         rows.append([comp, pred, fg_rgb])

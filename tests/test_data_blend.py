@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dd_jax.data import blend, fg_objects
+from dd_jax.data import blend
 
 TASKS = blend.TASKS
 
@@ -106,7 +106,7 @@ def test_emission_and_transmittance_layers():
     rgba = blend.emission_to_rgba(light)
     np.testing.assert_allclose(rgba[..., 3:] * rgba[..., :3], light, atol=1e-6)
     t = 1.0 - rng.random((5, 6, 3), dtype=np.float32) * 0.9
-    rgba = fg_objects.transmittance_to_rgba(t)
+    rgba = blend.transmittance_to_rgba(t)
     np.testing.assert_allclose((1 - rgba[..., 3:]) + rgba[..., 3:] * rgba[..., :3], t, atol=1e-5)
     assert rgba.min() >= 0 and rgba.max() <= 1
 

@@ -335,7 +335,9 @@ def foreground_rgba(task: str, fg_render: ImageArray, composite: ImageArray, bac
 
 
 def rmse(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
-    """Root mean square difference of two images (on their own scale)."""
+    """Root mean square difference of two images over all their values, on their own scale (float64; the one
+    host-side RMSE: recomposition errors, scripts). The per-image metric of batches on 0-255 is
+    ``dd_jax.metrics.rmse``."""
     return float(np.sqrt(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)))
 
 

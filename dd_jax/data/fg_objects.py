@@ -185,13 +185,6 @@ def _absorb(t, rng, mask, material, thick_sigma) -> None:
     t[y0:y1, x0:x1] *= 1.0 - alpha[..., None] * (1.0 - np.asarray(colour, np.float32))
 
 
-def transmittance_to_rgba(t: np.ndarray) -> np.ndarray:
-    """The RGBA layer (alpha, A) with (1 - alpha) + alpha A == t (alpha minimal)."""
-    alpha = np.max(1.0 - t, axis=-1, keepdims=True)
-    a = np.where(alpha > 0, 1.0 - (1.0 - t) / np.maximum(alpha, 1e-6), 0.0)
-    return np.concatenate([np.clip(a, 0, 1), alpha], -1).astype(np.float32)
-
-
 def xray(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, str]:
     """One or two contraband items in SIXray pseudo-colour, with internal density."""
     s = min(h, w)
@@ -210,7 +203,7 @@ def xray(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, str]:
         names.append(name)
     t = raster.blur(t, 0.5)
     article = {"cartridges": "", "scissors": "a pair of "}
-    return transmittance_to_rgba(t), "an X-ray image of " + " and ".join(
+    return blend.transmittance_to_rgba(t).astype(np.float32), "an X-ray image of " + " and ".join(
         article.get(n, "a ") + n for n in names)
 
 

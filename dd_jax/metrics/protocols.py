@@ -71,14 +71,6 @@ def _batch(x) -> np.ndarray:
     return x[None] if x.ndim == 3 else x
 
 
-def psnr(a: npt.ArrayLike, b: npt.ArrayLike) -> np.ndarray:
-    """Per-image PSNR (dB) of [0, 1] images, capped at PSNR_CAP."""
-    a, b = _batch(a), _batch(b)
-    mse = np.mean((a - b) ** 2, axis=(1, 2, 3))
-    with np.errstate(divide="ignore"):
-        return np.minimum(10.0 * np.log10(1.0 / mse), PSNR_CAP)
-
-
 def ssim_uniform(a: npt.ArrayLike, b: npt.ArrayLike, win: int = 7, data_range: float = 255.0) -> np.ndarray:
     """Per-image SSIM as ``skimage.metrics.structural_similarity(gt, x, channel_axis=-1)`` on 8-bit images.
 
@@ -152,7 +144,8 @@ def per_image(protocol: str, *, pred_bg: npt.ArrayLike, bg: npt.ArrayLike, comp:
     y, t = quantize(pred_bg), _batch(bg)
     if protocol == "clwd":
         yf, tf = y.astype(np.float32), t.astype(np.float32)
-        out = {"psnr": psnr(y, t), "ssim": np.asarray(metrics.ssim(yf, tf, zero_pad=True), np.float64),
+        out = {"psnr": np.asarray(metrics.psnr(yf, tf, cap=PSNR_CAP), np.float64),
+               "ssim": np.asarray(metrics.ssim(yf, tf, zero_pad=True), np.float64),
                "rmse": np.asarray(metrics.rmse(yf, tf), np.float64),
                "rmse_w": np.asarray(metrics.rmse_masked(yf, tf, np.asarray(mask, np.float32)[..., :1]), np.float64)}
         if pred_fg is not None:
@@ -162,7 +155,7 @@ def per_image(protocol: str, *, pred_bg: npt.ArrayLike, bg: npt.ArrayLike, comp:
             out["alpha_rmse"] = np.sqrt((err ** 2).mean(axis=(1, 2)))
         return out
     if protocol == "flare7k":
-        out = {"psnr": psnr(y, t), "ssim": ssim_uniform(t, y)}
+        out = {"psnr": np.asarray(metrics.psnr(y, t, cap=PSNR_CAP), np.float64), "ssim": ssim_uniform(t, y)}
         if lpips is not None:
             out["lpips"] = np.asarray(lpips(flare7k_lpips_inputs(t), flare7k_lpips_inputs(y)), np.float64)
         for name, m in region_masks(np.asarray(mask, np.float64)[..., :3]).items():
