@@ -64,9 +64,12 @@ first's pid. An input's files are written under temporary names and moved in
 together; without `--overwrite` by hard links, so a file another program made
 meanwhile is kept (the run stops). A write that fails (a full disk) stops the
 run with one line, its partial files removed and the files written before
-kept. Exit status: 0 all inputs done, 1 some inputs skipped (unreadable,
-or a name refused; each is reported), 2 usage or input error, or a write
-that failed.
+kept. Ctrl-C keeps what was written (whole), writes its sidecar and says
+how to finish: rerun the same command with `--skip-existing`, which leaves
+alone the inputs whose outputs all exist (docs/decompose.md). Exit status:
+0 all inputs done, 1 some inputs skipped (unreadable, or a name refused;
+each is reported), 2 usage or input error, or a write that failed, 130
+interrupted.
 
 Without `--checkpoint`, the small model shipped with the package is used
 (dd_jax/assets/tiny, configs/tiny.py). The task (blend law) comes from
@@ -171,6 +174,10 @@ def fit_stem(stem: str, room: int) -> str:
     return f"{prefix}~{digest}"
 
 
+class Interrupted(Exception):
+    """Ctrl-C while decomposing: what was written is kept, with its sidecar; the message says how to finish."""
+
+
 class NameRefused(ValueError):
     """The file system refused one output's name (too long, characters it does not take): that input is skipped."""
 
@@ -268,12 +275,15 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
         task: str | None = None, steps: int | None = None, seed: int = 0, num_samples: int = 1,
         batch_size: int = 16, guidance: float | None = None, detail_transfer: bool = True,
         prompt: str | None = None, mode: str | None = None, overlap: int | None = None,
-        overwrite: bool = False, fmt: str = "png", select: str = "all", passes: int = 1) -> dict:
+        overwrite: bool = False, fmt: str = "png", select: str = "all", passes: int = 1,
+        skip_existing: bool = False) -> dict:
     """Decomposes `inputs` into `output` (see the module docstring); returns a summary with `written`
-    (decompositions), `files` (written), `skipped` (unreadable inputs), `tasks`, `images` (the sidecar's
-    per-output records) and `sidecar` (its path). `task`: one task, or one per pass (a comma list or a list;
+    (decompositions), `files` (written), `skipped` (unreadable inputs), `already_done` (with `skip_existing`: the
+    inputs whose outputs all exist, left alone), `tasks`, `images` (the sidecar's per-output records) and `sidecar`
+    (its path; None when there was nothing to do). `task`: one task, or one per pass (a comma list or a list;
     `auto` or None: from the file name for pass 1, else chosen automatically). Raises ValueError (one line) for
-    bad arguments or outputs that exist (without `overwrite`), WriteError when a write fails."""
+    bad arguments or outputs that exist (without `overwrite`), WriteError when a write fails, Interrupted (after
+    writing the sidecar of what was done) on Ctrl-C while decomposing."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     if select not in SELECT:
@@ -333,15 +343,31 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
         shortened = {f: fit_stem(s, room) for f, s in stems.items() if fit_stem(s, room) != s}
         stems.update(shortened)
 
-        planned = [os.path.join(output, name) for f in files for k in range(kept)
-                   for name in out_names(sample_stem(f, k)).values()]
+        planned_of = {f: [os.path.join(output, name) for k in range(kept)
+                          for name in out_names(sample_stem(f, k)).values()] for f in files}
+        already_done = [f for f in files if skip_existing and all(
+            os.path.isfile(p) and os.path.realpath(p) not in protected for p in planned_of[f])]
+        index = {f: n for n, f in enumerate(files)}  # an input's place in the whole list: its task-choice noise
+        files = [f for f in files if f not in already_done]
+        planned = [p for f in files for p in planned_of[f]]
         existing = [p for p in planned if os.path.lexists(p) and (not overwrite or os.path.realpath(p) in protected)]
         if existing:
             more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
             if any(os.path.realpath(p) in protected for p in existing):
                 raise ValueError(f"{existing[0]}{more} would be written over an input; choose another --output")
+            if skip_existing:
+                raise ValueError(f"{existing[0]}{more} exists but not every output of its input does: pass "
+                                 f"--overwrite too to redo such inputs, or choose another --output")
             raise ValueError(f"{existing[0]}{more} exists; decompose writes over no file it did not write in this "
-                             f"run: pass --overwrite to replace its outputs, or choose another --output")
+                             f"run: pass --skip-existing to finish an interrupted run (inputs whose outputs all "
+                             f"exist are left alone), --overwrite to replace its outputs, or choose another --output")
+        if already_done:
+            print(f"{len(already_done)} input(s) already done in {output} (--skip-existing): left as they are",
+                  file=sys.stderr)
+        if not files:
+            print("nothing to do", file=sys.stderr)
+            return {"written": 0, "files": [], "skipped": [], "already_done": already_done, "output": output,
+                    "tasks": {}, "images": [], "sidecar": None}
         skipped, written, tasks_used, done, records = [], 0, {}, [], []
         t0 = time.time()
         progress = _Progress(t0)
@@ -373,7 +399,7 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
 
         # Pass p > 1 of an input decomposes the 8-bit background its pass p - 1 wrote: queued here when that pass is
         # done, and fed to the model before the next input is read (so memory follows the images in flight).
-        file_iter = iter(enumerate(files))
+        file_iter = iter((index[f], f) for f in files)
         next_passes: collections.deque = collections.deque()  # (path, name, n, k, pass, image)
         how_chosen: dict[tuple, str] = {}  # (path, k, pass) -> how its task was chosen
 
@@ -436,7 +462,6 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
         chains: dict[tuple, list] = {}  # (path, k) -> its passes so far: (task, bg, fg, recomposition error)
         inputs: dict[tuple, np.ndarray] = {}  # (path, k) -> the input (pass 1's composite)
         pending: dict[str, list] = collections.defaultdict(list)  # --select recompose: an input's samples so far
-        index = {f: n for n, f in enumerate(files)}
 
         def finish(path: str, k: int, chain: list, image: np.ndarray) -> None:
             """Writes one input's (or sample's) layers once its last pass is done."""
@@ -500,42 +525,52 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
                     print(f"  {os.path.basename(path)}: {note or 'written'}", file=sys.stderr)
                 written += 1
 
-        for rnd in range(passes):  # a round ends with its stream; passes still owed then are the next round's
-            stream = inference.decompose_stream(system, items(), steps=steps,
-                                                key=key if rnd == 0 else jax.random.fold_in(key, 2**30 + rnd),
-                                                mode=mode, batch_size=batch_size, overlap=overlap, guidance=guidance,
-                                                prompt=prompt, detail_transfer=detail_transfer, progress=progress)
-            for tag, layers in stream:
-                path, _, k, t, p = tag
-                bg, fg, err = output_layers(t, layers)
-                if p == 1:
-                    inputs[path, k] = layers.composite
-                chains.setdefault((path, k), []).append((t, bg, fg, err))
-                note = "" if err is None else f", recomposition RMSE {err * 255:.2f}/255"
-                progress.finish(tag, inference.tile_count(*layers.composite.shape[:2], tile, overlap)
-                                if mode == "tile" else 1, note)
-                del layers
-                if p < passes:  # the next pass decomposes the background as written (8-bit)
-                    next_passes.append((path, os.path.basename(path), index[path], k, p + 1,
-                                        bg.astype(np.float32) / 255.0))
-                else:
-                    finish(path, k, chains.pop((path, k)), inputs.pop((path, k)))
-            if not next_passes:
-                break
+        interrupted = False
+        try:
+            for rnd in range(passes):  # a round ends with its stream; passes still owed then are the next round's
+                stream = inference.decompose_stream(
+                    system, items(), steps=steps, key=key if rnd == 0 else jax.random.fold_in(key, 2**30 + rnd),
+                    mode=mode, batch_size=batch_size, overlap=overlap, guidance=guidance, prompt=prompt,
+                    detail_transfer=detail_transfer, progress=progress)
+                for tag, layers in stream:
+                    path, _, k, t, p = tag
+                    bg, fg, err = output_layers(t, layers)
+                    if p == 1:
+                        inputs[path, k] = layers.composite
+                    chains.setdefault((path, k), []).append((t, bg, fg, err))
+                    note = "" if err is None else f", recomposition RMSE {err * 255:.2f}/255"
+                    progress.finish(tag, inference.tile_count(*layers.composite.shape[:2], tile, overlap)
+                                    if mode == "tile" else 1, note)
+                    del layers
+                    if p < passes:  # the next pass decomposes the background as written (8-bit)
+                        next_passes.append((path, os.path.basename(path), index[path], k, p + 1,
+                                            bg.astype(np.float32) / 255.0))
+                    else:
+                        finish(path, k, chains.pop((path, k)), inputs.pop((path, k)))
+                if not next_passes:
+                    break
+        except KeyboardInterrupt:  # Ctrl-C: what is written is whole (write_files); its sidecar is written below
+            interrupted = True
+            if progress.tty:
+                print(file=sys.stderr)  # end the progress line
         report = {"tool": "dd_jax.decompose", "rmse_scale": "0-255", "recompose_rmse": "RMSE of the input against "
                   "the task's blend law applied to the written 8-bit layers (dd_jax.data.blend.layers_error)",
                   "checkpoint": checkpoint or checkpoints.DEFAULT_MODEL, "steps": steps, "seed": seed, "mode": mode,
                   "overlap": overlap if mode == "tile" else None, "batch_size": batch_size, "guidance": guidance,
                   "num_samples": num_samples, "select": select, "format": fmt, "images": records, "skipped": skipped,
-                  "seconds": round(time.time() - t0, 2)}
+                  "already_done": already_done, "interrupted": interrupted, "seconds": round(time.time() - t0, 2)}
         try:
             sidecar = write_sidecar(output, report)
         except OSError as e:
             raise WriteError(f"{e.strerror or e} writing the run's JSON sidecar in {output}; the {len(done)} "
                              f"file(s) written ({written} decomposition(s)) are kept") from e
         print(f"recomposition errors and settings: {sidecar}", file=sys.stderr)
-        return {"written": written, "files": done, "skipped": skipped, "output": output, "tasks": tasks_used,
-                "images": records, "sidecar": sidecar}
+        if interrupted:
+            raise Interrupted(f"interrupted: {written} decomposition(s) written to {output} are kept (sidecar "
+                              f"{os.path.basename(sidecar)}); to finish the rest, rerun the same command with "
+                              f"--skip-existing")
+        return {"written": written, "files": done, "skipped": skipped, "already_done": already_done,
+                "output": output, "tasks": tasks_used, "images": records, "sidecar": sidecar}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -577,6 +612,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--prompt", default=None, help="text prompt for T5/CLIP-conditioned models (default: the task's)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace output files that exist (never an input); without it the run refuses them")
+    ap.add_argument("--skip-existing", action="store_true",
+                    help="leave alone the inputs whose outputs all exist (to finish an interrupted run: rerun the "
+                         "same command with it); an input with only some of its outputs is refused unless "
+                         "--overwrite is given too (then it is redone)")
     args = ap.parse_args(argv)
     if args.num_samples < 1 or args.batch_size < 1:
         ap.error("--num-samples and --batch-size must be >= 1")
@@ -592,10 +631,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = run(args.input, args.output, args.checkpoint, args.config, args.task, args.steps, args.seed,
                   args.num_samples, args.batch_size, args.guidance, not args.no_detail_transfer, args.prompt,
                   args.mode, args.overlap, overwrite=args.overwrite, fmt=args.fmt, select=args.select,
-                  passes=args.passes)
+                  passes=args.passes, skip_existing=args.skip_existing)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+    except KeyboardInterrupt:
+        print(f"interrupted: what was written to {args.output} is kept; to finish the rest, rerun the same command "
+              f"with --skip-existing", file=sys.stderr)
+        return 130
     print(f"wrote {out['written']} decomposition(s) to {args.output}; skipped {len(out['skipped'])}", file=sys.stderr)
     return 1 if out["skipped"] else 0  # 0: every input done; 1: some skipped (each reported above)
 

@@ -159,3 +159,64 @@ def test_a_name_the_file_system_refuses_skips_that_input(fake, tmp_path, monkeyp
         "a_background.png", "a_foreground.png", "c_background.png", "c_foreground.png"]
     (report,) = sidecars(out)
     assert report["skipped"] == [str(src / "b.png")] and len(report["images"]) == 2
+
+
+# ------------------------------------------------------------------ Ctrl-C, then finish the rest
+def test_an_interrupted_run_is_finished_by_rerunning_with_skip_existing(fake, tmp_path, monkeypatch):
+    """Ctrl-C while b.png's layers are written: a.png's are kept with a sidecar, none of b.png's is left (its
+    files come together or not at all), and the message says how to finish. The same command refuses (and names
+    --skip-existing); with --skip-existing it decomposes b and c only and leaves a's files as they were."""
+    src = images(tmp_path / "in", "a.png", "b.png", "c.png")
+    out = tmp_path / "out"
+    argv = ["--input", src, "--output", out, "--task", "xray"]
+    real, calls = Image.Image.save, []
+
+    def save(self, fp, *a, **k):
+        calls.append(fp)
+        if len(calls) == 4:  # b.png's foreground, after its background
+            raise KeyboardInterrupt
+        return real(self, fp, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    rc, err = run_main(decompose.main, argv)
+    monkeypatch.setattr(Image.Image, "save", real)
+    assert rc == 130, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted: 1 decomposition(s)") and "rerun the same command with --skip-existing" in last
+    assert "Traceback" not in err
+    (first,) = sidecars(out)
+    assert first["interrupted"] and [r["input"] for r in first["images"]] == [str(src / "a.png")]
+    done = sorted(f for f in os.listdir(out) if not f.startswith(decompose.SIDECAR_PREFIX))
+    assert done == ["a_background.png", "a_foreground.png"]  # no b file, no temporary file, no lock file
+    kept = {f: (os.stat(out / f).st_ino, (out / f).read_bytes()) for f in done}
+
+    rc, err = run_main(decompose.main, argv)  # the same command again: refused, and told how to go on
+    assert rc == 2 and len(errors(err)) == 1 and "--skip-existing" in errors(err)[0], err
+
+    rc, err = run_main(decompose.main, argv + ["--skip-existing"])
+    assert rc == 0, err
+    assert "1 input(s) already done" in err and "a.png (16x16)" not in err and "b.png (16x16)" in err
+    assert sorted(f for f in os.listdir(out) if not f.startswith(decompose.SIDECAR_PREFIX)) == [
+        f"{s}_{k}.png" for s in "abc" for k in ("background", "foreground")]
+    assert {f: (os.stat(out / f).st_ino, (out / f).read_bytes()) for f in done} == kept  # a's files untouched
+    second = [r for r in sidecars(out) if not r["interrupted"]]
+    assert len(second) == 1 and second[0]["already_done"] == [str(src / "a.png")]
+    assert [r["input"] for r in second[0]["images"]] == [str(src / "b.png"), str(src / "c.png")]
+
+    rc, err = run_main(decompose.main, argv + ["--skip-existing"])  # all done: nothing to do, nothing written
+    assert rc == 0 and "nothing to do" in err and len(sidecars(out)) == 2
+
+
+def test_skip_existing_refuses_an_input_with_only_some_outputs(fake, tmp_path):
+    src = images(tmp_path / "in", "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a_s0_background.png").write_bytes(b"mine")
+    argv = ["--input", src, "--output", out, "--task", "xray", "--num-samples", 2, "--skip-existing"]
+    rc, err = run_main(decompose.main, argv)
+    assert rc == 2 and len(errors(err)) == 1 and "a_s0_background.png exists but not every output" in err, err
+    assert "--overwrite" in errors(err)[0] and os.listdir(out) == ["a_s0_background.png"]
+    rc, err = run_main(decompose.main, argv + ["--overwrite"])  # redone, every sample
+    assert rc == 0, err
+    assert sorted(os.listdir(out))[:4] == [f"a_s{k}_{n}.png" for k in (0, 1) for n in ("background", "foreground")]
+    assert (out / "a_s0_background.png").read_bytes() != b"mine"
