@@ -53,13 +53,13 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from dd_jax import checkpoints, config as config_lib, flow, hostmem, sharding, system as system_lib
+from dd_jax import checkpoints, config as config_lib, flow, hostmem, optional, sharding, system as system_lib
 from dd_jax.checkpoints import RunError, to_host
-from dd_jax.data import pipeline
 from dd_jax.models import store
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from types import ModuleType
 
     from jax.sharding import Mesh
 
@@ -70,6 +70,18 @@ ARRAY_KEYS = ("composite", "background", "foreground", "task", "txt", "vec")
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+def input_pipeline() -> ModuleType:
+    """`dd_jax.data.pipeline`, imported when a run starts: it needs Grain, which decomposition does not
+    (a GPU host may lack it); RunError naming the package in one line when it is missing."""
+    try:
+        optional.require("grain", "training (python -m dd_jax.train)")
+    except optional.MissingPackage as e:
+        raise RunError(str(e)) from e
+    from dd_jax.data import pipeline
+
+    return pipeline
 
 
 def device_batch(batch: dict, mesh: Mesh | None = None, rules: Rules | None = None) -> dict:
@@ -152,8 +164,9 @@ def _tb_writer(workdir: str):
     if jax.process_index() != 0:
         return None
     try:
-        from tensorboardX import SummaryWriter
-    except ImportError:  # pragma: no cover - tensorboardX is a dependency
+        SummaryWriter = optional.require("tensorboardX", "TensorBoard output").SummaryWriter
+    except optional.MissingPackage as e:  # a GPU host may lack it: the run goes on, metrics.jsonl has everything
+        print(f"{e}; writing metrics.jsonl only", file=sys.stderr)
         return None
     return SummaryWriter(os.path.join(workdir, "tb"))
 
@@ -209,6 +222,7 @@ class ProcessData:
         self.shards = data_shards(config)
         text_cache, text_encoders = text_source(config)
         per_process = self.shards // jax.process_count()
+        pipeline = input_pipeline()
         self.indices = [jax.process_index() * per_process + i for i in range(per_process)]
         self.iterators = [iter(pipeline.make_pipeline(
             d.dir, d.tasks, "train", d.height, d.width, d.batch_size // self.shards, seed=d.seed,
@@ -261,6 +275,7 @@ def check_data(config: ml_collections.ConfigDict) -> None:
     """The data the run reads exists: every task of `data.tasks` built under `data.dir`, with examples in its
     train split (read from dataset_info.json: nothing imported, nothing opened). RunError otherwise."""
     d = config.data
+    pipeline = input_pipeline()
     if d.source not in pipeline.SOURCES:
         raise RunError(f"data.source={d.source!r}; choose from {', '.join(pipeline.SOURCES)}")
     if d.source == "procedural":  # nothing on disk: the tasks and the style must name what the synthesizer makes

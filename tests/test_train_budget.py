@@ -7,11 +7,12 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import train_helpers as th
 
-from dd_jax import checkpoints, train
+from dd_jax import checkpoints, inference, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,20 +75,38 @@ def test_default_workdir_is_outside_the_checkout(monkeypatch, tmp_path):
     assert checkpoints.home() == os.path.expanduser(os.path.join("~", ".cache", "dd_jax"))
 
 
-def test_default_gpu_recipe_trains_on_the_cpu_with_procedural_data(tmp_path):
-    """configs/default_gpu.py as written (the shipped architecture, warm-started from the shipped model,
-    procedural data through Grain worker processes), a few steps; the run folder goes to $DD_JAX_HOME."""
-    env = dict(os.environ, DD_JAX_HOME=str(tmp_path), JAX_PLATFORMS="cpu")
-    args = [sys.executable, "-m", "dd_jax.train", f"--config={REPO}/configs/default_gpu.py",
-            "--config.train.steps=3", "--config.train.warmup_steps=1", "--config.data.batch_size=2",
-            "--config.data.worker_count=1", "--config.train.log_every=1"]
-    r = subprocess.run(args, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    run = tmp_path / "runs" / "default_gpu"
-    assert f"workdir: {run}" in r.stderr and "starting from the parameters of" in r.stderr
-    assert checkpoints.export_step(str(run / "export")) == 3
-    with open(run / "config.json") as f:
+def test_default_gpu_recipe_runs_on_the_cpu_and_packs_what_a_window_brings_back(tmp_path):
+    """scripts/gpu_default_model.sh with configs/default_gpu.py as written (the shipped architecture, warm-started
+    from the shipped model, procedural data through a Grain worker process), a few steps: the model comes back
+    as one archive with its task head, beside the run's metrics and config."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable, RUN=str(tmp_path / "run"), HEAD_IMAGES="1")
+    out = tmp_path / "out"
+    args = ["bash", f"{REPO}/scripts/gpu_default_model.sh", str(out), "--config.train.steps=3",
+            "--config.train.warmup_steps=1", "--config.data.batch_size=2", "--config.data.worker_count=1",
+            "--config.train.log_every=1"]
+    r = subprocess.run(args, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert sorted(os.listdir(out)) == ["config.json", "metrics.jsonl", "model.tgz", "train.log"]
+    log = (out / "train.log").read_text()
+    assert "starting from the parameters of" in log and "wrote " in log
+    with tarfile.open(out / "model.tgz") as tar:
+        tar.extractall(tmp_path / "back", filter="data")
+    model = str(tmp_path / "back" / "export")
+    assert checkpoints.export_step(model) == 3 and inference.load_task_head(model) is not None
+    with open(out / "config.json") as f:
         saved = json.load(f)
     assert saved["data"]["source"] == "procedural" and saved["train"]["max_minutes"] == 8.0
-    logged = th.losses(str(run))
-    assert sorted(logged) == [1, 2, 3]
+    assert sorted(th.losses(str(tmp_path / "run"))) == [1, 2, 3]
+
+
+def test_without_grain_training_says_so_in_one_line_and_without_tensorboardx_it_goes_on(
+        monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "grain", None)  # a GPU host without the carried wheels
+    with pytest.raises(checkpoints.RunError, match=r"^training \(python -m dd_jax.train\) needs grain: "
+                                                   r"pip install grain==0.2.18$"):
+        train.train(procedural_config(steps=2), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)
+    assert train._tb_writer(str(tmp_path)) is None
+    assert "TensorBoard output needs tensorboardX: pip install tensorboardX==2.6.4; writing metrics.jsonl only" \
+        in capsys.readouterr().err
