@@ -1,11 +1,14 @@
-"""One command for a few minutes on one GPU: versions, correctness, attention kernels, the real train step, the sampler.
+"""One command for a few minutes on one GPU: versions, correctness, attention kernels, the real train step, the
+sampler, a profile of the train step, a sweep of batch sizes and remat policies, and diffusers + peft beside it.
 
     python scripts/device_check.py --out device_check.json          # one H100 / H200: at most ~8 minutes
     python scripts/device_check.py --dry --out /tmp/dry.json        # the same code at toy sizes on the CPU (CI)
+    python scripts/device_check.py --only profile,train_sweep       # some sections
 
 Needs only what a GPU host has (jax + its CUDA plugin, flax, optax, numpy) plus ml_collections and this
-project; nothing here imports torch, tensorflow, grain or tfds (the JSON lists any such module a section
-loaded). The JSON file is rewritten atomically after every section, so a run cut short still leaves all
+project; nothing but peer_torch imports torch, tensorflow, grain or tfds (the JSON lists any such module a
+section loaded); peer_torch also needs diffusers and peft (carried as wheels; without them it is skipped and
+says so). The JSON file is rewritten atomically after every section, so a run cut short still leaves all
 that finished. Sections, each under its own time limit (one that overruns is killed and recorded as
 "timeout" with what it had measured; one that raises is recorded as "error"; the next one runs):
 
@@ -20,10 +23,26 @@ that finished. Sections, each under its own time limit (one that overruns is kil
   device (abstract model -> one jitted init, no checkpoint): compile time, median step time, finite loss,
   model-FLOP MFU (dd_jax.perf's analytic count + XLA's count of the VAE encoder in the step) against the
   device's peak, peak memory from device.memory_stats() beside XLA's memory analysis;
-- sample: the production sampler (dd_jax.sampling) at 512x512: compile time, time per step, MFU.
+- profile: a jax.profiler trace of 3 train steps at 512x512, summarized (dd_jax.profile_summary): device
+  time per step by category (matmul, attention, convolution, fusion, copy_transpose, collective, other,
+  idle) and the top 15 kernels (scripts/device_sections.py);
+- sample: the production sampler (dd_jax.sampling) at 512x512: compile time, time per step, MFU;
+- peer_torch: diffusers' FluxTransformer2DModel + peft LoRA at the same sizes, train step (bf16 autocast,
+  float32 LoRA, AdamW) and sampler step times, SDPA with cuDNN (else flash) attention (scripts/peer_torch.py);
+- train_sweep: the train step at batch 1, 2, 4 under several remat policies, at 512x512 and 1024x1024 ICD,
+  rows named `<shape>_b<batch>_<remat>`, the most telling first while its time lasts, each row under its
+  own limit (scripts/device_sections.py: PLAN; the rows it skips are listed with why).
 
-Each group of sections runs in a child process (the train and sample sections each in a fresh one, so
-their peak memory is their own and a hung compile can be killed); this process never touches a device.
+The summary (the JSON's end and stdout) has a line per train row: step time, time per example, MFU, peak
+memory and the ratio of its time per example to the torch peer's (below 1: dd_jax is faster), the sampler's
+ratio, and the fastest row per shape: what one run needs to choose the defaults.
+
+Each group of sections runs in a child process (the train, profile, sample and sweep sections each in a fresh
+one, so their peak memory is their own and a hung compile can be killed; peer_torch in one of its own even with
+--dry); this process never touches a device. The children share a persistent compilation cache (a temporary
+folder unless JAX_COMPILATION_CACHE_DIR is set), so the profile and the sweep's first row reuse
+train_512x512's compile. A sweep row that overruns its limit is killed and the sweep goes on in a fresh
+process with the rows it has not run.
 """
 
 from __future__ import annotations
@@ -31,21 +50,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
 
-# (name, time limit in seconds, starts a fresh process); the limits sum to the 8-minute budget
+if __name__ == "__main__":  # device_sections and peer_torch import this module's helpers by name
+    sys.modules.setdefault("device_check", sys.modules[__name__])
+
+# (name, time limit in seconds, starts a fresh process), in the order they run; a limit bounds what a hung
+# section costs, the budget the whole run. The six sections before profile, peer_torch and train_sweep took
+# 183 s together on the last GPU run; the profile is mostly a compilation-cache hit, the peer compiles
+# nothing; the sweep comes last and takes what is left of the budget (up to its limit), row by row.
 SECTIONS = (
     ("versions", 30, True),
-    ("correctness", 60, False),
-    ("attention", 60, False),
-    ("train_512x512", 150, True),
-    ("train_512x1024", 110, True),
-    ("sample", 70, True),
+    ("correctness", 45, False),
+    ("attention", 45, False),
+    ("train_512x512", 120, True),
+    ("profile", 70, True),
+    ("sample", 60, True),
+    ("peer_torch", 100, True),
+    ("train_512x1024", 100, True),
+    ("train_sweep", 220, True),
 )
+ISOLATED = ("peer_torch",)  # a process of its own, even with --dry (it imports torch, diffusers, peft)
+RESUMABLE = ("train_sweep",)  # killed at a row's limit: goes on in a fresh process with the rows left
 BUDGET_S = 480
 DRY_SCALE = 6  # --dry: limits x6 (the dry run checks the code, not the speed; a busy 2-core CI box is slow)
 FORBIDDEN = ("torch", "tensorflow", "grain", "tensorflow_datasets", "diffusers", "transformers")
@@ -78,10 +109,15 @@ def sizes(dry: bool) -> dict:
         return dict(params=dict(hidden_size=256, num_heads=2, depth=1, depth_single_blocks=1, context_in_dim=64,
                                 vec_in_dim=32), ae_preset="tiny", txt=8, rank=4, images={"512x512": (64, 64),
                                                                                         "512x1024": (64, 128)},
-                    attention_lengths=(256, 384), heads=2, sample_steps=2, steps=2, warmup=1)
+                    attention_lengths=(256, 384), heads=2, sample_steps=2, steps=2, warmup=1,
+                    sweep_images={"512x512": (64, 64), "1024x1024": (96, 96)}, sweep_steps=1, profile_steps=2,
+                    peer_rows=(("512x512", 1), ("1024x1024", 2)), peer_steps=1, peer_sample_steps=1)
     return dict(params={}, ae_preset="flux", txt=512, rank=128, images={"512x512": (512, 512),
                                                                          "512x1024": (512, 1024)},
-                attention_lengths=(3584, 6656), heads=24, sample_steps=4, steps=5, warmup=1)
+                attention_lengths=(3584, 6656), heads=24, sample_steps=4, steps=5, warmup=1,
+                sweep_images={"512x512": (512, 512), "1024x1024": (1024, 1024)}, sweep_steps=3, profile_steps=3,
+                peer_rows=(("512x512", 1), ("512x512", 2), ("512x512", 4), ("1024x1024", 1), ("1024x1024", 2)),
+                peer_steps=3, peer_sample_steps=5)
 
 
 def section_versions(rec: dict, dry: bool, save) -> None:
@@ -501,19 +537,55 @@ def section_sample(rec: dict, dry: bool, save, remat: str) -> None:
     rec["pass"] = rec["finite"]
 
 
-def run_section(name: str, rec: dict, dry: bool, save, remat: str) -> None:
+def run_section(name: str, rec: dict, dry: bool, save, ctx) -> None:
     if name == "versions":
         section_versions(rec, dry, save)
     elif name == "correctness":
         section_correctness(rec, dry, save)
     elif name == "attention":
         section_attention(rec, dry, save)
+    elif name == "train_sweep":
+        import device_sections
+
+        device_sections.section_train_sweep(rec, dry, save, ctx)
     elif name.startswith("train_"):
-        section_train(rec, dry, save, name[len("train_"):], remat)
+        section_train(rec, dry, save, name[len("train_"):], ctx.remat)
+    elif name == "profile":
+        import device_sections
+
+        device_sections.section_profile(rec, dry, save, ctx)
     elif name == "sample":
-        section_sample(rec, dry, save, remat)
+        section_sample(rec, dry, save, ctx.remat)
+    elif name == "peer_torch":
+        import peer_torch
+
+        peer_torch.section_peer_torch(rec, dry, save, ctx)
     else:
         raise ValueError(f"unknown section {name!r}")
+
+
+class Context:
+    """What a section may ask of the worker: its time left and, for the sweep, a limit per row (the parent
+    kills the child at `row_deadline`)."""
+
+    def __init__(self, args, progress: dict, save):
+        self.dry, self.remat, self.keep_trace = args.dry, args.remat, args.keep_trace
+        self.scale = DRY_SCALE if args.dry else 1
+        self.limits = json.loads(args.limits or "{}")
+        self.budget_end = args.deadline or float("inf")
+        self._progress, self._save = progress, save
+
+    def seconds_left(self) -> float:
+        """Until this section's limit or the run's budget, whichever comes first."""
+        p = self._progress
+        end = min(self.budget_end, p["started"] + self.limits.get(p["current"], float("inf")))
+        return end - time.time()
+
+    def set_row(self, row: str | None, limit_s: float | None) -> None:
+        self._progress["row"] = row
+        self._progress["row_deadline"] = None if row is None else time.time() + limit_s
+        self._progress["row_limit_s"] = limit_s
+        self._save()
 
 
 def worker(args) -> int:
@@ -521,25 +593,31 @@ def worker(args) -> int:
     if args.dry:
         os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, ROOT)  # configs/ and dd_jax/ from a checkout too
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))  # device_sections, peer_torch
     progress = {"sections": {}, "current": None, "started": None}
+    resume = read_json(args.resume) if args.resume else {}
 
     def save():
         write_json(args.progress, progress)
 
+    ctx = Context(args, progress, save)
     for name in args.sections.split(","):
-        rec: dict = {}
+        rec: dict = dict(resume.get(name, {}))  # a resumed section goes on from what it had recorded
+        for k in ("status", "error", "traceback", "log_tail", "limit_s"):
+            rec.pop(k, None)
         progress["sections"][name] = rec
         progress["current"], progress["started"] = name, time.time()
+        progress["row"] = progress["row_deadline"] = None
         save()
         t0 = time.perf_counter()
         try:
-            run_section(name, rec, args.dry, save, args.remat)
-            rec["status"] = "ok" if rec.get("pass", True) else "failed"
+            run_section(name, rec, args.dry, save, ctx)
+            rec.setdefault("status", "ok" if rec.get("pass", True) else "failed")  # or the section's own
         except Exception as e:  # noqa: BLE001 - recorded; the next section runs
             rec["status"] = "error"
             rec["error"] = f"{type(e).__name__}: {e}"[:2000]
             rec["traceback"] = traceback.format_exc()[-4000:]
-        rec["seconds"] = time.perf_counter() - t0
+        rec["seconds"] = time.perf_counter() - t0 + rec.get("seconds_before_resume", 0.0)
         rec["forbidden_modules_loaded"] = sorted(m for m in FORBIDDEN if m in sys.modules)
         progress["current"] = None
         save()
@@ -553,8 +631,14 @@ def run_all(args) -> dict:
     t_start = time.time()
     result = {"tool": "scripts/device_check.py", "dry": args.dry, "budget_s": args.budget,
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:], "sections": {}}
-    # --dry: one child for everything (the fresh processes are for the device's memory and hung compiles)
-    names = [(n, lim, fresh and not args.dry) for n, lim, fresh in SECTIONS if not args.only or n in args.only]
+    # --dry: one child for everything (the fresh processes are for the device's memory and hung compiles), but
+    # an isolated section gets one of its own and the next section a fresh one (what it imported stays there)
+    names, after_isolated = [], False
+    for n, lim, fresh in SECTIONS:
+        if args.only and n not in args.only:
+            continue
+        names.append((n, lim * args.scale, (fresh and not args.dry) or n in ISOLATED or after_isolated))
+        after_isolated = n in ISOLATED
     pending = list(names)
     env = dict(os.environ)
     if args.dry:  # the CPU, compiling fast rather than well (the dry run checks the code, not the speed)
@@ -564,39 +648,59 @@ def run_all(args) -> dict:
     else:
         env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.90")  # the memory plan's assumption (jax: 0.75)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    result["env"] = {k: env.get(k) for k in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "JAX_PLATFORMS", "XLA_FLAGS")}
+    cache = None
+    if not env.get("JAX_COMPILATION_CACHE_DIR"):  # shared by the children: a step compiled once is a cache hit
+        cache = env["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="device_check_cache.")
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    result["env"] = {k: env.get(k) for k in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "JAX_PLATFORMS", "XLA_FLAGS",
+                                             "JAX_COMPILATION_CACHE_DIR")}
 
     def save():
         result["elapsed_s"] = time.time() - t_start
         write_json(args.out, result)
 
     save()
-    while pending:
-        group = [pending.pop(0)]  # sections sharing one child process: up to the next fresh one
-        while pending and not pending[0][2]:
-            group.append(pending.pop(0))
-        if args.budget - (time.time() - t_start) < 5:
-            for name, _, _ in group + pending:
-                result["sections"][name] = {"status": "skipped", "reason": "the time budget is spent"}
-            break
-        unfinished = run_group(args, group, env, result, t_start, save)
-        if unfinished:  # killed or crashed: the group's remaining sections go on in a fresh process
-            pending = [(n, lim, True) if i == 0 else (n, lim, f) for i, (n, lim, f) in enumerate(unfinished)] \
-                + pending
-        save()
+    try:
+        while pending:
+            group = [pending.pop(0)]  # sections sharing one child process: up to the next fresh one
+            while pending and not pending[0][2]:
+                group.append(pending.pop(0))
+            if args.budget - (time.time() - t_start) < 5:
+                for name, _, _ in group + pending:
+                    rec = result["sections"].setdefault(name, {})
+                    if rec.get("status") in (None, "resuming"):
+                        rec.update(status="skipped", reason="the time budget is spent")
+                break
+            unfinished = run_group(args, group, env, result, t_start, save)
+            if unfinished:  # killed or crashed: the group's remaining sections go on in a fresh process
+                pending = [(n, lim, True) if i == 0 else (n, lim, f) for i, (n, lim, f) in enumerate(unfinished)] \
+                    + pending
+            save()
+    finally:
+        if cache:
+            shutil.rmtree(cache, ignore_errors=True)
     result["summary"] = summary(result)
     save()
     return result
 
 
 def run_group(args, group, env, result, t_start, save) -> list:
-    """Runs `group`'s sections in one child; returns those it did not get to (after a kill or a crash)."""
-    limits = {name: limit * args.scale for name, limit, _ in group}
+    """Runs `group`'s sections in one child; returns those it did not get to (after a kill or a crash), a
+    resumable section killed at one of its rows' limits first (with the time it has left)."""
+    limits = {name: limit for name, limit, _ in group}
     with tempfile.TemporaryDirectory() as tmp:
         progress_path, log_path = os.path.join(tmp, "progress.json"), os.path.join(tmp, "log.txt")
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--progress", progress_path, "--sections",
-               ",".join(g[0] for g in group), "--remat", args.remat] + (["--dry"] if args.dry else [])
-        killed = None
+               ",".join(g[0] for g in group), "--remat", args.remat, "--deadline", str(t_start + args.budget),
+               "--limits", json.dumps(limits)] + (["--dry"] if args.dry else []) \
+            + (["--keep-trace", args.keep_trace] if args.keep_trace else [])
+        resume = {n: result["sections"][n] for n, _, _ in group
+                  if result["sections"].get(n, {}).get("status") == "resuming"}
+        if resume:
+            write_json(os.path.join(tmp, "resume.json"), resume)
+            cmd += ["--resume", os.path.join(tmp, "resume.json")]
+        killed = row = None
+        resumable = False
         with open(log_path, "w") as log:
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             group_start = time.time()
@@ -604,10 +708,14 @@ def run_group(args, group, env, result, t_start, save) -> list:
                 time.sleep(0.2)
                 prog = read_json(progress_path) or {}
                 cur, started = prog.get("current"), prog.get("started")
-                over_budget = time.time() - t_start > args.budget
-                if cur and started and (time.time() - started > limits[cur] or over_budget):
-                    killed = cur
-                elif not prog and (time.time() - group_start > limits[group[0][0]] or over_budget):
+                now = time.time()
+                over_budget = now - t_start > args.budget
+                row_over = bool(prog.get("row_deadline")) and now > prog["row_deadline"]
+                section_over = bool(cur and started) and now - started > limits.get(cur, 0)
+                if cur and started and (section_over or over_budget or row_over):
+                    killed, row = cur, prog.get("row")
+                    resumable = row_over and not (section_over or over_budget)
+                elif not prog and (now - group_start > limits[group[0][0]] or over_budget):
                     killed = group[0][0]  # the child never reached its first section (imports, device start)
                 if killed:
                     os.killpg(proc.pid, 9)  # the child's own process group (start_new_session)
@@ -620,10 +728,19 @@ def run_group(args, group, env, result, t_start, save) -> list:
         with open(log_path) as f:
             log_tail = f.read()[-3000:]
     result["sections"].update(prog.get("sections", {}))
-    for i, (name, _limit, _fresh) in enumerate(group):
+    for i, (name, limit, _fresh) in enumerate(group):
         rec = result["sections"].setdefault(name, {})
         if name == killed:
-            rec.update(status="timeout", limit_s=limits[name], log_tail=log_tail)
+            left = limit - (time.time() - (prog.get("started") or group_start))
+            if resumable and row and name in RESUMABLE and rec.get("resumed", 0) < 3 and left > 10:
+                rec.setdefault("rows", {})[row] = dict(rec.get("rows", {}).get(row, {}), status="timeout",
+                                                      limit_s=prog.get("row_limit_s"), log_tail=log_tail[-1500:])
+                rec.update(status="resuming", resumed=rec.get("resumed", 0) + 1,
+                           seconds_before_resume=limit - left + rec.get("seconds_before_resume", 0.0))
+                return [(name, left, True)] + group[i + 1:]
+            rec.update(status="timeout", limit_s=limit, log_tail=log_tail)
+            if row:  # the row it was in
+                rec.setdefault("rows", {}).setdefault(row, {})["status"] = "timeout"
             return group[i + 1:]
         if "status" not in rec:  # the child died (a crash, not a Python exception) in or before this section
             rec.update(status="error", error=f"the worker exited with code {proc.returncode}", log_tail=log_tail)
@@ -632,6 +749,8 @@ def run_group(args, group, env, result, t_start, save) -> list:
 
 
 def summary(result: dict) -> dict:
+    import device_sections
+
     s = result["sections"]
     out = {"statuses": {k: v.get("status") for k, v in s.items()},
            "device_kind": s.get("versions", {}).get("device_kind")}
@@ -645,7 +764,15 @@ def summary(result: dict) -> dict:
         if k.startswith("L") and isinstance(row, dict):
             out[f"attention_{k}"] = {name: {m: row[name][m] for m in ("forward_ms", "fwd_bwd_ms", "rel_error_vs_f32")}
                                      for name in row if isinstance(row[name], dict)}
+    out.update(device_sections.summary_rows(s))
     return out
+
+
+def not_ok(result: dict) -> dict:
+    """{section: status} of the sections that did not pass (a peer skipped for a missing package does not
+    count: the line says which wheel to carry)."""
+    return {k: v.get("status") for k, v in result["sections"].items()
+            if v.get("status") != "ok" and not (v.get("status") == "skipped" and v.get("missing_package"))}
 
 
 def parse_args(argv=None):
@@ -656,11 +783,22 @@ def parse_args(argv=None):
                     f"--dry: {DRY_SCALE}x, as each section's limit: toy sizes on a CPU, where compiles dominate)")
     ap.add_argument("--remat", default="proj", help="train step remat policy (flux.REMAT_POLICIES; the H100/H200 "
                                                     "memory plan's choice at both sizes: proj)")
-    ap.add_argument("--only", nargs="*", help="run only these sections")
+    ap.add_argument("--only", nargs="*", help="run only these sections (names, space- or comma-separated): "
+                    + ", ".join(n for n, _, _ in SECTIONS))
+    ap.add_argument("--keep-trace", help="a folder to keep the profile section's perfetto_trace.json.gz in")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--sections", help=argparse.SUPPRESS)
     ap.add_argument("--progress", help=argparse.SUPPRESS)
-    return ap.parse_args(argv)
+    ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)  # the budget's end (time.time())
+    ap.add_argument("--limits", help=argparse.SUPPRESS)  # JSON {section: seconds}
+    ap.add_argument("--resume", help=argparse.SUPPRESS)  # JSON file {section: its record so far}
+    args = ap.parse_args(argv)
+    if args.only:
+        args.only = [n for a in args.only for n in a.split(",") if n]
+        unknown = sorted(set(args.only) - {n for n, _, _ in SECTIONS})
+        if unknown:
+            ap.error(f"unknown sections {unknown}; choose from {[n for n, _, _ in SECTIONS]}")
+    return args
 
 
 def main(argv=None) -> int:
@@ -671,8 +809,12 @@ def main(argv=None) -> int:
     if args.worker:
         return worker(args)
     result = run_all(args)
-    bad = {k: v for k, v in result["summary"]["statuses"].items() if v != "ok"}
+    bad = not_ok(result)
     print(json.dumps(result["summary"], indent=1, default=str))
+    if result["summary"].get("train_rows"):
+        import device_sections
+
+        print(device_sections.rows_table(result["summary"]["train_rows"]))
     print(f"wrote {args.out} in {result['elapsed_s']:.0f} s" + (f"; not ok: {bad}" if bad else ""))
     return 0 if not bad else 1
 
