@@ -138,6 +138,24 @@ def architecture_changes(old: config_lib.ConfigLike, new: config_lib.ConfigLike)
     return sorted(changed)
 
 
+def check_same_architecture(saved: config_lib.ConfigLike, config: config_lib.ConfigLike, model: str,
+                            given: str = "the config given") -> None:
+    """Raises RunError (one line naming the differing `ARCHITECTURE` fields) if `config` describes another model
+    than the one `saved` (the config `model` was trained with) does: its parameters would not fit, and building
+    it (a 12B flux-dev for a 64 px model) could run out of memory before any error. Checked before building."""
+    changed = architecture_changes(saved, config)
+    if not changed:
+        return
+    a, b = _flat(config_dict(saved)), _flat(config_dict(config))
+    # the fields that say the most first (the preset), the model.params fields it implies last
+    changed.sort(key=lambda k: (k != "model.preset", k.startswith("model.params."), k))
+    shown = ", ".join(f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in changed[:3])
+    rest = f"; also {', '.join(changed[3:])}" if len(changed) > 3 else ""
+    raise RunError(f"{given} describes another model than {model} was trained as ({len(changed)} architecture "
+                   f"field(s) differ: {shown}{rest}); leave out --config to use the model's own, or pass a config "
+                   f"with the same architecture")
+
+
 def optimizer_layout(config: config_lib.ConfigLike) -> dict[str, bool]:
     """What shapes the optimizer state a checkpoint holds (`flow.make_optimizer`): a clipping stage, and a
     learning-rate schedule (whose step count is state) rather than a constant. Values of these fields may
@@ -481,13 +499,16 @@ def _newest(run: str, sources: list[Weights], read: Callable[[Weights], object],
 
 
 def load_trained(path: str, config: ml_collections.ConfigDict | None = None, load_weights: bool = True,
-                 log: Callable[[str], None] = _log) -> system_lib.System:
+                 log: Callable[[str], None] = _log, config_source: str = "the config given") -> system_lib.System:
     """A trained system from a model folder (an export), or a run workdir: of a run, its newest trained
     weights (`weight_sources`: newest restorable checkpoint or the export, whichever is later). Prints
-    what it loaded (path and step) through `log`."""
+    what it loaded (path and step) through `log`. A `config` (`config_source` names it in messages) may change
+    how the model runs but not its architecture: RunError (`check_same_architecture`) before anything is built."""
     path = os.fspath(path)
     if has_model_meta(path):
         meta = read_model_meta(path)
+        if config is not None:
+            check_same_architecture(meta["config"], config, path, config_source)
         config = config or model_config(path, meta)
         system = system_lib.build(config, load_weights=load_weights)
         read_params(system, path)
@@ -495,6 +516,12 @@ def load_trained(path: str, config: ml_collections.ConfigDict | None = None, loa
         return system
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such model folder or training workdir")
+    if config is not None:  # checked against what the run was trained as, before anything is built
+        export_dir = os.path.join(path, EXPORT)
+        if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+            check_same_architecture(load_config(os.path.join(path, CONFIG_FILE)), config, path, config_source)
+        elif has_model_meta(export_dir):
+            check_same_architecture(read_model_meta(export_dir)["config"], config, path, config_source)
     sources = weight_sources(path)
     if config is None:
         if os.path.isfile(os.path.join(path, CONFIG_FILE)):

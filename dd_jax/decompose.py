@@ -305,7 +305,8 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
         raise ValueError(f"no image files in {', '.join(inputs)} ({', '.join(IMAGE_EXTENSIONS)})")
     with outdir.locked(output, "decompose"):  # until the run ends: one run at a time writes the folder
         config = config_lib.load_config_file(config_file) if config_file else None
-        system = checkpoints.load_trained(checkpoint or checkpoints.DEFAULT_MODEL, config)
+        system = checkpoints.load_trained(checkpoint or checkpoints.DEFAULT_MODEL, config,
+                                            config_source=f"--config {config_file}")
         head = inference.load_task_head(checkpoint or checkpoints.DEFAULT_MODEL)  # None: uncalibrated task choice
         cfg = system.config
         steps = cfg.sample.steps if steps is None else steps
@@ -580,7 +581,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--output", required=True)
     ap.add_argument("--checkpoint", default=None,
                     help="trained model folder or training workdir (default: shipped tiny model)")
-    ap.add_argument("--config", default=None, help="config file overriding the checkpoint's (e.g. another base path)")
+    ap.add_argument("--config", default=None,
+                    help="config file overriding the checkpoint's settings (e.g. another base path); a config of "
+                         "another architecture is refused (checkpoints.ARCHITECTURE)")
     ap.add_argument("--task", default=None, metavar="TASK[,TASK...]",
                     help=f"blend law, one of {', '.join(blend.TASKS)} (default: from the file name, else chosen "
                          f"automatically); with --passes N: one task for every pass, or N comma-separated, pass 1 "

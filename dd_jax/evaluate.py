@@ -321,7 +321,7 @@ def run(data_dir: str, output: str, checkpoint: str | None = None, *, tasks: str
                              f"({', '.join(report_lib.FILES)}), or choose another --output")
         checkpoint = checkpoint or checkpoints.DEFAULT_MODEL
         config = config_lib.load_config_file(config_file) if config_file else None
-        system = checkpoints.load_trained(checkpoint, config)
+        system = checkpoints.load_trained(checkpoint, config, config_source=f"--config {config_file}")
         cfg = system.config
         steps = cfg.sample.steps if steps is None else steps
         if steps < 1:
@@ -382,7 +382,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data", required=True, help="the --out folder of python -m dd_jax.data.build")
     ap.add_argument("--output", required=True, help="report folder")
     ap.add_argument("--checkpoint", default=None, help="export folder or training workdir (default: shipped model)")
-    ap.add_argument("--config", default=None, help="config file overriding the checkpoint's")
+    ap.add_argument("--config", default=None,
+                    help="config file overriding the checkpoint's settings (e.g. another base path); a config of "
+                         "another architecture is refused (checkpoints.ARCHITECTURE)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--tasks", nargs="+", default=None,
                     help="subtasks, logo, logo/<high|mid|gray>, clwd, flare7k, flare7k/<real|synthetic>, or all "
