@@ -448,6 +448,24 @@ def read_params(system: system_lib.System, path: str) -> None:
     nnx.update(system.model, state)
 
 
+def first_non_finite(module: nnx.Module) -> str | None:
+    """The path of the first parameter of `module` (state order) holding a NaN or inf value, else None. One
+    reduction per array and one transfer of the flags: cheap next to loading the weights."""
+    flat = [(".".join(map(str, p)), v.get_value()) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))]
+    flat = [(name, a) for name, a in flat if jnp.issubdtype(a.dtype, jnp.inexact)]
+    flags = jax.device_get([jnp.isfinite(a).all() for _, a in flat])
+    return next((name for (name, _), ok in zip(flat, flags) if not ok), None)
+
+
+def check_finite(system: system_lib.System, source: str) -> None:
+    """Raises RunError (one line naming the first bad parameter) if a parameter of the loaded model is NaN or
+    inf: such a model writes black layers (and choosing a task from NaN scores is a coin toss)."""
+    name = first_non_finite(system.model)
+    if name is not None:
+        raise RunError(f"{source}: parameter {name!r} holds NaN or inf values (a run that diverged, or a damaged "
+                       f"file): its layers would be black; use an earlier checkpoint or another model")
+
+
 # ------------------------------------------------------------------ trained weights of a run
 @dataclasses.dataclass
 class Weights:
@@ -512,7 +530,9 @@ def load_trained(path: str, config: ml_collections.ConfigDict | None = None, loa
         config = config or model_config(path, meta)
         system = system_lib.build(config, load_weights=load_weights)
         read_params(system, path)
-        log(f"loading weights from {Weights('export', path, export_step(path, meta)).describe()}")
+        loaded = Weights('export', path, export_step(path, meta)).describe()
+        log(f"loading weights from {loaded}")
+        check_finite(system, loaded)
         return system
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such model folder or training workdir")
@@ -543,7 +563,8 @@ def load_trained(path: str, config: ml_collections.ConfigDict | None = None, loa
             ckpts.close()
         nnx.update(system.model, state["params"])
 
-    _newest(path, sources, read, log)
+    loaded, _ = _newest(path, sources, read, log)
+    check_finite(system, loaded.describe())
     return system
 
 

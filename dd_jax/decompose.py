@@ -68,8 +68,10 @@ kept. Ctrl-C keeps what was written (whole), writes its sidecar and says
 how to finish: rerun the same command with `--skip-existing`, which leaves
 alone the inputs whose outputs all exist (docs/decompose.md). Exit status:
 0 all inputs done, 1 some inputs skipped (unreadable, or a name refused;
-each is reported), 2 usage or input error, or a write that failed, 130
-interrupted.
+each is reported), 2 usage or input error (a `--config` of another
+architecture than the model's, a model with NaN or inf parameters, or
+outputs: refused, never written as black layers), or a write that failed,
+130 interrupted.
 
 Without `--checkpoint`, the small model shipped with the package is used
 (dd_jax/assets/tiny, configs/tiny.py). The task (blend law) comes from
@@ -550,6 +552,9 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
                         finish(path, k, chains.pop((path, k)), inputs.pop((path, k)))
                 if not next_passes:
                     break
+        except inference.NonFiniteOutput as e:  # a broken model: stop rather than write black layers
+            raise ValueError(f"{e}; stopped: the {len(done)} file(s) written before ({written} decomposition(s)) "
+                             f"are kept in {output}") from e
         except KeyboardInterrupt:  # Ctrl-C: what is written is whole (write_files); its sidecar is written below
             interrupted = True
             if progress.tty:

@@ -201,6 +201,10 @@ class _ResizeJob:
 
 
 # ------------------------------------------------------------------ batches
+class NonFiniteOutput(ValueError):
+    """The model returned NaN or inf values: no layers are made from them (they would be written black)."""
+
+
 def batch_key(key: jax.Array, index: int) -> jax.Array:
     """The sampling key of the `index`-th batch of one call: `key` itself for the first."""
     return key if index == 0 else jax.random.fold_in(key, index)
@@ -220,7 +224,15 @@ def run_batch(system: system_lib.System, tiles: np.ndarray, tasks: np.ndarray, k
         extra = {"txt": txt, "vec": vec}
     layers = system_lib.decompose(system, jnp.asarray(tiles * 2 - 1, jnp.float32), jnp.asarray(tasks, jnp.int32),
                                   key, steps, guidance, extra)
-    out = {k: np.clip((np.asarray(v, np.float32)[:n] + 1) / 2, 0, 1) for k, v in layers.items()}
+    out = {k: np.asarray(v, np.float32)[:n] for k, v in layers.items()}
+    finite = {k: np.isfinite(v).reshape(n, -1).all(1) for k, v in out.items()}  # per tile
+    if not all(f.all() for f in finite.values()):
+        bad = [k for k, f in finite.items() if not f.all()]
+        tiles = int((~np.logical_and.reduce(list(finite.values()))).sum())
+        raise NonFiniteOutput(f"the model returned NaN or inf values (layer {', '.join(bad)}) for {tiles} of {n} "
+                              f"tile(s); no layers are made from them (they would be black): check the model and "
+                              f"its compute dtype ({system.config.model.compute_dtype or 'as the parameters'})")
+    out = {k: np.clip((v + 1) / 2, 0, 1) for k, v in out.items()}
     hostmem.trim_if_grown()
     return out["y"], out.get("x")
 

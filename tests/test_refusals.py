@@ -74,3 +74,87 @@ def test_a_run_is_checked_against_its_config_json(tmp_path, no_build):
     same.sample.steps = 7
     with pytest.raises(AssertionError, match="was built"):
         checkpoints.load_trained(str(run), same)
+
+
+# ------------------------------------------------------------------ 3. NaN weights, NaN outputs
+@pytest.fixture(scope="module")
+def nan_model(tmp_path_factory):
+    """The shipped model with one NaN in one parameter."""
+    import numpy as np
+
+    from dd_jax.models import store
+
+    flat, config = checkpoints.read_trained_flat(checkpoints.DEFAULT_MODEL, log=lambda s: None)
+    name = sorted(flat)[len(flat) // 2]
+    flat[name] = flat[name].copy()
+    flat[name].reshape(-1)[3] = np.nan
+    out = str(tmp_path_factory.mktemp("nan") / "model")
+    store.write_flat(out, flat, model="decomposer", config=config, dtype="float32")
+    return out, name
+
+
+def image(path, size=(24, 16)):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (*size, 3), np.uint8)).save(path)
+    return path
+
+
+def test_a_model_with_nan_weights_is_refused_at_load(nan_model, tmp_path):
+    model, name = nan_model
+    src = image(tmp_path / "holiday.png")  # no task in the name: the automatic choice would score NaN
+    rc, _, err = run_main(decompose.main, ["--input", src, "--output", tmp_path / "out", "--checkpoint", model])
+    line = error_line(err)
+    assert rc == 2 and repr(name) in line and "NaN" in line and model in line, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_outputs_stop_the_run_instead_of_writing_black_layers(tmp_path, monkeypatch):
+    import jax.numpy as jnp
+
+    real = system_lib.decompose
+
+    def nan_layers(*a, **k):
+        return {name: jnp.full_like(v, jnp.nan) for name, v in real(*a, **k).items()}
+
+    monkeypatch.setattr(system_lib, "decompose", nan_layers)
+    for name, extra in (("watermark_a.png", []), ("holiday.png", [])):  # the task given by the name / chosen
+        src = image(tmp_path / name)
+        out = tmp_path / f"out_{name}"
+        rc, _, err = run_main(decompose.main, ["--input", src, "--output", out, *extra])
+        line = error_line(err)
+        assert rc == 2 and "NaN or inf" in line and "kept" in line, err
+        assert not out.exists() or not [f for f in os.listdir(out) if f.endswith(".png")], os.listdir(out)
+        assert "chosen automatically" not in err
+
+
+def test_convert_flux_refuses_a_checkpoint_with_nan_naming_the_tensor(tmp_path):
+    import flux_reference as fr
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from dd_jax.models import flux
+    from weights_conversion import convert
+
+    params = flux.FluxParams(in_channels=16, out_channels=16, vec_in_dim=20, context_in_dim=24, hidden_size=32,
+                             mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=(4, 6, 6),
+                             theta=10_000, qkv_bias=True, guidance_embed=False)
+    state = fr.random_bfl_state(params, seed=0, scale=0.1)
+    name = sorted(k for k in state if k.endswith(".weight"))[2]
+    state[name] = state[name].copy()
+    state[name].reshape(-1)[5] = np.inf
+    src = tmp_path / "flux1-tiny.safetensors"
+    save_file(state, str(src))
+    base = ["--source", src, "--axes-dim", "4,6,6", "--quiet"]
+    rc, _, err = run_main(convert.main, [*base, "--output", tmp_path / "out"])
+    line = error_line(err)
+    assert rc == 2 and repr(name) in line and "NaN or inf" in line and "--allow-non-finite" in line, err
+    assert sorted(os.listdir(tmp_path)) == ["flux1-tiny.safetensors"]  # nothing left, not even a temporary
+    rc, _, err = run_main(convert.main, [*base, "--output", tmp_path / "out", "--allow-non-finite"])
+    assert rc == 0 and "warning:" in err and repr(name) in err, err
+    # a finite value beyond float16's range becomes inf in the cast: refused the same way, naming the parameter
+    state[name].reshape(-1)[5] = 1e6
+    save_file(state, str(src))
+    rc, _, err = run_main(convert.main, [*base, "--output", tmp_path / "half", "--dtype", "float16"])
+    assert rc == 2 and repr(name) in error_line(err) and "float16" in err, err

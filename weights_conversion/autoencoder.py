@@ -172,8 +172,9 @@ def autoencoder_plan(source: str) -> tuple[SafetensorsReader, AutoEncoderParams,
 
 
 def convert_autoencoder(source: str, output: str, dtype: str | None = None, *, overwrite: bool = False,
-                        progress: bool = True) -> str:
+                        progress: bool = True, allow_non_finite: bool = False) -> str:
     """Converts an autoencoder checkpoint into a dd_jax model folder; returns its path."""
     reader, params, plan = autoencoder_plan(source)
     return common.write_model(reader, plan, output, model="autoencoder", config=params.to_dict(), dtype=dtype,
-                              block_fn=block, overwrite=overwrite, progress=progress, label="autoencoder")
+                              block_fn=block, overwrite=overwrite, progress=progress, label="autoencoder",
+                              allow_non_finite=allow_non_finite)

@@ -79,9 +79,10 @@ def clip_plan(source: str) -> tuple[SafetensorsReader, CLIPTextConfig, dict[str,
 
 
 def convert_clip(source: str, output: str, dtype: str | None = None, *, overwrite: bool = False,
-                 progress: bool = True, tokenizer_dir: str | None = None) -> str:
+                 progress: bool = True, tokenizer_dir: str | None = None, allow_non_finite: bool = False) -> str:
     """Converts a CLIP text encoder; `tokenizer_dir` is copied in as `output/tokenizer`."""
     reader, cfg, plan = clip_plan(source)
     return common.write_model(reader, plan, output, model="clip", config=cfg.to_dict(), dtype=dtype, block_fn=block,
                               overwrite=overwrite, progress=progress, tokenizer_dir=tokenizer_dir,
+                              allow_non_finite=allow_non_finite,
                               label=f"CLIP text encoder ({cfg.num_hidden_layers} layers, width {cfg.hidden_size})")

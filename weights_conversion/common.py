@@ -116,18 +116,20 @@ def copy_tokenizer(src: str, dst: str, max_length: int | None = None) -> None:
 def write_model(reader: SafetensorsReader, plan: Mapping[str, planlib.Rule], output: str, *, model: str, config: dict,
                 dtype: str | None, block_fn: Callable[[str], str] = numbered_group, overwrite: bool = False,
                 progress: bool = True, tokenizer_dir: str | None = None, max_length: int | None = None,
-                label: str = "") -> str:
+                label: str = "", allow_non_finite: bool = False) -> str:
     """Streams `plan` into the model folder `output`; returns its path.
 
     `tokenizer_dir` is copied into the folder as `output/tokenizer` (see
-    `copy_tokenizer`) before the folder appears under its final name.
+    `copy_tokenizer`) before the folder appears under its final name. A tensor with NaN or inf values stops
+    the conversion (nothing is left under `output`) unless `allow_non_finite` (`plan.stream`).
     """
     out_dtype = DTYPES[dtype] if dtype else source_dtype(reader, plan)
     if progress:
         print(f"{label or model}: {n_params(plan) / 1e6:.2f}M parameters -> {out_dtype.name}", file=sys.stderr)
     with store.GroupedWriter(output, model=model, config=config, dtype=out_dtype.name,
                              overwrite=overwrite) as writer:
-        planlib.stream(plan, reader, writer, out_dtype, group_fn=grouping(plan, block_fn), progress=progress)
+        planlib.stream(plan, reader, writer, out_dtype, group_fn=grouping(plan, block_fn), progress=progress,
+                       allow_non_finite=allow_non_finite)
         if tokenizer_dir is not None:
             copy_tokenizer(tokenizer_dir, os.path.join(writer.tmp_dir, TOKENIZER_DIR), max_length)
         return writer.commit()

@@ -17,7 +17,9 @@ then streamed group by group into a temporary folder that is renamed to its
 final name at the end, so a killed conversion leaves nothing that reads as
 a model folder (only a hidden `.NAME.partial-*` sibling to delete).
 `--overwrite` replaces only model folders the converter wrote (marker:
-`dd_jax_model.json`) or empty folders; anything else is refused.
+`dd_jax_model.json`) or empty folders; anything else is refused. A tensor
+holding NaN or inf values (a damaged download; a value beyond `--dtype`'s
+range) stops the conversion, naming it, unless `--allow-non-finite` is given.
 
 Exit status: 0 converted, 2 usage or input error (one line naming the path).
 """
@@ -49,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="replace OUT (OUT/<component> for a pipeline) if it is a model folder this converter "
                          "wrote (it holds dd_jax_model.json) or empty; any other folder or file is refused, "
                          "never deleted")
+    ap.add_argument("--allow-non-finite", action="store_true",
+                    help="convert tensors holding NaN or inf values as they are, with a warning per tensor (without "
+                         "it such a checkpoint is refused, naming the tensor: a model with them writes black layers)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     try:
@@ -62,12 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if pipeline.is_pipeline(args.source):
             outs = pipeline.convert_pipeline(args.source, args.output, components, args.dtype,
                                              overwrite=args.overwrite, axes_dim=args.axes_dim,
-                                             progress=not args.quiet)
+                                             progress=not args.quiet, allow_non_finite=args.allow_non_finite)
             out = ", ".join(outs.values())
         else:
             out = pipeline.convert_component((components or ["transformer"])[0], args.source, args.output, args.dtype,
                                              overwrite=args.overwrite, axes_dim=args.axes_dim,
-                                             progress=not args.quiet)
+                                             progress=not args.quiet, allow_non_finite=args.allow_non_finite)
     except (CheckpointError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

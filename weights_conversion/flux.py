@@ -232,10 +232,13 @@ def transformer_plan(source: str, axes_dim: Sequence[int] | None = None,
 
 
 def convert_transformer(source: str, output: str, dtype: str | None = None, *, overwrite: bool = False,
-                        axes_dim: Sequence[int] | None = None, progress: bool = True) -> str:
-    """Converts a Flux transformer checkpoint; returns OUT. `dtype=None` keeps the source's."""
+                        axes_dim: Sequence[int] | None = None, progress: bool = True,
+                        allow_non_finite: bool = False) -> str:
+    """Converts a Flux transformer checkpoint; returns OUT. `dtype=None` keeps the source's; NaN or inf values are
+    refused unless `allow_non_finite` (`plan.stream`)."""
     reader, params, plan = transformer_plan(source, axes_dim=axes_dim)
     return common.write_model(reader, plan, output, model="flux", config=params.to_dict(), dtype=dtype,
                               block_fn=store.default_group, overwrite=overwrite, progress=progress,
+                              allow_non_finite=allow_non_finite,
                               label=f"Flux transformer ({params.depth} double + {params.depth_single_blocks} "
                                     f"single blocks, hidden {params.hidden_size})")

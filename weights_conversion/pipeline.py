@@ -81,25 +81,23 @@ def check_component(name: str, source: str, axes_dim: Sequence[int] | None = Non
 
 def convert_component(name: str, source: str, output: str, dtype: str | None = None, *, overwrite: bool = False,
                       progress: bool = True, axes_dim: Sequence[int] | None = None, tokenizer_dir: str | None = None,
-                      max_length: int | None = None) -> str:
+                      max_length: int | None = None, allow_non_finite: bool = False) -> str:
     """Converts one component checkpoint (a diffusers/transformers folder or a single file) into `output`."""
+    kw = dict(overwrite=overwrite, progress=progress, allow_non_finite=allow_non_finite)
     if name == "transformer":
-        return flux_maps.convert_transformer(source, output, dtype, overwrite=overwrite, axes_dim=axes_dim,
-                                             progress=progress)
+        return flux_maps.convert_transformer(source, output, dtype, axes_dim=axes_dim, **kw)
     if name == "vae":
-        return ae_maps.convert_autoencoder(source, output, dtype, overwrite=overwrite, progress=progress)
+        return ae_maps.convert_autoencoder(source, output, dtype, **kw)
     if name == "t5":
-        return t5_maps.convert_t5(source, output, dtype, overwrite=overwrite, progress=progress,
-                                  tokenizer_dir=tokenizer_dir, max_length=max_length)
+        return t5_maps.convert_t5(source, output, dtype, tokenizer_dir=tokenizer_dir, max_length=max_length, **kw)
     if name == "clip":
-        return clip_maps.convert_clip(source, output, dtype, overwrite=overwrite, progress=progress,
-                                      tokenizer_dir=tokenizer_dir)
+        return clip_maps.convert_clip(source, output, dtype, tokenizer_dir=tokenizer_dir, **kw)
     raise ValueError(f"unknown component {name!r}")
 
 
 def convert_pipeline(source: str, output: str, components: str | Iterable[str] | None = None,
                      dtype: str | None = None, *, overwrite: bool = False, axes_dim: Sequence[int] | None = None,
-                     progress: bool = True) -> dict[str, str]:
+                     progress: bool = True, allow_non_finite: bool = False) -> dict[str, str]:
     """Converts the pipeline's components (default: all it holds) into OUT/<component>; returns their paths."""
     source, output = os.fspath(source), os.fspath(output)
     if not is_pipeline(source):
@@ -133,5 +131,6 @@ def convert_pipeline(source: str, output: str, components: str | Iterable[str] |
         out[n] = convert_component(n, os.path.join(source, SUBFOLDERS[n]), os.path.join(output, n), dtype,
                                    overwrite=overwrite, progress=progress, axes_dim=axes_dim,
                                    tokenizer_dir=tokenizers.get(n),
-                                   max_length=t5_max_length(source) if n == "t5" else None)
+                                   max_length=t5_max_length(source) if n == "t5" else None,
+                                   allow_non_finite=allow_non_finite)
     return out

@@ -116,9 +116,32 @@ def check(plan: Mapping[str, Rule], reader: SafetensorsReader, ignore: Iterable[
                               + (f"; and {more} more problem(s)" if more > 0 else ""))
 
 
+def _is_float(dtype: np.dtype) -> bool:
+    return dtype.kind in "fc" or dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+
+
+def _check_finite(a: np.ndarray, what: str, allow: bool, cast: bool = False) -> None:
+    """CheckpointError (one line, `what` names the tensor) if `a` holds NaN or inf; a warning line if `allow`."""
+    if not _is_float(a.dtype) or np.isfinite(a).all():
+        return
+    bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+    why = ("values beyond the range of that dtype; convert with --dtype float32 or bfloat16" if cast
+           else "a damaged or diverged checkpoint; download it again")
+    if not allow:
+        raise CheckpointError(f"{what} holds {bad} NaN or inf value(s) of {a.size} ({why}, or pass "
+                              f"--allow-non-finite to convert it as it is); its model folder was not written")
+    print(f"warning: {what} holds {bad} NaN or inf value(s) of {a.size}; converted as it is (--allow-non-finite)",
+          file=sys.stderr, flush=True)
+
+
 def stream(plan: Mapping[str, Rule], reader: SafetensorsReader, writer: store.GroupedWriter, dtype: npt.DTypeLike,
-           group_fn: Callable[[str], str] = store.module_group, progress: bool = True) -> None:
-    """Converts group by group (by default one module each): one group's arrays are alive at a time."""
+           group_fn: Callable[[str], str] = store.module_group, progress: bool = True,
+           allow_non_finite: bool = False) -> None:
+    """Converts group by group (by default one module each): one group's arrays are alive at a time.
+
+    Every tensor read, and every converted array, is checked for NaN and inf: CheckpointError naming the tensor
+    (a damaged download; a cast to a narrower dtype that overflows), unless `allow_non_finite`, which converts
+    them as they are with a warning line per tensor."""
     groups: dict[str, list[str]] = {}
     for target in plan:
         groups.setdefault(group_fn(target), []).append(target)
@@ -130,11 +153,16 @@ def stream(plan: Mapping[str, Rule], reader: SafetensorsReader, writer: store.Gr
         for target in groups[group]:
             rule = plan[target]
             parts = [reader.read(s) for s in rule.sources]
-            # Cast before combining when that shrinks the data (e.g. float32 -> bfloat16).
-            if all(p.dtype.itemsize > dtype.itemsize for p in parts):
-                parts = [p.astype(dtype) for p in parts]
-            arrays[target] = rule.fn(parts).astype(dtype, copy=False)
+            for s, p in zip(rule.sources, parts):
+                _check_finite(p, f"tensor {s!r} of {reader.info(s).path}", allow_non_finite)
+            with np.errstate(over="ignore"):  # a cast that overflows is named by the check below, in one line
+                # Cast before combining when that shrinks the data (e.g. float32 -> bfloat16).
+                if all(p.dtype.itemsize > dtype.itemsize for p in parts):
+                    parts = [p.astype(dtype) for p in parts]
+                arrays[target] = rule.fn(parts).astype(dtype, copy=False)
             del parts
+            _check_finite(arrays[target], f"parameter {target!r} (from {', '.join(map(repr, rule.sources))}) cast "
+                                          f"to {dtype.name}", allow_non_finite, cast=True)
         writer.write_group(group, arrays)
         done_bytes += sum(a.nbytes for a in arrays.values())
         del arrays

@@ -76,11 +76,12 @@ def t5_plan(source: str) -> tuple[SafetensorsReader, T5Config, dict[str, planlib
 
 
 def convert_t5(source: str, output: str, dtype: str | None = None, *, overwrite: bool = False,
-               progress: bool = True, tokenizer_dir: str | None = None, max_length: int | None = None) -> str:
+               progress: bool = True, tokenizer_dir: str | None = None, max_length: int | None = None,
+               allow_non_finite: bool = False) -> str:
     """Converts a T5 encoder; `tokenizer_dir` is copied in as `output/tokenizer` (with `max_length` as its
     `model_max_length` when given)."""
     reader, cfg, plan = t5_plan(source)
     return common.write_model(reader, plan, output, model="t5", config=cfg.to_dict(), dtype=dtype, block_fn=block,
                               overwrite=overwrite, progress=progress, tokenizer_dir=tokenizer_dir,
-                              max_length=max_length,
+                              max_length=max_length, allow_non_finite=allow_non_finite,
                               label=f"T5 encoder ({cfg.num_layers} blocks, d_model {cfg.d_model})")
