@@ -37,7 +37,7 @@ from dd_jax.models.layers import Precision
 if TYPE_CHECKING:
     from jax.typing import DTypeLike
 
-    from dd_jax.models.store import Shardings
+    from dd_jax.models.store import Convert, Shardings
 
 Array = jax.Array
 
@@ -301,16 +301,19 @@ def adaln_zero(model: Flux) -> Flux:
 
 def load(path: str, dtype: DTypeLike | None = None, *, compute_dtype: DTypeLike | None = None,
          attention_impl: str = "xla", shardings: Shardings | None = None,
-         scan_layers: bool = False, remat: str = "none", platform: str | None = None) -> Flux:
+         scan_layers: bool = False, remat: str = "none", platform: str | None = None,
+         convert: Convert | None = None) -> Flux:
     """Loads a converted checkpoint (`scripts/convert_flux.py` output) into either layout.
 
     `dtype` is the parameter dtype (default: as stored); `compute_dtype`
     defaults to the parameter dtype. `shardings` (flat path -> Sharding, or a
     function of the abstract module returning that, e.g.
     `lambda m: dd_jax.sharding.flat_shardings(m, mesh, rules)`) places every
-    array on devices as it is read.
+    array on devices as it is read. `convert` (see `store.load_module`) may place
+    arrays itself as they are read, e.g. quantized (`dd_jax.quantize.loader`).
     """
     build = lambda cfg, pd: abstract(FluxParams.from_dict(cfg), param_dtype=pd, dtype=compute_dtype,
                                      attention_impl=attention_impl, scan_layers=scan_layers, remat=remat,
                                      platform=platform)
-    return store.load_model(path, "flux", build, dtype, shardings=shardings, stacked=stacked_sources)
+    return store.load_model(path, "flux", build, dtype, shardings=shardings, stacked=stacked_sources,
+                            convert=convert)

@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     # `shardings` of the loaders: flat path -> Sharding, or a function of the abstract module giving one.
     FlatShardings: TypeAlias = Mapping[str, jax.sharding.Sharding]
     Shardings: TypeAlias = FlatShardings | Callable[[nnx.Module], FlatShardings]
+    # `convert` of the loaders: (flat path, host array, its sharding or None) -> the value to set, or None
+    Convert: TypeAlias = Callable[[str, np.ndarray, Any], Any]
 
 FORMAT = "dd_jax.grouped/1"
 META_FILE = "dd_jax_model.json"
@@ -300,7 +302,7 @@ def _stacked_order(groups: Iterable[str], per_layer: Mapping[str, tuple[str, int
 
 
 def load_module(model_dir: str, abstract_module: nnx.Module, *, shardings: Mapping[str, Any] | None = None,
-                stacked: Mapping[str, Sequence[str]] | None = None) -> nnx.Module:
+                stacked: Mapping[str, Sequence[str]] | None = None, convert: Convert | None = None) -> nnx.Module:
     """Fills an abstract NNX module (from `nnx.eval_shape`) with stored weights.
 
     Each parameter is restored in the dtype of the abstract module's variable
@@ -308,8 +310,10 @@ def load_module(model_dir: str, abstract_module: nnx.Module, *, shardings: Mappi
     group. `shardings` (flat path -> jax.sharding.Sharding) places arrays
     directly on devices. `stacked` (model path -> stored per-layer paths)
     fills a variable with a leading layer axis from stored per-layer arrays
-    (a scanned model from per-block groups). Every variable must be stored,
-    and nothing extra.
+    (a scanned model from per-block groups). `convert(path, host array,
+    sharding)` may place a variable itself, e.g. quantized (`dd_jax.quantize.loader`):
+    what it returns (not None) becomes the variable's value. Every variable
+    must be stored, and nothing extra.
     """
     graphdef, state = nnx.split(abstract_module)
     variables = {".".join(map(str, path)): var for path, var in nnx.to_flat_state(state)}
@@ -342,9 +346,10 @@ def load_module(model_dir: str, abstract_module: nnx.Module, *, shardings: Mappi
                 if counts[name] < len(stacked[name]):
                     continue
                 arr, src = buffers.pop(name), name
-            if src in stacked:
+            value = convert(src, arr, (shardings or {}).get(src)) if convert is not None else None
+            if value is None and src in stacked:
                 value = _place(arr, (shardings or {}).get(src))
-            else:
+            elif value is None:
                 sharding = targets[src].sharding
                 value = jax.device_put(arr, sharding) if sharding is not None else jnp.asarray(arr)
             variables[src].set_value(value)
@@ -359,14 +364,15 @@ def load_module(model_dir: str, abstract_module: nnx.Module, *, shardings: Mappi
 
 def load_model(path: str, model: str, build: Callable[[dict, Any], Any], dtype: DTypeLike | None = None, *,
                shardings: Shardings | None = None,
-               stacked: Callable[[Any], Mapping[str, Sequence[str]]] | None = None) -> nnx.Module:
+               stacked: Callable[[Any], Mapping[str, Sequence[str]]] | None = None,
+               convert: Convert | None = None) -> nnx.Module:
     """Loads a converted component folder holding `model` ("flux", "autoencoder", "t5", "clip", ...).
 
     `build(config_dict, param_dtype)` returns the abstract module (from
     `nnx.eval_shape`); `dtype` is the parameter dtype (default: as stored).
     `shardings` is a flat path -> Sharding mapping, or a function of the
     abstract module returning one; `stacked(module)` gives `load_module`'s
-    stacked-layer map.
+    stacked-layer map; `convert` is `load_module`'s.
     """
     meta = read_meta(path)
     if meta["model"] != model:
@@ -374,4 +380,5 @@ def load_model(path: str, model: str, build: Callable[[dict, Any], Any], dtype: 
     module = build(meta["config"], jnp.dtype(dtype or meta["dtype"]))
     if callable(shardings):
         shardings = shardings(module)
-    return load_module(path, module, shardings=shardings, stacked=stacked(module) if stacked else None)
+    return load_module(path, module, shardings=shardings, stacked=stacked(module) if stacked else None,
+                       convert=convert)

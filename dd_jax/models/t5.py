@@ -31,7 +31,7 @@ from dd_jax.models.layers import Precision
 if TYPE_CHECKING:
     from jax.typing import DTypeLike
 
-    from dd_jax.models.store import Shardings
+    from dd_jax.models.store import Convert, Shardings
 
 Array = jax.Array
 
@@ -207,11 +207,13 @@ def abstract(cfg: T5Config, *, param_dtype: DTypeLike = jnp.float32, dtype: DTyp
 
 
 def load(path: str, dtype: DTypeLike | None = None, *, compute_dtype: DTypeLike | None = None,
-         shardings: Shardings | None = None) -> T5Encoder:
+         shardings: Shardings | None = None, convert: Convert | None = None) -> T5Encoder:
     """Loads a converted T5 encoder folder (`scripts/convert_flux.py --components t5`).
 
     `dtype` is the parameter dtype (default: as stored); `compute_dtype`
-    defaults to the parameter dtype.
+    defaults to the parameter dtype. `convert` (see `store.load_module`) may place
+    arrays itself as they are read: `dd_jax.quantize.load_t5` stores the blocks'
+    Linears quantized that way.
     """
     build = lambda cfg, pd: abstract(T5Config.from_dict(cfg), param_dtype=pd, dtype=compute_dtype)
-    return store.load_model(path, "t5", build, dtype, shardings=shardings)
+    return store.load_model(path, "t5", build, dtype, shardings=shardings, convert=convert)
