@@ -11,7 +11,9 @@ base checkpoints load unchanged) and adds `lora_a` [in, r] and `lora_b`
 Train with `nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)` and gradients
 w.r.t. `nnx.LoRAParam`: the frozen base then has neither gradients nor
 optimizer state. `merge_lora(model)` folds the update into the base kernels
-and turns the wrapped layers back into plain `nnx.Linear`.
+and turns the wrapped layers back into plain `nnx.Linear`. The base kernel may
+be stored quantized (`dd_jax.quantize.QKernel`, QLoRA): the adapters stay float
+and the base matmul dequantizes it; such a base is not merged into.
 
 Fused projections (BFL's `qkv`, `linear1`) carry one LoRA over the fused
 output; it splits exactly into per-projection adapters for export (A shared,
@@ -83,7 +85,10 @@ class LoRALinear(nnx.Module):
         # 2-D matmuls: with [batch, tokens, in] inputs the adapter gradients contract over two dims,
         # which XLA canonicalises by transposing the (large) output cotangent; [batch*tokens, in] does not.
         x = x.astype(dtype).reshape(-1, x.shape[-1])
-        y = x @ self.kernel[...].astype(dtype)
+        if hasattr(self.kernel, "matmul"):  # a quantized base (dd_jax.quantize.QKernel)
+            y = self.kernel.matmul(x, dtype)
+        else:
+            y = x @ self.kernel[...].astype(dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         u = (x @ self.lora_a[...].astype(dtype)) * jnp.asarray(self.scale, dtype)  # scale the thin [T, r] side
@@ -145,6 +150,9 @@ def lora_layers(model: nnx.Module) -> list[tuple[str, LoRALinear]]:
 def merge_lora(model: nnx.Module) -> nnx.Module:
     """Folds every LoRA update into its base kernel and removes the adapters (in place)."""
     for path, node in [(p, n) for p, n in nnx.iter_graph(model) if isinstance(n, LoRALinear)]:
+        if not isinstance(node.kernel, nnx.Variable):
+            raise ValueError(f"{_path_str(path)}: the base kernel is stored quantized (dd_jax.quantize); merge the "
+                             "LoRA into a float base (load it without quantize) or keep the adapters separate")
         kernel = node.kernel[...]
         merged = (kernel.astype(jnp.float32) + node.delta_kernel()).astype(kernel.dtype)
         linear = nnx.eval_shape(lambda: nnx.Linear(node.in_features, node.out_features,

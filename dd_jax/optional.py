@@ -22,6 +22,7 @@ PINS = {
     "clu": "clu==0.0.12",
     "tensorboardX": "tensorboardX==2.6.4",
     "psd_tools": "psd-tools==1.10.4",
+    "qwix": "qwix==0.1.8",
     "ml_collections": "ml_collections==1.1.0",
 }
 

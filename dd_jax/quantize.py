@@ -1,0 +1,428 @@
+"""Weight-only quantization of the frozen base (the Flux transformer's blocks, T5's blocks) with qwix.
+
+`model.quantize` (configs/base.py) or `--quantize` (decompose, evaluate) is one of
+- `int8`: one float32 scale per output column (absmax), a Linear's kernel stored as int8;
+- `fp8`: the same scales, the kernel as float8_e4m3fn;
+- `int4`: one scale per `INT4_TILE` input rows per output column (subchannel), the kernel as int4.
+Activations stay in the compute dtype: each matmul dequantizes its kernel (`qwix.dot_general`: the
+dequantize fuses into the matmul's operand) and multiplies in the compute dtype. LoRA parameters stay
+float, so QLoRA trains exactly as LoRA does over a quantized base.
+
+What is quantized: every Linear inside the transformer's double and single blocks (`FLUX_TARGETS`: the
+attention and MLP projections and the modulations, 99% of flux-dev's weights) and inside T5's blocks
+(`T5_TARGETS`). The embedders, the final layer, RMSNorm scales, T5's token embedding and the VAE stay in
+their float dtype.
+
+How it is stored: a quantized Linear's `kernel` becomes a `QKernel` module holding two `QuantizedParam`
+Variables (`kernel.qvalue` [(layers,) in, out] and `kernel.scale`), with the kernel's logical axis names
+(the scale's contracting axis unsharded), so they shard, split (`dd_jax.partition`) and count like any
+parameter. `QuantizedParam` is an `nnx.Param`: the training step takes it as part of the frozen base, a
+read-only input, and the optimizer (`wrt=nnx.LoRAParam`) never sees it. Its matmul has a hand-written
+backward (`qmatmul`) that keeps only the quantized kernel, never a dequantized copy, for the input gradient.
+
+How it is built (`dd_jax.system.build`): a converted checkpoint is quantized as it is read (`loader`, a
+`convert` hook of `dd_jax.models.store`), so the float base is never whole on the device; LoRA is applied
+over it, then `quantize_module` turns the kernels into `QKernel`s. A model trained in full (no LoRA, e.g.
+the shipped model) has no frozen base at build time: `load_trained` quantizes it after its weights are read.
+
+Why not qwix's `quantize_model` / `PtqProvider`: they intercept `jax.lax.dot_general` during a first call
+and replace the Params of the module they find on the Python stack; the Flux blocks here run as pure
+functions of split states inside `jax.checkpoint` / `lax.scan` (`flux.Flux._run_stack`) and the steps merge
+the model from flat arrays (`dd_jax.partition`), so the replacement would land on throwaway copies. The
+storage (`qwix.QArray`), the quantizer (`qwix.quantize`) and the quantized matmul (`qwix.dot_general`) are
+qwix's; only the placement in the module tree is ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import re
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dd_jax import lora, optional
+from dd_jax.models.layers import LOGICAL_AXES
+
+if TYPE_CHECKING:
+    import ml_collections
+    from jax.typing import DTypeLike
+
+QTYPES = ("int8", "fp8", "int4")
+INT4_TILE = 64  # int4: input rows per scale (the usual group size; flux-dev's widths are multiples of it)
+FLUX_TARGETS: tuple[str, ...] = (r"double_blocks\..*", r"single_blocks\..*")
+T5_TARGETS: tuple[str, ...] = (r"encoder\.block\..*",)
+FEATURE = "--quantize (model.quantize)"
+
+
+def qwix():
+    """The qwix module, or one line naming it (`dd_jax.optional`)."""
+    return optional.require("qwix", FEATURE)
+
+
+def check(qtype: str | None) -> str:
+    """The quantization a setting names: "" (none; also None and "none") or one of QTYPES."""
+    q = (qtype or "").strip().lower()
+    q = "" if q == "none" else q
+    if q and q not in QTYPES:
+        raise ValueError(f"quantize {qtype!r}: choose from {', '.join(QTYPES)} (or none)")
+    return q
+
+
+def storage_dtype(qtype: str) -> jnp.dtype:
+    return {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn), "int4": jnp.dtype(jnp.int4)}[qtype]
+
+
+def _tile(rows: int) -> int | None:
+    for t in (INT4_TILE, 32, 16):
+        if rows % t == 0 and rows > t:
+            return t
+    return None
+
+
+def quantize_array(w: jax.Array | np.ndarray, qtype: str) -> Any:
+    """A kernel [..., in, out] as a `qwix.QArray` with float32 scales: per output column (and per leading
+    layer), int4 also per `INT4_TILE` input rows."""
+    nd = np.ndim(w)
+    contracting = nd - 2
+    tiled = {}
+    if qtype == "int4" and (t := _tile(np.shape(w)[contracting])):
+        tiled = {contracting: t}
+    channel = tuple(a for a in range(nd) if a != contracting)
+    return qwix().quantize(jnp.asarray(w).astype(jnp.float32), storage_dtype(qtype), channelwise_axes=channel,
+                           tiled_axes=tiled)
+
+
+_quantize_jit = jax.jit(quantize_array, static_argnums=1)
+
+
+class QuantizedParam(nnx.Param):
+    """The stored values or scales of a quantized kernel: part of the frozen base, never trained."""
+
+
+@jax.custom_vjp
+def qmatmul(x: jax.Array, qvalue: jax.Array, scale: jax.Array) -> jax.Array:
+    """x [T, in] @ the kernel [in, out] that (qvalue, scale) store, in x's dtype (scale cast to it)."""
+    q = qwix()
+    return q.dot_general(x, q.QArray(qvalue, scale), (((1,), (0,)), ((), ())))
+
+
+def _qmatmul_fwd(x, qvalue, scale):
+    return qmatmul(x, qvalue, scale), (qvalue, scale)
+
+
+def _qmatmul_bwd(res, g):
+    qvalue, scale = res
+    q = qwix()
+    dx = q.dot_general(g, q.QArray(qvalue, scale), (((1,), (1,)), ((), ())))  # g [T, out] . kernel^T
+    dq = (np.zeros(qvalue.shape, jax.dtypes.float0) if not jnp.issubdtype(qvalue.dtype, jnp.floating)
+          else jnp.zeros_like(qvalue))
+    return dx, dq, jnp.zeros_like(scale)
+
+
+qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
+
+
+def _scale_axes(names: tuple | None) -> tuple | None:
+    """The scale's logical axes: the kernel's, with its (tiled or reduced) contracting axis unsharded."""
+    if not names:
+        return None
+    return tuple(None if i == len(names) - 2 else n for i, n in enumerate(names))
+
+
+class QKernel(nnx.Module):
+    """A Linear's kernel [(layers,) in, out] stored quantized: `qvalue` (int8 / float8 / int4) and float32
+    `scale` ([(layers,) 1 or in / tile, out]), both `QuantizedParam`s."""
+
+    def __init__(self, q: Any, logical_axes: tuple | None = None):
+        meta = {LOGICAL_AXES: tuple(logical_axes)} if logical_axes else {}
+        smeta = {LOGICAL_AXES: _scale_axes(tuple(logical_axes))} if logical_axes else {}
+        self.qvalue = QuantizedParam(q.qvalue, **meta)
+        self.scale = QuantizedParam(q.scale, **smeta)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.qvalue.shape)
+
+    @property
+    def qtype(self) -> str:
+        return next(q for q in QTYPES if storage_dtype(q) == jnp.dtype(self.qvalue.dtype))
+
+    def matmul(self, x: jax.Array, dtype: DTypeLike) -> jax.Array:
+        """x [T, in] @ kernel -> [T, out] in `dtype` (the kernel dequantized to it inside the matmul)."""
+        return qmatmul(x.astype(dtype), self.qvalue[...], self.scale[...].astype(dtype))
+
+    def dequantize(self, dtype: DTypeLike = jnp.float32) -> jax.Array:
+        q = qwix()
+        return q.dequantize(q.QArray(self.qvalue[...], self.scale[...].astype(dtype)))
+
+
+class QLinear(nnx.Module):
+    """An `nnx.Linear` whose kernel is a `QKernel` (bias and compute dtype kept)."""
+
+    def __init__(self, base: nnx.Linear, kernel: QKernel):
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.kernel = kernel
+        self.bias = base.bias
+        self.dtype = base.dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or x.dtype
+        lead = x.shape[:-1]
+        y = self.kernel.matmul(x.reshape(-1, x.shape[-1]), dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return y.reshape(lead + (self.out_features,))
+
+
+def _path(path: Sequence) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _selected(path: str, targets: Sequence[str]) -> bool:
+    return any(re.fullmatch(t, path) for t in targets)
+
+
+def _replace(module: nnx.Module, path: tuple, new: nnx.Module) -> None:
+    parent = module
+    for p in path[:-1]:
+        parent = parent[p] if isinstance(parent, nnx.List) else getattr(parent, p)
+    if isinstance(parent, nnx.List):
+        parent[path[-1]] = new
+    else:
+        setattr(parent, path[-1], new)
+
+
+def quantize_module(module: nnx.Module, qtype: str, targets: Sequence[str]) -> list[str]:
+    """Stores the kernel of every Linear (`nnx.Linear`, `lora.LoRALinear`) whose path matches `targets` as a
+    `QKernel`, in place (kernels a `loader` already quantized are adopted as they are); plain Linears
+    become `QLinear`s, LoRA layers keep their float adapters. Returns the paths quantized. Works inside
+    `nnx.eval_shape` too (abstract shapes, nothing allocated)."""
+    qtype = check(qtype)
+    if not qtype:
+        return []
+    q = qwix()
+    found = [(tuple(p), n) for p, n in nnx.iter_graph(module)
+             if isinstance(n, (nnx.Linear, lora.LoRALinear)) and not isinstance(n.kernel, QKernel)
+             and _selected(_path(p), targets)]
+    for path, node in found:
+        value = node.kernel.get_value()
+        qa = value if isinstance(value, q.QArray) else quantize_array(value, qtype)
+        kernel = QKernel(qa, node.kernel.get_metadata().get(LOGICAL_AXES))
+        if isinstance(node, lora.LoRALinear):
+            node.kernel = kernel
+        else:
+            _replace(module, path, QLinear(node, kernel))
+    return [_path(p) for p, _ in found]
+
+
+def quantized_paths(module: nnx.Module) -> list[str]:
+    """Paths of the Linears whose kernels are stored quantized."""
+    return [_path(p) for p, n in nnx.iter_graph(module) if isinstance(n, QKernel)]
+
+
+def _place(q: Any, sharding: Any) -> Any:
+    """A QArray on the device(s): qvalue with the kernel's sharding, the scale with its contracting axis whole."""
+    if sharding is None:
+        return q
+    ssharding = sharding
+    if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.spec) >= 2:
+        spec = list(sharding.spec) + [None] * (q.qvalue.ndim - len(sharding.spec))
+        spec[-2] = None
+        ssharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+    return q.replace(qvalue=jax.device_put(q.qvalue, sharding), scale=jax.device_put(q.scale, ssharding))
+
+
+def loader(qtype: str, targets: Sequence[str]) -> Callable[[str, Any, Any], Any] | None:
+    """A `convert` hook for `flux.load` / `t5.load`: every Linear kernel under `targets` is quantized as it
+    is read (a stacked one layer by layer), so only one module's float weights are ever on the device.
+    Quantize the module afterwards with `quantize_module` (which adopts these kernels)."""
+    qtype = check(qtype)
+    if not qtype:
+        return None
+    qwix()  # fail before reading anything
+
+    def convert(path: str, arr: Any, sharding: Any) -> Any:
+        module, _, leaf = path.rpartition(".")
+        if leaf != "kernel" or np.ndim(arr) < 2 or not _selected(module, targets):
+            return None
+        if np.ndim(arr) == 2:
+            qa = _quantize_jit(arr, qtype)
+        else:  # stacked [layers, in, out]: one layer at a time, then stacked (the same scales as all at once)
+            parts = [_quantize_jit(arr[i], qtype) for i in range(arr.shape[0])]
+            qa = jax.tree.map(lambda *xs: jnp.stack(xs), *parts)
+        return _place(qa, sharding)
+
+    return convert
+
+
+def load_t5(path: str, qtype: str = "", dtype: DTypeLike | None = None) -> nnx.Module:
+    """A converted T5 encoder folder, its blocks' Linears quantized as they are read (`qtype` "": float)."""
+    from dd_jax.models import t5
+
+    model = t5.load(path, dtype, convert=loader(qtype, T5_TARGETS))
+    quantize_module(model, qtype, T5_TARGETS)
+    return model
+
+
+# ------------------------------------------------------------------ which quantization a build uses
+_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("dd_jax_quantize", default=None)
+
+
+@contextlib.contextmanager
+def requested(qtype: str | None) -> Iterator[None]:
+    """Within the block, builds (`dd_jax.system.build`) use `qtype` instead of the config's model.quantize
+    (None: the config's). A model trained in full is then left float by the build, to be quantized after its
+    weights are read (`load_trained` does both)."""
+    token = _OVERRIDE.set(None if qtype is None else check(qtype))
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(token)
+
+
+def configured(config: ml_collections.ConfigDict) -> str:
+    """The quantization a build uses: `requested`'s, else the config's model.quantize."""
+    override = _OVERRIDE.get()
+    return override if override is not None else check(config.model.get("quantize", ""))
+
+
+def overridden() -> bool:
+    return _OVERRIDE.get() is not None
+
+
+def load_trained(path: str, config: ml_collections.ConfigDict | None = None, qtype: str | None = None,
+                 **kwargs: Any) -> Any:
+    """`checkpoints.load_trained` with the transformer (and the T5 that encodes prompts) quantized `qtype`
+    (None: as the model's config says; "none": float): a LoRA model's base as it loads, a model trained in
+    full once its weights are read. `kwargs` go to `checkpoints.load_trained`."""
+    from dd_jax import checkpoints
+
+    with requested(qtype):
+        system = checkpoints.load_trained(path, config, **kwargs)
+    q = check(qtype) if qtype is not None else check(system.config.model.get("quantize", ""))
+    if q:
+        quantize_module(system.model.transformer, q, FLUX_TARGETS)
+        from dd_jax import sampling
+
+        sampling.forget(system.model.transformer)
+    return system
+
+
+# ------------------------------------------------------------------ device check: a quantized sampler and QLoRA step
+def random_state(module: nnx.Module, seed: int = 0) -> nnx.Module:
+    """Fills an abstract module (`nnx.eval_shape`) with random values one Variable at a time, on the default
+    device: quantized kernels random in their storage type (no float copy of them ever exists), float
+    parameters N(0, 0.02), LoRA B zero. For timing and memory at full size without the weights."""
+    graphdef, state = nnx.split(module)
+    key = jax.random.key(seed)
+    make = {}
+    for i, (path, var) in enumerate(nnx.to_flat_state(state)):
+        a = var.get_value()
+        k = jax.random.fold_in(key, i)
+        shape, dtype = tuple(a.shape), jnp.dtype(a.dtype)
+        kind = ("q" if isinstance(var, QuantizedParam) and path[-1] == "qvalue" else
+                "scale" if isinstance(var, QuantizedParam) else
+                "zero" if isinstance(var, nnx.LoRAParam) and path[-1] == "lora_b" else
+                "int" if jnp.issubdtype(dtype, jnp.integer) or not jnp.issubdtype(dtype, jnp.floating) else "normal")
+        if (shape, dtype, kind) not in make:
+            make[shape, dtype, kind] = jax.jit(_random_fn(shape, dtype, kind))
+        var.set_value(make[shape, dtype, kind](k))
+    return nnx.merge(graphdef, state)
+
+
+def _random_fn(shape, dtype, kind):
+    def f(k):
+        if kind == "q":
+            hi = 7 if dtype == jnp.dtype(jnp.int4) else 127
+            if jnp.issubdtype(dtype, jnp.integer):
+                return jax.random.randint(k, shape, -hi, hi + 1, jnp.int32).astype(dtype)
+            return (jax.random.normal(k, shape, jnp.float32) * 100).astype(dtype)
+        if kind == "scale":
+            return jnp.full(shape, 0.02 / 64, dtype)
+        if kind == "zero":
+            return jnp.zeros(shape, dtype)
+        if kind == "int":
+            return jnp.zeros(shape, dtype)
+        return (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+
+    return f
+
+
+def time_quantized_steps(config: ml_collections.ConfigDict, qtype: str = "int8", *, steps: int = 2,
+                         repeats: int = 3, batch_size: int = 1, txt_len: int = 512, train: bool = True,
+                         seed: int = 0) -> dict[str, Any]:
+    """Builds `config`'s system quantized `qtype` with random weights on the default device (`random_state`:
+    flux-dev needs no checkpoint) and times, after one compiling call each, the sampler (`steps` Euler steps
+    of `sampling.sample`, batch `batch_size`, `txt_len` text tokens) and, with `train`, one QLoRA training
+    step (`flow.system_step`, LoRA over the quantized base; needs lora.enabled). Returns
+    {"qtype", "device", "weights_bytes" (transformer, quantized + float), "sampler": {"compile_s",
+    "seconds" (median of `repeats`), "steps"}, "train": {"compile_s", "seconds"} or None, "peak_bytes"
+    (the device's peak_bytes_in_use after both, None where memory_stats is missing)}.
+
+    For a device-check section: `dd_jax.quantize.time_quantized_steps(config, "int8")` with e.g.
+    `configs/flux.py:dev` at data.height = data.width = 512, model.attention = "auto"."""
+    import time
+
+    from dd_jax import aot, flow, sampling, system as system_lib
+
+    qtype = check(qtype) or "int8"
+    config = config.copy_and_resolve_references()
+    config.model.quantize = qtype
+    if train and not config.lora.enabled:
+        raise ValueError("the QLoRA step needs lora.enabled")
+
+    def init():
+        model = system_lib.build_model(config, load_weights=False, seed=seed)
+        return model, (flow.system_optimizer(system_lib.wrap(model, config)) if train else None)
+
+    model, optimizer = nnx.eval_shape(init)
+    model = random_state(model, seed)
+    system = system_lib.wrap(model, config)
+    out: dict[str, Any] = {"qtype": qtype, "device": str(jax.devices()[0]), "steps": steps, "batch_size": batch_size,
+                           "weights_bytes": int(sum(x.size * x.dtype.itemsize
+                                                    for x in jax.tree.leaves(nnx.state(model.transformer))))}
+    rng = np.random.default_rng(seed)
+    d, p = config.data, model.transformer.params
+    h, w = system.grid(d.height, d.width)
+    dt = jnp.dtype(config.model.compute_dtype or config.model.param_dtype)
+    cond = jnp.asarray(rng.standard_normal((batch_size, h * w, p.in_channels)), jnp.float32)
+    txt = jnp.asarray(rng.standard_normal((batch_size, txt_len, p.context_in_dim)), dt)
+    vec = jnp.asarray(rng.standard_normal((batch_size, p.vec_in_dim)), dt)
+
+    def run_sampler(i):
+        y = sampling.sample(system.model.transformer, system.spec, cond, txt, vec, jax.random.key(i), (h, w), steps,
+                            system.guidance, **system.output_reading())
+        jax.block_until_ready(y)
+
+    out["sampler"] = _timed(run_sampler, repeats, time)
+    out["sampler"]["steps"] = steps
+    out["train"] = None
+    if train:
+        optimizer = random_state(optimizer, seed + 1)
+        step = flow.system_step(system)
+        abstract = aot.abstract_batch(config, batch_size, txt_len)
+        batch = {k: (jnp.asarray(rng.uniform(-1, 1, v.shape), v.dtype) if k != "task"
+                     else jnp.zeros(v.shape, v.dtype)) for k, v in abstract.items()}
+        out["train"] = _timed(lambda i: jax.block_until_ready(step(system.model, optimizer, batch,
+                                                                   jax.random.key(i))), repeats, time)
+    stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
+    out["peak_bytes"] = int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+    return out
+
+
+def _timed(fn: Callable[[int], Any], repeats: int, time) -> dict[str, float]:
+    t0 = time.perf_counter()
+    fn(0)
+    compile_s = time.perf_counter() - t0
+    runs = []
+    for i in range(1, max(1, repeats) + 1):
+        t0 = time.perf_counter()
+        fn(i)
+        runs.append(time.perf_counter() - t0)
+    return {"compile_s": round(compile_s, 3), "seconds": round(float(np.median(runs)), 4)}
