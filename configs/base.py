@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     #                  to lower ahead of time for another platform (attention kernels depend on it)
     m.scan_layers = False  # stack blocks and run them with nnx.scan (one compiled block)
     m.remat = "none"  # per-block rematerialisation policy (dd_jax.models.flux.REMAT_POLICIES)
+    m.quantize = ""  # "int8" | "fp8" | "int4": frozen base (LoRA) and T5 weight-only quantized (dd_jax.quantize)
 
     c.lora = lo = ml_collections.ConfigDict()
     lo.enabled = True

@@ -23,7 +23,7 @@ backward (`qmatmul`) that keeps only the quantized kernel, never a dequantized c
 How it is built (`dd_jax.system.build`): a converted checkpoint is quantized as it is read (`loader`, a
 `convert` hook of `dd_jax.models.store`), so the float base is never whole on the device; LoRA is applied
 over it, then `quantize_module` turns the kernels into `QKernel`s. A model trained in full (no LoRA, e.g.
-the shipped model) has no frozen base at build time: `load_trained` quantizes it after its weights are read.
+the shipped model) has no frozen base at build time: `quantize_system` quantizes it after its weights are read.
 
 Why not qwix's `quantize_model` / `PtqProvider`: they intercept `jax.lax.dot_general` during a first call
 and replace the Params of the module they find on the Python stack; the Flux blocks here run as pure
@@ -278,7 +278,7 @@ _OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("dd_jax_q
 def requested(qtype: str | None) -> Iterator[None]:
     """Within the block, builds (`dd_jax.system.build`) use `qtype` instead of the config's model.quantize
     (None: the config's). A model trained in full is then left float by the build, to be quantized after its
-    weights are read (`load_trained` does both)."""
+    weights are read (`quantize_system`)."""
     token = _OVERRIDE.set(None if qtype is None else check(qtype))
     try:
         yield
@@ -296,133 +296,17 @@ def overridden() -> bool:
     return _OVERRIDE.get() is not None
 
 
-def load_trained(path: str, config: ml_collections.ConfigDict | None = None, qtype: str | None = None,
-                 **kwargs: Any) -> Any:
-    """`checkpoints.load_trained` with the transformer (and the T5 that encodes prompts) quantized `qtype`
-    (None: as the model's config says; "none": float): a LoRA model's base as it loads, a model trained in
-    full once its weights are read. `kwargs` go to `checkpoints.load_trained`."""
-    from dd_jax import checkpoints
+def quantize_system(system: Any) -> Any:
+    """Quantizes what the build left float of a `dd_jax.system.System`'s transformer as its config (or
+    `requested`) says: a model trained in full, once its weights are read; a LoRA model's base was
+    quantized as it loaded (nothing left to do). Returns the system. Decompose and evaluate load with
 
-    with requested(qtype):
-        system = checkpoints.load_trained(path, config, **kwargs)
-    q = check(qtype) if qtype is not None else check(system.config.model.get("quantize", ""))
-    if q:
-        quantize_module(system.model.transformer, q, FLUX_TARGETS)
+        with quantize.requested(qtype):
+            system = quantize.quantize_system(checkpoints.load_trained(path, config))
+    """
+    q = configured(system.config)
+    if q and quantize_module(system.model.transformer, q, FLUX_TARGETS):
         from dd_jax import sampling
 
-        sampling.forget(system.model.transformer)
+        sampling.forget(system.model.transformer)  # its structure changed
     return system
-
-
-# ------------------------------------------------------------------ device check: a quantized sampler and QLoRA step
-def random_state(module: nnx.Module, seed: int = 0) -> nnx.Module:
-    """Fills an abstract module (`nnx.eval_shape`) with random values one Variable at a time, on the default
-    device: quantized kernels random in their storage type (no float copy of them ever exists), float
-    parameters N(0, 0.02), LoRA B zero. For timing and memory at full size without the weights."""
-    graphdef, state = nnx.split(module)
-    key = jax.random.key(seed)
-    make = {}
-    for i, (path, var) in enumerate(nnx.to_flat_state(state)):
-        a = var.get_value()
-        k = jax.random.fold_in(key, i)
-        shape, dtype = tuple(a.shape), jnp.dtype(a.dtype)
-        kind = ("q" if isinstance(var, QuantizedParam) and path[-1] == "qvalue" else
-                "scale" if isinstance(var, QuantizedParam) else
-                "zero" if isinstance(var, nnx.LoRAParam) and path[-1] == "lora_b" else
-                "int" if jnp.issubdtype(dtype, jnp.integer) or not jnp.issubdtype(dtype, jnp.floating) else "normal")
-        if (shape, dtype, kind) not in make:
-            make[shape, dtype, kind] = jax.jit(_random_fn(shape, dtype, kind))
-        var.set_value(make[shape, dtype, kind](k))
-    return nnx.merge(graphdef, state)
-
-
-def _random_fn(shape, dtype, kind):
-    def f(k):
-        if kind == "q":
-            hi = 7 if dtype == jnp.dtype(jnp.int4) else 127
-            if jnp.issubdtype(dtype, jnp.integer):
-                return jax.random.randint(k, shape, -hi, hi + 1, jnp.int32).astype(dtype)
-            return (jax.random.normal(k, shape, jnp.float32) * 100).astype(dtype)
-        if kind == "scale":
-            return jnp.full(shape, 0.02 / 64, dtype)
-        if kind == "zero":
-            return jnp.zeros(shape, dtype)
-        if kind == "int":
-            return jnp.zeros(shape, dtype)
-        return (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
-
-    return f
-
-
-def time_quantized_steps(config: ml_collections.ConfigDict, qtype: str = "int8", *, steps: int = 2,
-                         repeats: int = 3, batch_size: int = 1, txt_len: int = 512, train: bool = True,
-                         seed: int = 0) -> dict[str, Any]:
-    """Builds `config`'s system quantized `qtype` with random weights on the default device (`random_state`:
-    flux-dev needs no checkpoint) and times, after one compiling call each, the sampler (`steps` Euler steps
-    of `sampling.sample`, batch `batch_size`, `txt_len` text tokens) and, with `train`, one QLoRA training
-    step (`flow.system_step`, LoRA over the quantized base; needs lora.enabled). Returns
-    {"qtype", "device", "weights_bytes" (transformer, quantized + float), "sampler": {"compile_s",
-    "seconds" (median of `repeats`), "steps"}, "train": {"compile_s", "seconds"} or None, "peak_bytes"
-    (the device's peak_bytes_in_use after both, None where memory_stats is missing)}.
-
-    For a device-check section: `dd_jax.quantize.time_quantized_steps(config, "int8")` with e.g.
-    `configs/flux.py:dev` at data.height = data.width = 512, model.attention = "auto"."""
-    import time
-
-    from dd_jax import aot, flow, sampling, system as system_lib
-
-    qtype = check(qtype) or "int8"
-    config = config.copy_and_resolve_references()
-    config.model.quantize = qtype
-    if train and not config.lora.enabled:
-        raise ValueError("the QLoRA step needs lora.enabled")
-
-    def init():
-        model = system_lib.build_model(config, load_weights=False, seed=seed)
-        return model, (flow.system_optimizer(system_lib.wrap(model, config)) if train else None)
-
-    model, optimizer = nnx.eval_shape(init)
-    model = random_state(model, seed)
-    system = system_lib.wrap(model, config)
-    out: dict[str, Any] = {"qtype": qtype, "device": str(jax.devices()[0]), "steps": steps, "batch_size": batch_size,
-                           "weights_bytes": int(sum(x.size * x.dtype.itemsize
-                                                    for x in jax.tree.leaves(nnx.state(model.transformer))))}
-    rng = np.random.default_rng(seed)
-    d, p = config.data, model.transformer.params
-    h, w = system.grid(d.height, d.width)
-    dt = jnp.dtype(config.model.compute_dtype or config.model.param_dtype)
-    cond = jnp.asarray(rng.standard_normal((batch_size, h * w, p.in_channels)), jnp.float32)
-    txt = jnp.asarray(rng.standard_normal((batch_size, txt_len, p.context_in_dim)), dt)
-    vec = jnp.asarray(rng.standard_normal((batch_size, p.vec_in_dim)), dt)
-
-    def run_sampler(i):
-        y = sampling.sample(system.model.transformer, system.spec, cond, txt, vec, jax.random.key(i), (h, w), steps,
-                            system.guidance, **system.output_reading())
-        jax.block_until_ready(y)
-
-    out["sampler"] = _timed(run_sampler, repeats, time)
-    out["sampler"]["steps"] = steps
-    out["train"] = None
-    if train:
-        optimizer = random_state(optimizer, seed + 1)
-        step = flow.system_step(system)
-        abstract = aot.abstract_batch(config, batch_size, txt_len)
-        batch = {k: (jnp.asarray(rng.uniform(-1, 1, v.shape), v.dtype) if k != "task"
-                     else jnp.zeros(v.shape, v.dtype)) for k, v in abstract.items()}
-        out["train"] = _timed(lambda i: jax.block_until_ready(step(system.model, optimizer, batch,
-                                                                   jax.random.key(i))), repeats, time)
-    stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
-    out["peak_bytes"] = int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
-    return out
-
-
-def _timed(fn: Callable[[int], Any], repeats: int, time) -> dict[str, float]:
-    t0 = time.perf_counter()
-    fn(0)
-    compile_s = time.perf_counter() - t0
-    runs = []
-    for i in range(1, max(1, repeats) + 1):
-        t0 = time.perf_counter()
-        fn(i)
-        runs.append(time.perf_counter() - t0)
-    return {"compile_s": round(compile_s, 3), "seconds": round(float(np.median(runs)), 4)}

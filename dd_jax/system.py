@@ -13,7 +13,11 @@
   fill `model.checkpoint`, `autoencoder.path` and `text.encoders` when empty;
 - the autoencoder: `pixel` (space-to-depth, no weights) or `flux` (a
   converted Flux VAE folder);
-- the ICD layer layout (`icd.LayerSpec`) with LPEC settings.
+- the ICD layer layout (`icd.LayerSpec`) with LPEC settings;
+- `model.quantize` ("int8", "fp8", "int4"; `dd_jax.quantize`): the transformer's frozen base
+  stored quantized (LoRA models; read from a checkpoint quantized as it loads), and the T5 that
+  encodes decomposition prompts. `build` encodes those prompts before it reads the transformer
+  (`dd_jax.prompts.encode_first`), so T5 and the transformer are never on the device together.
 
 `prepare(model, batch)` maps an input-pipeline batch (images in [-1, 1]) to
 ICD tokens inside jitted code; `decompose` samples the target layers of a
@@ -31,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dd_jax import flow, icd, lora, sampling
-from dd_jax.data import blend, text_cache
+from dd_jax import flow, icd, lora, prompts as prompts_lib, quantize as quantize_lib, sampling
+from dd_jax.data import blend
 from dd_jax.models import autoencoder, flux
 from dd_jax.models.pixel_ae import PixelAutoencoder
 
@@ -128,9 +132,10 @@ class System:
         return dict(prediction=t.prediction, residual=tuple(t.residual))
 
     def prompt_conditioning(self, task: jax.Array, prompt: str | None = None) -> tuple[jax.Array, jax.Array]:
-        """txt/vec for `precomputed` models: `prompt` (default: config sample.prompt, else each task's prompt)."""
+        """txt/vec for `precomputed` models: `prompt` (default: config sample.prompt, else each task's prompt;
+        those `build` encoded before the transformer, `dd_jax.prompts`)."""
         if self._prompts is None:
-            self._prompts = text_cache.PromptConditioning.from_config(self.config)
+            self._prompts = prompts_lib.Prompts.from_config(self.config)
         prompt = prompt or self.config.sample.prompt
         tasks = np.asarray(task).reshape(-1)
         prompts = [prompt or blend.task_prompt(blend.TASKS[int(t)]) for t in tasks]
@@ -138,8 +143,10 @@ class System:
         return jnp.asarray(txt), jnp.asarray(vec)
 
     def trainable(self) -> filterlib.Filter:
-        """The variable filter the optimizer updates (never the VAE)."""
-        return nnx.LoRAParam if self.config.lora.enabled else nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vae")))
+        """The variable filter the optimizer updates (never the VAE, never quantized weights)."""
+        if self.config.lora.enabled:
+            return nnx.LoRAParam
+        return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vae")), nnx.Not(quantize_lib.QuantizedParam))
 
 
 def flux_params(model_cfg: ml_collections.ConfigDict) -> flux.FluxParams:
@@ -183,8 +190,11 @@ def build_model(config: ml_collections.ConfigDict, *, seed: int | None = None, l
     layout = dict(attention_impl=mc.attention, scan_layers=mc.scan_layers, remat=mc.remat,
                   platform=mc.platform or None)  # "" = the current backend
     checkpoint, ae_path = weight_paths(config) if load_weights else ("", "")
+    base_q = frozen_quantization(config)
     if checkpoint:
-        transformer = flux.load(checkpoint, param_dtype, compute_dtype=compute, shardings=shardings, **layout)
+        convert = quantize_lib.loader(base_q, quantize_lib.FLUX_TARGETS) if base_q else None
+        transformer = flux.load(checkpoint, param_dtype, compute_dtype=compute, shardings=shardings, convert=convert,
+                                **layout)
     else:
         transformer = flux.Flux(flux_params(mc), rngs=rngs, param_dtype=param_dtype, dtype=compute, **layout)
         init = mc.init
@@ -195,6 +205,7 @@ def build_model(config: ml_collections.ConfigDict, *, seed: int | None = None, l
     if config.lora.enabled:
         targets = tuple(config.lora.targets) + (lora.MODULATION_TARGETS if config.lora.modulation else ())
         lora.apply_lora(transformer, config.lora.rank, config.lora.alpha, targets, rngs=rngs)
+    quantize_lib.quantize_module(transformer, base_q, quantize_lib.FLUX_TARGETS)  # (no-op without base_q)
     tc = config.text
     if tc.kind == "task":
         p = transformer.params
@@ -226,10 +237,34 @@ def wrap(model: Decomposer, config: ml_collections.ConfigDict) -> System:
     return System(model, pixel, layer_spec(config.icd), guidance, config)
 
 
+def frozen_quantization(config: ml_collections.ConfigDict) -> str:
+    """The quantization `build_model` gives the frozen base: model.quantize (or `quantize.requested`'s) for a
+    LoRA model; "" for a model trained in full, which has no frozen base (refused for training; at
+    decomposition `quantize.quantize_system` quantizes it once its weights are read)."""
+    q = quantize_lib.configured(config)
+    if q and not config.lora.enabled:
+        if not quantize_lib.overridden():
+            raise ValueError(f"model.quantize={q!r} stores the frozen base quantized under LoRA, but lora.enabled is "
+                             "False (every parameter trains); enable LoRA, or quantize a model trained in full "
+                             "only to decompose with it (decompose/evaluate --quantize)")
+        return ""
+    return q
+
+
 def build(config: ml_collections.ConfigDict, *, seed: int | None = None, load_weights: bool = True,
           shardings: Shardings | None = None) -> System:
-    """Builds the system from a config (see configs/base.py for the fields)."""
-    return wrap(build_model(config, seed=seed, load_weights=load_weights, shardings=shardings), config)
+    """Builds the system from a config (see configs/base.py for the fields). With weights, T5/CLIP-conditioned
+    configs first get their decomposition prompts (`dd_jax.prompts.encode_first`: encoders loaded and dropped
+    before the transformer is read)."""
+    if quantize_lib.overridden():  # the system's config says what it runs
+        config = config.copy_and_resolve_references()
+        with config.unlocked():
+            config.model.quantize = quantize_lib.configured(config)
+    encoded = prompts_lib.encode_first(config) if load_weights else None
+    system = wrap(build_model(config, seed=seed, load_weights=load_weights, shardings=shardings), config)
+    if encoded is not None:
+        system._prompts = encoded
+    return system
 
 
 def decompose(system: System, composite: jax.Array, task: jax.Array, key: jax.Array, steps: int,
