@@ -113,7 +113,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from dd_jax import checkpoints, config as config_lib, hostmem, inference, outdir, psd_layers
+from dd_jax import checkpoints, config as config_lib, hostmem, inference, outdir, psd_layers, quantize as quantize_lib
 from dd_jax.data import blend, images
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -278,7 +278,7 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
         batch_size: int = 16, guidance: float | None = None, detail_transfer: bool = True,
         prompt: str | None = None, mode: str | None = None, overlap: int | None = None,
         overwrite: bool = False, fmt: str = "png", select: str = "all", passes: int = 1,
-        skip_existing: bool = False) -> dict:
+        skip_existing: bool = False, quantize: str | None = None) -> dict:
     """Decomposes `inputs` into `output` (see the module docstring); returns a summary with `written`
     (decompositions), `files` (written), `skipped` (unreadable inputs), `already_done` (with `skip_existing`: the
     inputs whose outputs all exist, left alone), `tasks`, `images` (the sidecar's per-output records) and `sidecar`
@@ -307,8 +307,9 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
         raise ValueError(f"no image files in {', '.join(inputs)} ({', '.join(IMAGE_EXTENSIONS)})")
     with outdir.locked(output, "decompose"):  # until the run ends: one run at a time writes the folder
         config = config_lib.load_config_file(config_file) if config_file else None
-        system = checkpoints.load_trained(checkpoint or checkpoints.DEFAULT_MODEL, config,
-                                            config_source=f"--config {config_file}")
+        with quantize_lib.requested(quantize):  # a LoRA base quantized as it loads, a model trained in full after
+            system = quantize_lib.quantize_system(checkpoints.load_trained(
+                checkpoint or checkpoints.DEFAULT_MODEL, config, config_source=f"--config {config_file}"))
         head = inference.load_task_head(checkpoint or checkpoints.DEFAULT_MODEL)  # None: uncalibrated task choice
         cfg = system.config
         steps = cfg.sample.steps if steps is None else steps
@@ -563,7 +564,8 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
                   "the task's blend law applied to the written 8-bit layers (dd_jax.data.blend.layers_error)",
                   "checkpoint": checkpoint or checkpoints.DEFAULT_MODEL, "steps": steps, "seed": seed, "mode": mode,
                   "overlap": overlap if mode == "tile" else None, "batch_size": batch_size, "guidance": guidance,
-                  "num_samples": num_samples, "select": select, "format": fmt, "images": records, "skipped": skipped,
+                  "num_samples": num_samples, "select": select, "format": fmt,
+                  "quantize": system.config.model.get("quantize", "") or None, "images": records, "skipped": skipped,
                   "already_done": already_done, "interrupted": interrupted, "seconds": round(time.time() - t0, 2)}
         try:
             sidecar = write_sidecar(output, report)
@@ -615,6 +617,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "(watermark/occlusion Normal, xray Multiply, cell/flare Linear Dodge (Add); glassware: "
                          "'foreground (glassware, multiply)' under 'foreground (glassware, screen)'); both: all")
     ap.add_argument("--batch-size", type=int, default=16, help="tiles per model call (fixed shape)")
+    ap.add_argument("--quantize", default=None, choices=quantize_lib.QTYPES + ("none",),
+                    help="store the transformer's weights (and T5's) weight-only quantized (dd_jax.quantize; "
+                         "default: the model's config, model.quantize; none: float)")
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--no-detail-transfer", action="store_true", help="--mode resize: plain resize of the background")
     ap.add_argument("--prompt", default=None, help="text prompt for T5/CLIP-conditioned models (default: the task's)")
@@ -639,7 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = run(args.input, args.output, args.checkpoint, args.config, args.task, args.steps, args.seed,
                   args.num_samples, args.batch_size, args.guidance, not args.no_detail_transfer, args.prompt,
                   args.mode, args.overlap, overwrite=args.overwrite, fmt=args.fmt, select=args.select,
-                  passes=args.passes, skip_existing=args.skip_existing)
+                  passes=args.passes, skip_existing=args.skip_existing, quantize=args.quantize)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

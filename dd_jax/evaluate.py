@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dd_jax import checkpoints, config as config_lib, hostmem, inference, metrics, outdir
+from dd_jax import checkpoints, config as config_lib, hostmem, inference, metrics, outdir, quantize as quantize_lib
 from dd_jax.data import pipeline
 from dd_jax.metrics import fid, lpips, protocols, report as report_lib
 from dd_jax.metrics.frechet import frechet_distance, gaussian_statistics
@@ -305,7 +305,7 @@ def run(data_dir: str, output: str, checkpoint: str | None = None, *, tasks: str
         num_samples: int = 1, batch_size: int = 8, limit: int | None = None, guidance: float | None = None,
         lpips_weights: str | None = None, fid_weights: str | None = None, at_working_size: bool = False,
         nets: Networks | None = None, command: str | None = None, mode: str | None = None,
-        overlap: int | None = None, overwrite: bool = False,
+        overlap: int | None = None, overwrite: bool = False, quantize: str | None = None,
         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
     """Evaluates a trained model (export folder or training workdir); writes and returns the report.
 
@@ -321,7 +321,9 @@ def run(data_dir: str, output: str, checkpoint: str | None = None, *, tasks: str
                              f"({', '.join(report_lib.FILES)}), or choose another --output")
         checkpoint = checkpoint or checkpoints.DEFAULT_MODEL
         config = config_lib.load_config_file(config_file) if config_file else None
-        system = checkpoints.load_trained(checkpoint, config, config_source=f"--config {config_file}")
+        with quantize_lib.requested(quantize):  # a LoRA base quantized as it loads, a model trained in full after
+            system = quantize_lib.quantize_system(checkpoints.load_trained(checkpoint, config,
+                                                                           config_source=f"--config {config_file}"))
         cfg = system.config
         steps = cfg.sample.steps if steps is None else steps
         if steps < 1:
@@ -405,6 +407,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--mode", default=None, choices=inference.MODES,
                     help="tile or resize (see dd_jax.inference; default: the model's config, sample.tile)")
     ap.add_argument("--overlap", type=int, default=None, help="tile overlap in pixels (default: a quarter of a tile)")
+    ap.add_argument("--quantize", default=None, choices=quantize_lib.QTYPES + ("none",),
+                    help="store the transformer's weights (and T5's) weight-only quantized (dd_jax.quantize; "
+                         "default: the model's config, model.quantize; none: float)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace the report files (metrics.json, report.md, cases.png) in --output; without it "
                          "the run refuses a folder holding one, before any work")
@@ -426,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      batch_size=args.batch_size, limit=args.limit, guidance=args.guidance,
                      lpips_weights=args.lpips_weights, fid_weights=args.fid_weights,
                      at_working_size=args.at_working_size, mode=args.mode, overlap=args.overlap,
-                     overwrite=args.overwrite,
+                     overwrite=args.overwrite, quantize=args.quantize,
                      command=" ".join(["python -m dd_jax.evaluate"] + list(sys.argv[1:] if argv is None else argv)))
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
