@@ -8,11 +8,21 @@ it for the local backend, so the paper's flux-dev LoRA step can be checked,
 costed (XLA's cost analysis) and sized (XLA's memory analysis) on a machine
 that could never hold it. `platforms=("cuda",)` / `("tpu",)` lowers it for
 another backend instead (not compiled).
+
+`compile_decompose(config)` does the same for one decomposition batch (VAE
+encode, the Euler sampler, VAE decode; T5 not on the device: the prompts'
+embeddings are inputs), e.g. to size a quantized flux-dev (`model.quantize`,
+`dd_jax.quantize`) for a 24 GB GPU. `time_quantized_steps(config)` builds such
+a model with random weights on the device (`random_state`: quantized kernels
+made in their storage type, no float copy) and times a sampler call and a
+QLoRA step: the device check's quantized rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -20,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dd_jax import flow, system as system_lib
+from dd_jax import flow, quantize as quantize_lib, sampling, system as system_lib
 
 if TYPE_CHECKING:
     import ml_collections
@@ -78,3 +88,163 @@ def compile_train_step(config: ml_collections.ConfigDict, batch_size: int | None
     count = lambda f: int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, f))))
     return CompiledStep(compiled, lowered, flops, compiled.memory_analysis() if compiled is not None else None,
                         tokens, count(system.trainable()), count(nnx.Param), step.partition_bytes(model, optimizer))
+
+
+@dataclasses.dataclass
+class CompiledDecompose:
+    compiled: Any
+    lowered: Any
+    memory: Any  # compiled.memory_analysis()
+    tokens: int  # image + text tokens per example in the transformer
+    weights_bytes: dict  # {"transformer": .., "vae": ..}: bytes of the read-only weights (quantized as configured)
+
+
+def abstract_model(config: ml_collections.ConfigDict, qtype: str, seed: int | None = None) -> system_lib.Decomposer:
+    """`build_model` without weights, the transformer quantized `qtype` (a LoRA model's base; a model trained in
+    full whole, as decomposition quantizes it). Call under `nnx.eval_shape`."""
+    with quantize_lib.requested(qtype):
+        model = system_lib.build_model(config, seed=seed, load_weights=False)
+    quantize_lib.quantize_module(model.transformer, qtype, quantize_lib.FLUX_TARGETS)
+    return model
+
+
+def compile_decompose(config: ml_collections.ConfigDict, batch_size: int = 1, txt_len: int = 512, steps: int = 2,
+                      compile: bool = True, platforms: tuple[str, ...] | None = None) -> CompiledDecompose:
+    """One decomposition batch as `system.decompose` runs it (VAE-encode the composite, `steps` Euler steps,
+    VAE-decode the target layers) jitted as one program over abstract weights (quantized as `model.quantize`
+    says) and abstract inputs (composite [B, H, W, 3] at data.height x data.width, the prompt's `txt`/`vec`),
+    lowered and, with `compile`, compiled for the local backend. Its memory analysis sizes decomposition with
+    the transformer and the VAE resident and T5 not (`dd_jax.prompts`: prompts are encoded before)."""
+    model = nnx.eval_shape(lambda: abstract_model(config, quantize_lib.configured(config)))
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    d, p = config.data, model.transformer.params
+    dt = jnp.dtype(config.model.compute_dtype or config.model.param_dtype)
+    composite = jax.ShapeDtypeStruct((batch_size, d.height, d.width, 3), jnp.float32)
+    txt = jax.ShapeDtypeStruct((batch_size, txt_len, p.context_in_dim), dt)
+    vec = jax.ShapeDtypeStruct((batch_size, p.vec_in_dim), dt)
+    task = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+
+    def run(leaves, composite, task, txt, vec, key):
+        system = system_lib.wrap(nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves)), config)
+        return system_lib.decompose(system, composite, task, key, steps, extra={"txt": txt, "vec": vec})
+
+    lowered = jax.jit(run).trace(leaves, composite, task, txt, vec, key).lower(
+        lowering_platforms=tuple(platforms) if platforms else None)
+    compiled = lowered.compile() if compile and not platforms else None
+    system = system_lib.wrap(model, config)
+    h, w = system.grid(d.height, d.width)
+    size = lambda m: int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(m)))) if m is not None else 0
+    return CompiledDecompose(compiled, lowered, compiled.memory_analysis() if compiled is not None else None,
+                             h * w * len(system.spec.layers) + txt_len,
+                             {"transformer": size(model.transformer), "vae": size(model.vae)})
+
+
+def random_state(module: nnx.Module, seed: int = 0) -> nnx.Module:
+    """Fills an abstract module (`nnx.eval_shape`) with random values one Variable at a time, on the default
+    device: quantized kernels random in their storage type (no float copy of them ever exists), float
+    parameters N(0, 0.02), LoRA B zero. For timing and memory at full size without the weights."""
+    graphdef, state = nnx.split(module)
+    key = jax.random.key(seed)
+    make = {}
+    for i, (path, var) in enumerate(nnx.to_flat_state(state)):
+        a = var.get_value()
+        k = jax.random.fold_in(key, i)
+        shape, dtype = tuple(a.shape), jnp.dtype(a.dtype)
+        kind = ("q" if isinstance(var, quantize_lib.QuantizedParam) and path[-1] == "qvalue" else
+                "scale" if isinstance(var, quantize_lib.QuantizedParam) else
+                "zero" if isinstance(var, nnx.LoRAParam) and path[-1] == "lora_b" else
+                "int" if jnp.issubdtype(dtype, jnp.integer) or not jnp.issubdtype(dtype, jnp.floating) else "normal")
+        if (shape, dtype, kind) not in make:
+            make[shape, dtype, kind] = jax.jit(_random_fn(shape, dtype, kind))
+        var.set_value(make[shape, dtype, kind](k))
+    return nnx.merge(graphdef, state)
+
+
+def _random_fn(shape, dtype, kind):
+    def f(k):
+        if kind == "q":
+            hi = 7 if dtype == jnp.dtype(jnp.int4) else 127
+            if jnp.issubdtype(dtype, jnp.integer):
+                return jax.random.randint(k, shape, -hi, hi + 1, jnp.int32).astype(dtype)
+            return (jax.random.normal(k, shape, jnp.float32) * 100).astype(dtype)
+        if kind == "scale":
+            return jnp.full(shape, 0.02 / 64, dtype)
+        if kind == "zero":
+            return jnp.zeros(shape, dtype)
+        if kind == "int":
+            return jnp.zeros(shape, dtype)
+        return (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+
+    return f
+
+
+def time_quantized_steps(config: ml_collections.ConfigDict, qtype: str = "int8", *, steps: int = 2,
+                         repeats: int = 3, batch_size: int = 1, txt_len: int = 512, train: bool = True,
+                         seed: int = 0) -> dict[str, Any]:
+    """Builds `config`'s system quantized `qtype` with random weights on the default device (`random_state`:
+    flux-dev needs no checkpoint) and times, after one compiling call each, the sampler (`steps` Euler steps
+    of `sampling.sample`, batch `batch_size`, `txt_len` text tokens) and, with `train`, one QLoRA training
+    step (`flow.system_step`, LoRA over the quantized base; needs lora.enabled). Returns
+    {"qtype", "device", "weights_bytes" (transformer, quantized + float), "sampler": {"compile_s",
+    "seconds" (median of `repeats`), "steps"}, "train": {"compile_s", "seconds"} or None, "peak_bytes"
+    (the device's peak_bytes_in_use after both, None where memory_stats is missing)}.
+
+    For a device-check section: `dd_jax.aot.time_quantized_steps(config, "int8")` with e.g.
+    `configs/flux.py:dev` at data.height = data.width = 512, model.attention = "auto"."""
+    qtype = quantize_lib.check(qtype) or "int8"
+    config = config.copy_and_resolve_references()
+    config.model.quantize = qtype
+    if train and not config.lora.enabled:
+        raise ValueError("the QLoRA step needs lora.enabled")
+
+    def init():
+        model = abstract_model(config, qtype, seed)
+        return model, (flow.system_optimizer(system_lib.wrap(model, config)) if train else None)
+
+    model, optimizer = nnx.eval_shape(init)
+    model = random_state(model, seed)
+    system = system_lib.wrap(model, config)
+    out: dict[str, Any] = {"qtype": qtype, "device": str(jax.devices()[0]), "steps": steps, "batch_size": batch_size,
+                           "weights_bytes": int(sum(x.size * x.dtype.itemsize
+                                                    for x in jax.tree.leaves(nnx.state(model.transformer))))}
+    rng = np.random.default_rng(seed)
+    d, p = config.data, model.transformer.params
+    h, w = system.grid(d.height, d.width)
+    dt = jnp.dtype(config.model.compute_dtype or config.model.param_dtype)
+    cond = jnp.asarray(rng.standard_normal((batch_size, h * w, p.in_channels)), jnp.float32)
+    txt = jnp.asarray(rng.standard_normal((batch_size, txt_len, p.context_in_dim)), dt)
+    vec = jnp.asarray(rng.standard_normal((batch_size, p.vec_in_dim)), dt)
+
+    def run_sampler(i):
+        y = sampling.sample(system.model.transformer, system.spec, cond, txt, vec, jax.random.key(i), (h, w), steps,
+                            system.guidance, **system.output_reading())
+        jax.block_until_ready(y)
+
+    out["sampler"] = _timed(run_sampler, repeats)
+    out["sampler"]["steps"] = steps
+    out["train"] = None
+    if train:
+        optimizer = random_state(optimizer, seed + 1)
+        step = flow.system_step(system)
+        abstract = abstract_batch(config, batch_size, txt_len)
+        batch = {k: (jnp.asarray(rng.uniform(-1, 1, v.shape), v.dtype) if k != "task"
+                     else jnp.zeros(v.shape, v.dtype)) for k, v in abstract.items()}
+        out["train"] = _timed(lambda i: jax.block_until_ready(step(system.model, optimizer, batch,
+                                                                   jax.random.key(i))), repeats)
+    stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
+    out["peak_bytes"] = int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+    return out
+
+
+def _timed(fn: Callable[[int], Any], repeats: int) -> dict[str, float]:
+    t0 = time.perf_counter()
+    fn(0)
+    compile_s = time.perf_counter() - t0
+    runs = []
+    for i in range(1, max(1, repeats) + 1):
+        t0 = time.perf_counter()
+        fn(i)
+        runs.append(time.perf_counter() - t0)
+    return {"compile_s": round(compile_s, 3), "seconds": round(float(np.median(runs)), 4)}
