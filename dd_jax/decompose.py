@@ -86,7 +86,10 @@ seamlessly; `--mode resize` decomposes the whole image resized to the working
 size and adds the upsampled change to the full-size input. The default is the
 model's (`sample.tile` in its config). Either way tiles go through the model
 in fixed-shape batches (`--batch-size`, the last one padded), so a folder of
-mixed sizes compiles once. Unreadable inputs are reported and skipped.
+mixed sizes compiles once. Unreadable inputs are reported and skipped, and so
+are, before they are decoded, inputs whose decomposition would take more memory
+than is available (estimated from the size in their header: `check_size`,
+docs/decompose.md) or, with `--max-pixels N`, that have more than N pixels.
 
 Runs of a real Flux (configs/flux.py, T5/CLIP conditioning) take each task's
 prompt (`dd_jax.data.blend.task_prompt`, or `--prompt`) from the run's
@@ -118,6 +121,14 @@ from dd_jax.data import blend, images
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 MAX_SIDE = 16384  # refuse larger inputs rather than running out of memory half-way
+# Peak host memory of one input, bytes per input pixel, measured (peak RSS against the image size, flat PNGs of
+# 1000^2-3000^2 px, the shipped model; docs/decompose.md): the float32 input and layers, the 8-bit layers written.
+# An input whose estimate (`memory_estimate`) passes the memory available is refused before it is decoded.
+BYTES_PER_PIXEL = {"resize": 48, "tile": 88}
+PSD_BYTES_PER_PIXEL = 115  # more with --format psd or both (psd_layers, psd-tools)
+LAYER_BYTES_PER_PIXEL = 8  # more per further pass, and per sample --select recompose keeps in hand
+BLOCK_BYTES = 256 * inference.BLOCK_PIXELS  # and the temporaries of a block of rows, whatever the input's size
+MEMORY_SHARE = 0.9  # of the memory available when an input is read
 FORMATS = ("png", "psd", "both")
 SELECT = ("all", "recompose")  # all: keep every sample; recompose: the one with the least recomposition error
 SIDECAR_PREFIX = "decompose_"
@@ -210,10 +221,71 @@ def stack_error(passes: list[tuple[str, np.ndarray, np.ndarray | None]], image: 
     """RMSE (0-1) of `image` against the written layers of every pass recomposed: `passes[p - 1]` = (task, 8-bit
     background, 8-bit RGBA foreground) of pass p; pass 1 removed the outermost overlay, so the input is
     law_1(fg_1, law_2(fg_2, ... law_N(fg_N, background_N)))."""
-    rec = np.asarray(passes[-1][1], np.float64) / 255.0
-    for t, _, fg in reversed(passes):
-        rec = np.asarray(blend.composite(t, np.asarray(fg, np.float64) / 255.0, rec))
-    return blend.rmse(rec, np.asarray(image, np.float64))
+    sq = 0.0
+    for r in inference.row_blocks(*image.shape[:2]):  # float64 temporaries of a block of rows, not of the image
+        rec = np.asarray(passes[-1][1][r], np.float64) / 255.0
+        for t, _, fg in reversed(passes):
+            rec = np.asarray(blend.composite(t, np.asarray(fg[r], np.float64) / 255.0, rec))
+        sq += float(np.sum((rec - np.asarray(image[r], np.float64)) ** 2))
+    return float(np.sqrt(sq / image.size))
+
+
+def layers_8bit(task: str, layers: inference.Layers, has_fg: bool) -> tuple[np.ndarray, np.ndarray | None,
+                                                                             float | None]:
+    """The 8-bit layers as written (background RGB, foreground straight RGBA: `blend.foreground_rgba`) and their
+    recomposition RMSE (0-1; `blend.layers_error`; None without a foreground), made in blocks of rows."""
+    h, w = layers.background.shape[:2]
+    bg = np.empty((h, w, 3), np.uint8)
+    fg = np.empty((h, w, 4), np.uint8) if has_fg else None
+    sq = 0.0
+    for r in inference.row_blocks(h, w):
+        bg[r] = np.clip(np.rint(layers.background[r] * 255.0), 0, 255)
+        if fg is not None:
+            fg[r] = blend.quantize_rgba(np.asarray(blend.foreground_rgba(
+                task, layers.foreground[r], layers.composite[r], layers.background[r])))
+            sq += blend.layers_error(task, fg[r], bg[r], layers.composite[r]) ** 2 * bg[r].size
+    return bg, fg, None if fg is None else float(np.sqrt(sq / bg.size))
+
+
+def available_memory() -> int:
+    """Bytes of memory available to this process now (psutil: free plus reclaimable)."""
+    import psutil  # pylint: disable=g-import-not-at-top
+
+    return int(psutil.virtual_memory().available)
+
+
+def memory_estimate(pixels: int, mode: str, fmt: str = "png", passes: int = 1, held: int = 1) -> int:
+    """Peak bytes of decomposing an input of `pixels` pixels (`BYTES_PER_PIXEL`; `held`: the samples whose layers
+    are held together, --select recompose)."""
+    per_pixel = (BYTES_PER_PIXEL[mode] + (PSD_BYTES_PER_PIXEL if fmt != "png" else 0)
+                 + LAYER_BYTES_PER_PIXEL * (passes - 1 + held - 1))
+    return pixels * per_pixel + BLOCK_BYTES
+
+
+def check_size(path: str, mode: str, max_pixels: int | None = None, **estimate) -> None:
+    """Raises ValueError (one line: the size, the estimate, what to do) before `path` is decoded if it has more
+    pixels than `max_pixels`, or, without it, if decomposing it would take more memory than is available
+    (`memory_estimate` against `MEMORY_SHARE` of `available_memory`). Sizes come from the file's header."""
+    size = images.image_size(path)
+    if size is None:
+        return  # unreadable: the reader says why
+    w, h = size
+    pixels = w * h
+    need = memory_estimate(pixels, mode, **estimate)
+    where = f"{w}x{h} ({pixels / 1e6:.1f} Mpx)"
+    if max_pixels is not None:
+        if pixels > max_pixels:
+            raise ValueError(f"{where} is more than --max-pixels {max_pixels}; downscale it, or raise --max-pixels "
+                             f"(about {need / 1e9:.1f} GB needed in {mode} mode)")
+        return
+    room = int(available_memory() * MEMORY_SHARE)
+    if need > room:
+        cheaper = [m for m in BYTES_PER_PIXEL if m != mode and memory_estimate(pixels, m, **estimate) <= room]
+        hint = f", use --mode {cheaper[0]}" if cheaper else ""
+        raise ValueError(f"{where} would take about {need / 1e9:.1f} GB to decompose in {mode} mode (~"
+                         f"{(need - BLOCK_BYTES) // pixels} bytes a pixel), more than the {room / 1e9:.1f} GB of "
+                         f"memory available; downscale it{hint}, free memory, or pass --max-pixels {pixels} to try "
+                         f"anyway")
 
 
 def read_rgb(path: str) -> np.ndarray:
@@ -278,6 +350,7 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
         batch_size: int = 16, guidance: float | None = None, detail_transfer: bool = True,
         prompt: str | None = None, mode: str | None = None, overlap: int | None = None,
         overwrite: bool = False, fmt: str = "png", select: str = "all", passes: int = 1,
+        max_pixels: int | None = None,
         skip_existing: bool = False, quantize: str | None = None) -> dict:
     """Decomposes `inputs` into `output` (see the module docstring); returns a summary with `written`
     (decompositions), `files` (written), `skipped` (unreadable inputs), `already_done` (with `skip_existing`: the
@@ -285,7 +358,8 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
     (its path; None when there was nothing to do). `task`: one task, or one per pass (a comma list or a list;
     `auto` or None: from the file name for pass 1, else chosen automatically). Raises ValueError (one line) for
     bad arguments or outputs that exist (without `overwrite`), WriteError when a write fails, Interrupted (after
-    writing the sidecar of what was done) on Ctrl-C while decomposing."""
+    writing the sidecar of what was done) on Ctrl-C while decomposing. An input larger than `max_pixels`, or
+    without it than the memory available allows (`check_size`), is skipped before it is decoded."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     if select not in SELECT:
@@ -301,6 +375,8 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
         raise ValueError(f"--steps {steps}: at least one sampling step")
     if num_samples < 1 or batch_size < 1:
         raise ValueError("--num-samples and --batch-size must be >= 1")
+    if max_pixels is not None and max_pixels < 1:
+        raise ValueError(f"--max-pixels {max_pixels}: at least one pixel")
     outdir.check_folder(output)
     files = list_inputs(inputs)
     if not files:
@@ -421,6 +497,7 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
                     return
                 n, path = nxt
                 try:
+                    check_size(path, mode, max_pixels, fmt=fmt, passes=passes, held=num_samples - kept + 1)
                     img = read_rgb(path)
                 except Exception as e:  # unreadable file: report and go on
                     skipped.append(path)
@@ -453,15 +530,6 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
                 raise WriteError(f"{why} writing {files[0][0]}{f' and {len(files) - 1} more' if len(files) > 1 else ''}"
                                  f": stopped, its partial files removed; {kept_msg}") from e
             done.extend(dest for dest, _ in files)
-
-        def output_layers(t: str, layers: inference.Layers) -> tuple[np.ndarray, np.ndarray | None, float | None]:
-            """The 8-bit layers as written and their recomposition RMSE (0-1; None without a foreground)."""
-            bg = np.clip(np.rint(layers.background * 255.0), 0, 255).astype(np.uint8)
-            if not has_fg:
-                return bg, None, None
-            fg = blend.quantize_rgba(np.asarray(
-                blend.foreground_rgba(t, layers.foreground, layers.composite, layers.background)))
-            return bg, fg, blend.layers_error(t, fg, bg, layers.composite)
 
         chains: dict[tuple, list] = {}  # (path, k) -> its passes so far: (task, bg, fg, recomposition error)
         inputs: dict[tuple, np.ndarray] = {}  # (path, k) -> the input (pass 1's composite)
@@ -538,7 +606,7 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
                     detail_transfer=detail_transfer, progress=progress)
                 for tag, layers in stream:
                     path, _, k, t, p = tag
-                    bg, fg, err = output_layers(t, layers)
+                    bg, fg, err = layers_8bit(t, layers, has_fg)
                     if p == 1:
                         inputs[path, k] = layers.composite
                     chains.setdefault((path, k), []).append((t, bg, fg, err))
@@ -547,8 +615,9 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
                                     if mode == "tile" else 1, note)
                     del layers
                     if p < passes:  # the next pass decomposes the background as written (8-bit)
-                        next_passes.append((path, os.path.basename(path), index[path], k, p + 1,
-                                            bg.astype(np.float32) / 255.0))
+                        nxt = bg.astype(np.float32)
+                        nxt /= 255.0
+                        next_passes.append((path, os.path.basename(path), index[path], k, p + 1, nxt))
                     else:
                         finish(path, k, chains.pop((path, k)), inputs.pop((path, k)))
                 if not next_passes:
@@ -605,6 +674,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "(default: the model's config, sample.tile)")
     ap.add_argument("--overlap", type=int, default=None,
                     help="tile overlap in pixels (default: a quarter of the tile side, 16 for 64x64 tiles)")
+    ap.add_argument("--max-pixels", type=int, default=None,
+                    help="skip inputs with more pixels than this, before decoding them (default: those that would "
+                         "take more memory than is available, estimated from their header: see BYTES_PER_PIXEL)")
     ap.add_argument("--steps", type=int, default=None, help="Euler steps (default: the config's sample.steps)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-samples", type=int, default=1, help="samples per input (different noise)")
@@ -643,8 +715,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         out = run(args.input, args.output, args.checkpoint, args.config, args.task, args.steps, args.seed,
                   args.num_samples, args.batch_size, args.guidance, not args.no_detail_transfer, args.prompt,
-                  args.mode, args.overlap, overwrite=args.overwrite, fmt=args.fmt, select=args.select,
-                  passes=args.passes, skip_existing=args.skip_existing, quantize=args.quantize)
+                  args.mode, args.overlap, max_pixels=args.max_pixels, overwrite=args.overwrite, fmt=args.fmt,
+                  select=args.select, passes=args.passes, skip_existing=args.skip_existing, quantize=args.quantize)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

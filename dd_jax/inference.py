@@ -76,11 +76,66 @@ def working_size(system: system_lib.System) -> tuple[int, int]:
     return int(system.config.data.height), int(system.config.data.width)
 
 
-def resize(img: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Linear resize with antialiasing of an [H, W, C] float image."""
-    if img.shape[:2] == (h, w):
+# Rows of a full-size image processed at a time (resize, tile blending, the layers decompose writes): about this
+# many pixels, so temporaries follow the block, not the image (docs/decompose.md, memory per input pixel).
+BLOCK_PIXELS = 1 << 18
+
+
+def row_blocks(height: int, width: int, pixels: int = BLOCK_PIXELS) -> Iterator[slice]:
+    """Slices of [0, height) of about `pixels` / `width` rows each."""
+    step = max(1, pixels // max(1, width))
+    for r in range(0, height, step):
+        yield slice(r, min(height, r + step))
+
+
+def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] float32 weights of `jax.image.resize(..., "linear", antialias=True)` along one axis (its
+    `compute_weight_mat`, transposed): a triangle kernel widened by the downscale factor, rows normalised."""
+    f32 = np.float32
+    if n_in == n_out:
+        return np.eye(n_in, dtype=f32)
+    inv_scale = 1.0 / (n_out / n_in)
+    kernel_scale = f32(max(inv_scale, 1.0))
+    sample = (np.arange(n_out, dtype=f32) + f32(0.5)) * f32(inv_scale) - f32(0.5)
+    x = np.abs(sample[:, None] - np.arange(n_in, dtype=f32)[None, :]) / kernel_scale
+    weights = np.maximum(f32(0), f32(1) - x)
+    total = weights.sum(1, keepdims=True)
+    weights = np.where(np.abs(total) > 1000.0 * np.finfo(f32).eps, weights / np.where(total != 0, total, 1), 0)
+    inside = (sample >= -0.5) & (sample <= n_in - 0.5)
+    return np.where(inside[:, None], weights, 0).astype(f32)
+
+
+def resize(img: np.ndarray, h: int, w: int, out: np.ndarray | None = None,
+           add: np.ndarray | None = None) -> np.ndarray:
+    """Linear resize with antialiasing of an [H, W, C] float image, as `jax.image.resize(img, (h, w, C),
+    "linear", antialias=True)` (to float32 rounding), computed on the host in blocks of rows: besides the
+    output no full-size array is made, however large the input or the output. `add` ([h, w, C]) is added to
+    the result and `out` ([h, w, C] float32, may be `add` itself) receives it."""
+    H, W, C = img.shape
+    if (H, W) == (h, w) and add is None and out is None:
         return img
-    return np.asarray(jax.image.resize(jnp.asarray(img), (h, w, img.shape[2]), "linear", antialias=True))
+    out = np.empty((h, w, C), np.float32) if out is None else out
+
+    def across(a: np.ndarray) -> np.ndarray:  # the columns of rows `a` [r, W, C] -> [r, w, C]
+        a = np.asarray(a, np.float32)
+        return a if W == w else np.einsum("xX,rXc->rxc", wx, a)
+
+    wx = resize_matrix(W, w) if W != w else None
+    if h <= H:  # rows kept or shrunk: blocks of input rows summed into the [h, W, C] rows, then their columns
+        if h == H:
+            rows = img
+        else:
+            wy, rows = resize_matrix(H, h), np.zeros((h, W, C), np.float32)
+            for r in row_blocks(H, W):
+                rows += np.tensordot(wy[:, r], np.asarray(img[r], np.float32), axes=(1, 0))
+        for r in row_blocks(h, w):
+            out[r] = across(rows[r]) if add is None else across(rows[r]) + add[r]
+        return out
+    wy, cols = resize_matrix(H, h), across(img)  # rows grow: the [H, w, C] columns first (as small as the input)
+    for r in row_blocks(h, w):
+        block = np.tensordot(wy[r], cols, axes=(1, 0))
+        out[r] = block if add is None else block + add[r]
+    return out
 
 
 # ------------------------------------------------------------------ tiling geometry
@@ -136,6 +191,9 @@ def tile_count(height: int, width: int, tile: tuple[int, int], overlap: int | No
 
 # ------------------------------------------------------------------ jobs: one image, its tiles, its accumulators
 class _TileJob:
+    """An image's tiles and the float32 sums they are blended into. The weights are separable (a product of the
+    two axes' ramps), so their sum is too: it is never stored at full size."""
+
     def __init__(self, image: np.ndarray, tile: tuple[int, int], overlap: int, has_fg: bool):
         th, tw = tile
         if not 0 <= overlap < min(th, tw):
@@ -145,34 +203,46 @@ class _TileJob:
         ph, pw = self.src.shape[:2]
         ys = axis_tiles(ph, th, th - overlap)
         xs = axis_tiles(pw, tw, tw - overlap)
-        self.slots = [(y, x, wy[:, None] * wx[None, :]) for y, wy in ys for x, wx in xs]
+        self.slots = [(y, x, wy, wx) for y, wy in ys for x, wx in xs]
+        self.weight_y, self.weight_x = np.zeros(ph), np.zeros(pw)  # the summed weights, per axis
+        for y, wy in ys:
+            self.weight_y[y:y + th] += wy
+        for x, wx in xs:
+            self.weight_x[x:x + tw] += wx
         self.tile = tile
-        self.change = np.zeros((ph, pw, 3), np.float64)
-        self.fg = np.zeros((ph, pw, 3), np.float64) if has_fg else None
-        self.weight = np.zeros((ph, pw, 1), np.float64)
+        self.change = np.zeros((ph, pw, 3), np.float32)
+        self.fg = np.zeros((ph, pw, 3), np.float32) if has_fg else None
         self.total, self.done = len(self.slots), 0
 
     def tiles(self) -> Iterator[tuple[int, np.ndarray]]:
         th, tw = self.tile
-        for i, (y, x, _) in enumerate(self.slots):
+        for i, (y, x, _, _) in enumerate(self.slots):
             yield i, self.src[y:y + th, x:x + tw]
 
     def add(self, slot: int, bg: np.ndarray, fg: np.ndarray | None) -> None:
         th, tw = self.tile
-        y, x, w = self.slots[slot]
-        w = w[..., None]
+        y, x, wy, wx = self.slots[slot]
+        w = (wy[:, None] * wx[None, :])[..., None]
         self.change[y:y + th, x:x + tw] += w * (bg - self.src[y:y + th, x:x + tw])
         if self.fg is not None:
             self.fg[y:y + th, x:x + tw] += w * fg
-        self.weight[y:y + th, x:x + tw] += w
         self.done += 1
 
     def result(self) -> Layers:
+        """The layers at the image's size, made in place of the sums (blocks of rows: no full-size temporary)."""
         h, w = self.image.shape[:2]
         top, left = self.offset
-        crop = lambda a: (a[top:top + h, left:left + w] / self.weight[top:top + h, left:left + w])  # noqa: E731
-        bg = np.clip(self.image + crop(self.change), 0, 1).astype(np.float32)
-        fg = None if self.fg is None else np.clip(crop(self.fg), 0, 1).astype(np.float32)
+        weight_x = self.weight_x[left:left + w, None]
+        bg = self.change[top:top + h, left:left + w]
+        fg = None if self.fg is None else self.fg[top:top + h, left:left + w]
+        for r in row_blocks(h, w):
+            weight = self.weight_y[top:top + h][r, None, None] * weight_x
+            bg[r] = np.clip(self.image[r] + bg[r] / weight, 0, 1)
+            if fg is not None:
+                fg[r] = np.clip(fg[r] / weight, 0, 1)
+        if (top, left) != (0, 0):  # padded (an image smaller than a tile): small, copied out of the padding
+            bg, fg = np.ascontiguousarray(bg), None if fg is None else np.ascontiguousarray(fg)
+        self.change = self.fg = None
         return Layers(self.image, bg, fg)
 
 
@@ -190,14 +260,19 @@ class _ResizeJob:
         self.out, self.done = (bg, fg), 1
 
     def result(self) -> Layers:
+        """The layers at the image's size: each one full-size float32 array, made in blocks of rows."""
         h, w = self.image.shape[:2]
         bg, fg = self.out
-        if self.detail_transfer:
-            bg_full = np.clip(self.image + resize(bg - self.src, h, w), 0, 1)
+        if self.detail_transfer:  # the input plus the upsampled change
+            bg_full = resize(bg - self.src, h, w, add=self.image)
         else:
-            bg_full = np.clip(resize(bg, h, w), 0, 1)
-        fg_full = None if fg is None else np.clip(resize(fg, h, w), 0, 1)
-        return Layers(self.image, bg_full.astype(np.float32), None if fg_full is None else fg_full.astype(np.float32))
+            bg_full = resize(bg, h, w)
+        fg_full = None if fg is None else resize(fg, h, w)
+        for r in row_blocks(h, w):
+            np.clip(bg_full[r], 0, 1, out=bg_full[r])
+            if fg_full is not None:
+                np.clip(fg_full[r], 0, 1, out=fg_full[r])
+        return Layers(self.image, bg_full, fg_full)
 
 
 # ------------------------------------------------------------------ batches

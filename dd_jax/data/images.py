@@ -234,6 +234,18 @@ def _normalize_mode(im: Image.Image, path: str, events: list) -> Image.Image:
     return im.convert("RGB")
 
 
+def image_size(path: str) -> tuple[int, int] | None:
+    """(width, height) from the file's header, without decoding its pixels (PIL opens lazily); None when it
+    cannot be opened (reading it then says why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(os.fspath(path)) as im:
+                return im.size
+    except Exception:  # pylint: disable=broad-except  # unreadable, or a decompression bomb: the reader reports it
+        return None
+
+
 def read_rgb(path: str, max_side: int | None = None) -> np.ndarray:
     """float32 [H, W, 3] in [0, 1] of any image file, or ImageError with the reason (see module doc).
 
@@ -242,8 +254,15 @@ def read_rgb(path: str, max_side: int | None = None) -> np.ndarray:
     alpha flattened over white. ``max_side``: refuse larger images.
     """
     a = _read(path, [], max_side=max_side)
-    a = a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
-    return _over_white(a) if a.shape[-1] == 4 else a
+    h, w = a.shape[:2]
+    out = np.empty((h, w, 3), np.float32)
+    step = max(1, (1 << 18) // max(1, w))  # blocks of rows: no full-size temporary besides `out`
+    for r in range(0, h, step):
+        block = a[r:r + step].astype(np.float32)
+        if a.dtype == np.uint8:
+            block /= 255.0
+        out[r:r + step] = _over_white(block) if a.shape[-1] == 4 else block
+    return out
 
 
 def load_rgb(path: str, events: list, min_side: int = 1, draft_hw: tuple[int, int] | None = None) -> np.ndarray | None:
