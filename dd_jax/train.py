@@ -415,75 +415,89 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     each); the config it runs with is kept as config.<start step>.json and becomes config.json.
 
     Multi-process runs call `sharding.maybe_initialize_distributed` first (as `main` does)."""
-    t = config.train
-    budget = Budget(t.max_minutes)
-    rules = config.mesh.rules or None
-    mesh = sharding.make_mesh(config.mesh)
-    validate(config, workdir, mesh)
-    os.makedirs(workdir, exist_ok=True)
-    ckpt_dir = os.path.join(workdir, checkpoints.CHECKPOINTS)
-    ckpts = checkpoints.Checkpoints(ckpt_dir, t.keep_checkpoints)
-    has_checkpoints = bool(ckpts.steps())
-    with jax.set_mesh(mesh):
-        # a converted base is read straight into its shards (never whole on one device)
-        system = system_lib.build(config, shardings=lambda m: sharding.flat_shardings(m, mesh, rules))
-        if t.init_from and not has_checkpoints:
-            checkpoints.read_params(system, t.init_from)
-            print(f"starting from the parameters of {t.init_from}", file=sys.stderr)
-        sharding.shard_model(system.model, mesh, rules)
-        optimizer = flow.system_optimizer(system)
-        sharding.shard_model(optimizer, mesh, rules)
-    step_fn = make_step(system)
-    data_it = ProcessData(config)
-    start = 0
+    run = Run(config, workdir)
+    step = run.loop(stop_after)
+    return run.finish(step)
 
-    def train_state():
-        return checkpoints.train_state(system, optimizer)
 
-    latest, state, data_state, skipped = ckpts.restore_newest(train_state())
-    if skipped:  # set aside (never deleted): the run saves those steps again
-        ckpts.close()
+class Run:
+    """One (re)run of training in a workdir, in the stages `train` calls: made (validated, built, restored),
+    `loop` (the steps, with their logs and checkpoints), `finish` (the export)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        self.config, self.workdir, t = config, workdir, config.train
+        self.budget = Budget(t.max_minutes)
+        self.rules = config.mesh.rules or None
+        self.mesh = sharding.make_mesh(config.mesh)
+        validate(config, workdir, self.mesh)
+        os.makedirs(workdir, exist_ok=True)
+        self.ckpt_dir = os.path.join(workdir, checkpoints.CHECKPOINTS)
+        self.ckpts = checkpoints.Checkpoints(self.ckpt_dir, t.keep_checkpoints)
+        self._build(fresh=not self.ckpts.steps())
+        self.step_fn = make_step(self.system)
+        self.data = ProcessData(config)
+        self.start = self._restore()
+        self.metrics_path = os.path.join(workdir, "metrics.jsonl")
         if jax.process_index() == 0:
-            checkpoints.move_aside(workdir, [s for s, _ in skipped])
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
+            checkpoints.record_config(workdir, config, self.start)
+            _end_partial_line(self.metrics_path)
+        n_train = system_lib.count_params(self.system.model, self.system.trainable())
+        print(f"training {n_train / 1e6:.2f}M parameters ({'LoRA' if config.lora.enabled else 'all'}) for "
+              f"{t.steps} steps, batch {config.data.batch_size}, {config.data.height}x{config.data.width}, "
+              f"tasks {config.data.tasks}; mesh {dict(self.mesh.shape)} over {jax.process_count()} process(es), "
+              f"{self.data.shards} data shard(s)", file=sys.stderr)
+        self.pending: list[tuple[int, jax.Array, jax.Array]] = []  # (step, loss, gradient norm) not yet logged
+        self.t_last, self.step_last = time.time(), self.start
+        self.in_flight = None  # the step of an asynchronous save whose files may still be being written
+        self.summary = {"start_step": self.start, "steps": t.steps}
 
-            multihost_utils.sync_global_devices("dd_jax.train: skipped checkpoints moved")
-        ckpts = checkpoints.Checkpoints(ckpt_dir, t.keep_checkpoints)
-    if latest is not None:
-        nnx.update(system.model, state["params"])
-        nnx.update(optimizer, state["opt"])
-        data_it.set_state(data_state)
-        start = latest
-        print(f"resumed from step {start} ({workdir})", file=sys.stderr)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    if jax.process_index() == 0:
-        checkpoints.record_config(workdir, config, start)
-        _end_partial_line(metrics_path)
-    n_train = system_lib.count_params(system.model, system.trainable())
-    print(f"training {n_train / 1e6:.2f}M parameters ({'LoRA' if config.lora.enabled else 'all'}) for "
-          f"{t.steps} steps, batch {config.data.batch_size}, {config.data.height}x{config.data.width}, "
-          f"tasks {config.data.tasks}; mesh {dict(mesh.shape)} over {jax.process_count()} process(es), "
-          f"{data_it.shards} data shard(s)", file=sys.stderr)
+    def _build(self, fresh: bool) -> None:
+        """The system (a converted base read straight into its shards, never whole on one device; a fresh run
+        starts from `train.init_from`) and its optimizer, placed on the mesh."""
+        t, mesh, rules = self.config.train, self.mesh, self.rules
+        with jax.set_mesh(mesh):
+            self.system = system_lib.build(self.config, shardings=lambda m: sharding.flat_shardings(m, mesh, rules))
+            if t.init_from and fresh:
+                checkpoints.read_params(self.system, t.init_from)
+                print(f"starting from the parameters of {t.init_from}", file=sys.stderr)
+            sharding.shard_model(self.system.model, mesh, rules)
+            self.optimizer = flow.system_optimizer(self.system)
+            sharding.shard_model(self.optimizer, mesh, rules)
 
-    writer = _tb_writer(workdir)
-    # previews: the first examples of the data stream (the same ones across resumes)
-    preview_batch = _preview_inputs(device_batch(next(ProcessData(config, worker_count=0)), mesh, rules), mesh) \
-        if t.preview_every else None
-    base_key = jax.random.key(t.seed)
-    pending: list[tuple[int, jax.Array, jax.Array]] = []
-    t_last, step_last = time.time(), start
-    summary = {"start_step": start, "steps": t.steps}
+    def train_state(self) -> dict:
+        return checkpoints.train_state(self.system, self.optimizer)
 
-    def flush(step: int) -> bool:
-        """Writes the buffered per-step losses; False if any is not finite."""
-        nonlocal t_last, step_last, pending
-        if not pending:
-            return True
-        losses = [(s, float(loss), float(g)) for s, loss, g in pending]
-        pending = []
+    def _restore(self) -> int:
+        """The newest checkpoint that restores, into the model, optimizer and data; its step (0: none).
+        Newer ones that do not restore are set aside (never deleted): the run saves those steps again."""
+        latest, state, data_state, skipped = self.ckpts.restore_newest(self.train_state())
+        if skipped:
+            self.ckpts.close()
+            if jax.process_index() == 0:
+                checkpoints.move_aside(self.workdir, [s for s, _ in skipped])
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("dd_jax.train: skipped checkpoints moved")
+            self.ckpts = checkpoints.Checkpoints(self.ckpt_dir, self.config.train.keep_checkpoints)
+        if latest is None:
+            return 0
+        nnx.update(self.system.model, state["params"])
+        nnx.update(self.optimizer, state["opt"])
+        self.data.set_state(data_state)
+        print(f"resumed from step {latest} ({self.workdir})", file=sys.stderr)
+        return latest
+
+    # ------------------------------------------------------------------ logging and saving
+    def flush(self, step: int) -> None:
+        """Writes the buffered per-step losses and prints the line of `step`; NonFiniteLoss if any is not finite."""
+        if not self.pending:
+            return
+        t = self.config.train
+        losses = [(s, float(loss), float(g)) for s, loss, g in self.pending]
+        self.pending = []
         if jax.process_index() == 0:
-            with open(metrics_path, "a") as f:
+            with open(self.metrics_path, "a") as f:
                 for s, loss, g in losses:
                     f.write(json.dumps({"step": s, "loss": loss, "grad_norm": g}) + "\n")
         # a finite loss with a non-finite gradient norm has already written NaN into the parameters (the
@@ -492,123 +506,145 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
                if not math.isfinite(v)]
         if bad:
             raise NonFiniteLoss(f"{bad[0][1]} is {bad[0][2]} at step {bad[0][0]}: stopping. The last good checkpoint "
-                                f"(step {ckpts.latest()}) is kept in {workdir}/checkpoints; lower "
+                                f"(step {self.ckpts.latest()}) is kept in {self.workdir}/checkpoints; lower "
                                 f"train.learning_rate or check the data.")
         now = time.time()
-        rate = (step - step_last) / max(now - t_last, 1e-9)
+        rate = (step - self.step_last) / max(now - self.t_last, 1e-9)
         lr = flow.learning_rate_at(step, t.learning_rate, t.warmup_steps, t.steps if t.decay else None)
         mean_loss = float(np.mean([loss for _, loss, _ in losses]))
         scalars = {"loss": mean_loss, "grad_norm": losses[-1][2], "lr": lr, "steps_per_sec": rate,
-                   "examples_per_sec": rate * config.data.batch_size}
-        if writer is not None:
+                   "examples_per_sec": rate * self.config.data.batch_size}
+        if self.writer is not None:
             for k, v in scalars.items():
-                writer.add_scalar(k, v, step)
-            writer.flush()
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()
         eta = (t.steps - step) / max(rate, 1e-9)
         print(f"step {step}/{t.steps}  loss {mean_loss:.4f}  grad_norm {losses[-1][2]:.3f}  lr {lr:.2e}  "
               f"{rate:.2f} steps/s  eta {time.strftime('%H:%M:%S', time.gmtime(eta))}", file=sys.stderr, flush=True)
-        t_last, step_last = now, step
-        summary["last_loss"] = mean_loss
-        return True
+        self.t_last, self.step_last = now, step
+        self.summary["last_loss"] = mean_loss
 
-    in_flight = None  # the step of an asynchronous save whose files may still be being written
-
-    def save_failed(e: BaseException, step: int) -> BaseException:
+    def save_failed(self, e: BaseException, step: int) -> BaseException:
         """A clear error for a save that ran out of space (its partial files removed); else `e` itself."""
         if not _disk_full(e):
             return e
         try:
-            ckpts.close()  # waits for orbax's background writes, which fail too
+            self.ckpts.close()  # waits for orbax's background writes, which fail too
         except Exception:  # noqa: BLE001
             pass
-        ckpts.remove_partial(settle=5.0)
+        self.ckpts.remove_partial(settle=5.0)
+        ckpt_dir = self.ckpt_dir
         done = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(ckpt_dir) else []
         kept = f"the checkpoint of step {max(done)}" if done else "no checkpoint"
         return DiskFull(f"no space left on device while saving the checkpoint of step {step} in {ckpt_dir}: it is "
                         f"not saved and its partial files are removed; {kept} and metrics.jsonl are kept. Free "
                         f"space and rerun the same command to resume")
 
-    def save(step: int, wait: bool):
-        nonlocal in_flight
-        flush(step)  # raises before saving if a loss went bad
+    def save(self, step: int, wait: bool) -> None:
+        """A checkpoint of `step` (after its losses are logged: a bad one raises first); asynchronous unless
+        `wait`. An earlier asynchronous save's failure surfaces here."""
+        self.flush(step)
         t0 = time.time()
         try:
-            ckpts.save(step, train_state(), data_it.get_state(), wait=wait)
-        except Exception as e:  # an earlier asynchronous save's failure surfaces here
-            raise save_failed(e, in_flight or step) from e
-        if wait:
-            budget.note_save(time.time() - t0)
-        in_flight = None if wait else step
-
-    # Stopping: stop_after is the same on every process, a signal reaches processes at different steps. With
-    # several processes they agree on a signal (one allgather) only every `sync_every` steps, at multiples of it:
-    # every process then checks at the same steps and stops at the same one.
-    sync_every = max(1, int(t.sync_every or 1))
-    step = start
-    try:
-        with _Stop() as stop:
-            t_step = time.time()
-            while step < t.steps:
-                batch = device_batch(next(data_it), mesh, rules)
-                with jax.set_mesh(mesh):
-                    loss, gnorm = step_fn(system.model, optimizer, batch, jax.random.fold_in(base_key, step))
-                step += 1
-                pending.append((step, loss, gnorm))
-                if len(pending) > 1:  # at most one step in flight: the step before is done, its memory back
-                    pending[-2][1].block_until_ready()
-                    hostmem.trim_if_grown()
-                if step % t.log_every == 0:
-                    flush(step)
-                now = time.time()
-                if step > start + 1:  # the first step's time is mostly compilation
-                    budget.note_step(now - t_step)
-                t_step = now
-                out_of_time = budget.spent(now)
-                ending = step == t.steps or (stop_after is not None and step >= stop_after)
-                if agrees_on_stop_at(step, sync_every):
-                    ending = _any_process(ending or bool(stop.signal) or out_of_time)
-                    out_of_time = _any_process(out_of_time) if jax.process_count() > 1 else out_of_time
-                if step % t.checkpoint_every == 0 or ending:
-                    save(step, wait=ending)  # asynchronous unless the run ends here
-                if t.preview_every and step % t.preview_every == 0:  # every process: the sampler is sharded
-                    with jax.set_mesh(mesh):
-                        _preview(system, preview_batch, jax.random.key(0), config.sample.steps,
-                                 os.path.join(workdir, "previews", f"step_{step}.png"), writer, step)
-                if ending and step < t.steps:
-                    why = stop.signal or ("stop_after" if stop_after is not None and step >= stop_after
-                                          else "max_minutes" if out_of_time else "another process's signal")
-                    print(f"{why}: saved a checkpoint at step {step}"
-                          f"{' and exporting it' if why == 'max_minutes' else ''}; rerun the same command to "
-                          f"resume", file=sys.stderr)
-                    summary["interrupted"] = why
-                if ending:
-                    break
-    except BaseException:
-        try:
-            ckpts.close()  # after a failed save orbax may fail again here: the first error is the one to report
-        except Exception:  # noqa: BLE001
-            pass
-        raise
-    else:
-        try:
-            ckpts.close()
+            self.ckpts.save(step, self.train_state(), self.data.get_state(), wait=wait)
         except Exception as e:
-            raise save_failed(e, in_flight or step) from e
-    finally:
-        if writer is not None:
-            writer.close()
-    summary["step"] = step
-    if step >= t.steps or summary.get("interrupted") == "max_minutes":  # a budgeted run always leaves a model
-        export_dir = os.path.join(workdir, checkpoints.EXPORT)
+            raise self.save_failed(e, self.in_flight or step) from e
+        if wait:
+            self.budget.note_save(time.time() - t0)
+        self.in_flight = None if wait else step
+
+    def close(self, step: int, failed: bool) -> None:
+        """Waits for the last save (of `step`, or the asynchronous one in flight). After a failure orbax may
+        fail again here: the first error is the one reported."""
+        try:
+            self.ckpts.close()
+        except Exception as e:
+            if not failed:
+                raise self.save_failed(e, self.in_flight or step) from e
+
+    # ------------------------------------------------------------------ the steps
+    def loop(self, stop_after: int | None = None) -> int:
+        """Trains up to train.steps, or until a signal, `stop_after` or the budget ends the run with a
+        checkpoint (recorded in `summary["interrupted"]`); the step reached."""
+        self.writer = _tb_writer(self.workdir)
+        # previews: the first examples of the data stream (the same ones across resumes)
+        self.preview_batch = _preview_inputs(device_batch(next(ProcessData(self.config, worker_count=0)), self.mesh,
+                                                          self.rules), self.mesh) \
+            if self.config.train.preview_every else None
+        self.step = self.start
+        try:
+            with _Stop() as stop:
+                self._steps(stop, stop_after)
+        except BaseException:
+            self.close(self.step, failed=True)
+            raise
+        else:
+            self.close(self.step, failed=False)
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+        return self.step
+
+    def _steps(self, stop: _Stop, stop_after: int | None) -> None:
+        # Stopping: stop_after is the same on every process, a signal reaches processes at different steps. With
+        # several processes they agree on a signal (one allgather) only every `sync_every` steps, at multiples of
+        # it: every process then checks at the same steps and stops at the same one.
+        t, mesh = self.config.train, self.mesh
+        sync_every = max(1, int(t.sync_every or 1))
+        base_key = jax.random.key(t.seed)
+        step, t_step = self.start, time.time()
+        while step < t.steps:
+            batch = device_batch(next(self.data), mesh, self.rules)
+            with jax.set_mesh(mesh):
+                loss, gnorm = self.step_fn(self.system.model, self.optimizer, batch, jax.random.fold_in(base_key, step))
+            step = self.step = step + 1
+            self.pending.append((step, loss, gnorm))
+            if len(self.pending) > 1:  # at most one step in flight: the step before is done, its memory back
+                self.pending[-2][1].block_until_ready()
+                hostmem.trim_if_grown()
+            if step % t.log_every == 0:
+                self.flush(step)
+            now = time.time()
+            if step > self.start + 1:  # the first step's time is mostly compilation
+                self.budget.note_step(now - t_step)
+            t_step = now
+            out_of_time = self.budget.spent(now)
+            ending = step == t.steps or (stop_after is not None and step >= stop_after)
+            if agrees_on_stop_at(step, sync_every):
+                ending = _any_process(ending or bool(stop.signal) or out_of_time)
+                out_of_time = _any_process(out_of_time) if jax.process_count() > 1 else out_of_time
+            if step % t.checkpoint_every == 0 or ending:
+                self.save(step, wait=ending)  # asynchronous unless the run ends here
+            if t.preview_every and step % t.preview_every == 0:  # every process: the sampler is sharded
+                with jax.set_mesh(mesh):
+                    _preview(self.system, self.preview_batch, jax.random.key(0), self.config.sample.steps,
+                             os.path.join(self.workdir, "previews", f"step_{step}.png"), self.writer, step)
+            if ending and step < t.steps:
+                why = stop.signal or ("stop_after" if stop_after is not None and step >= stop_after
+                                      else "max_minutes" if out_of_time else "another process's signal")
+                print(f"{why}: saved a checkpoint at step {step}{' and exporting it' if why == 'max_minutes' else ''}"
+                      f"; rerun the same command to resume", file=sys.stderr)
+                self.summary["interrupted"] = why
+            if ending:
+                break
+
+    # ------------------------------------------------------------------ the end
+    def finish(self, step: int) -> dict:
+        """Exports the model at the last step, or where the budget stopped the run (a budgeted run always
+        leaves a model); the summary."""
+        self.summary["step"] = step
+        if step < self.config.train.steps and self.summary.get("interrupted") != "max_minutes":
+            return self.summary
+        export_dir = os.path.join(self.workdir, checkpoints.EXPORT)
         try:  # every process gathers, 0 writes
-            summary["export"] = checkpoints.export(system, export_dir, step)
+            self.summary["export"] = checkpoints.export(self.system, export_dir, step)
         except Exception as e:
             if not _disk_full(e):
                 raise
             raise DiskFull(f"no space left on device while writing {export_dir}: the new export is not written "
                            f"(its partial folder is removed; an earlier export stays as it was); the checkpoint of "
                            f"step {step} is kept. Free space and rerun the same command to export") from e
-    return summary
+        return self.summary
 
 
 def set_gpu_memory_fraction(config: ml_collections.ConfigDict) -> str | None:
