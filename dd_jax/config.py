@@ -24,6 +24,7 @@ from typing import Any
 import ml_collections
 
 from configs import base as base_config
+from dd_jax import cli
 
 # What `merge`, `section` and the checkpoint helpers accept: a ConfigDict or its plain-dict form.
 ConfigLike = ml_collections.ConfigDict | Mapping[str, Any]
@@ -86,7 +87,11 @@ def merge(config: ConfigLike, source: str = "the config", saved: bool = False) -
     complete config, new (the input is not changed). `saved`: a config written by an earlier version (drops
     `REMOVED` fields). ConfigError (one line naming the field and `source`) for a field base does not have."""
     out = base()
-    _merge_into(out, _plain(config), "", source, saved)
+    try:
+        plain = _plain(config)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from e
+    _merge_into(out, plain, "", source, saved)
     return out
 
 
@@ -122,16 +127,40 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     if not os.path.isfile(path) and ":" in path:
         path, arg = path.rsplit(":", 1)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such config file")
+        near = cli.close_matches(path)
+        raise FileNotFoundError(f"{path}: no such config file" + (f"; did you mean {' or '.join(near)}?"
+                                                                  if near else ""))
     if path.endswith(".json"):
         return load_json(path)
     spec = importlib.util.spec_from_file_location("dd_jax_user_config", path)
+    if spec is None:
+        raise ConfigError(f"{path}: not a config file (a Python file with get_config(), or a saved .json config)")
     module = importlib.util.module_from_spec(spec)
     # a config file may import modules of its own repository (configs/ here is imported already)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(path)))
     sys.path.insert(0, repo)
     try:
         spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"{path}:{e.lineno}: syntax error ({e.msg}); fix the config file") from e
+    except Exception as e:  # noqa: BLE001 - whatever the file's own code raises: one line naming it
+        raise ConfigError(f"{path}: loading it raised {_one_line(e)}; fix the config file") from e
     finally:
         sys.path.remove(repo)
-    return merge(module.get_config() if arg is None else module.get_config(arg), path)
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise ConfigError(f"{path}: no get_config() function (a config file defines get_config() returning the "
+                          f"config, e.g. configs/tiny.py)")
+    try:
+        config = get_config() if arg is None else get_config(arg)
+    except Exception as e:  # noqa: BLE001 - as above
+        call = "get_config()" if arg is None else f"get_config({arg!r})"
+        raise ConfigError(f"{path}: {call} raised {_one_line(e)}; fix the config file") from e
+    if config is None:
+        raise ConfigError(f"{path}: get_config() returned None (a missing return statement?)")
+    return merge(config, path)
+
+
+def _one_line(e: BaseException) -> str:
+    text = next((s.strip() for s in str(e).splitlines() if s.strip()), "")
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

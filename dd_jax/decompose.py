@@ -116,10 +116,19 @@ import jax
 import numpy as np
 from PIL import Image
 
-from dd_jax import checkpoints, config as config_lib, hostmem, inference, outdir, psd_layers, quantize as quantize_lib
+from dd_jax import (
+    checkpoints,
+    cli,
+    config as config_lib,
+    hostmem,
+    inference,
+    outdir,
+    psd_layers,
+    quantize as quantize_lib,
+)
 from dd_jax.data import blend, images
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = tuple(sorted(images.IMAGE_EXTS))  # what the reader reads (a folder's other files are not listed)
 MAX_SIDE = 16384  # refuse larger inputs rather than running out of memory half-way
 # Peak host memory of one input, bytes per input pixel, measured (peak RSS against the image size, flat PNGs of
 # 1000^2-3000^2 px, the shipped model; docs/decompose.md): the float32 input and layers, the 8-bit layers written.
@@ -135,11 +144,18 @@ SIDECAR_PREFIX = "decompose_"
 
 
 def list_inputs(paths: list[str]) -> list[str]:
-    """Image files of folders (sorted) and files as given; a file given twice is listed once."""
+    """Image files of folders (sorted; the reader's extensions, `images.IMAGE_EXTS`, hidden files left out) and
+    files as given; a file given twice is listed once. FileNotFoundError (one line, with the close matches) for a
+    path that does not exist: a typo is refused, not skipped."""
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(cli.not_found(missing[0], "--input") + (f" (and {len(missing) - 1} more missing)"
+                                                                         if len(missing) > 1 else ""))
     files, seen = [], set()
     for p in paths:
         if os.path.isdir(p):
-            found = sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(IMAGE_EXTENSIONS))
+            found = sorted(os.path.join(p, f) for f in os.listdir(p)
+                           if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
         else:
             found = [p]
         for f in found:
@@ -377,6 +393,9 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
         raise ValueError("--num-samples and --batch-size must be >= 1")
     if max_pixels is not None and max_pixels < 1:
         raise ValueError(f"--max-pixels {max_pixels}: at least one pixel")
+    if select == "recompose" and num_samples == 1:
+        raise ValueError("--select recompose keeps the best of --num-samples K > 1 samples; with one there is "
+                         "nothing to choose: pass --num-samples K, or drop --select")
     outdir.check_folder(output)
     files = list_inputs(inputs)
     if not files:
@@ -389,6 +408,8 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
         head = inference.load_task_head(checkpoint or checkpoints.DEFAULT_MODEL)  # None: uncalibrated task choice
         cfg = system.config
         steps = cfg.sample.steps if steps is None else steps
+        inference.check_options(system, mode or inference.default_mode(cfg), mode_given=mode is not None,
+                                overlap=overlap, detail_transfer=detail_transfer, prompt=prompt, guidance=guidance)
         mode = mode or inference.default_mode(cfg)
         tile = inference.working_size(system)
         overlap = inference.default_overlap(tile) if overlap is None else overlap
@@ -651,7 +672,7 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dd_jax.decompose", description=__doc__,
+    ap = cli.ArgumentParser(prog="python -m dd_jax.decompose", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", nargs="+", required=True, help="image files and/or folders")
     ap.add_argument("--output", required=True)

@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dd_jax import checkpoints, config as config_lib, hostmem, inference, metrics, outdir, quantize as quantize_lib
+from dd_jax import checkpoints, cli, config as config_lib, hostmem, inference, metrics, outdir, quantize as quantize_lib
 from dd_jax.data import pipeline
 from dd_jax.metrics import fid, lpips, protocols, report as report_lib
 from dd_jax.metrics.frechet import frechet_distance, gaussian_statistics
@@ -313,12 +313,16 @@ def run(data_dir: str, output: str, checkpoint: str | None = None, *, tasks: str
     any work, if `output` holds a report file (`report_lib.FILES`) and not `overwrite`, or another run uses it
     (`dd_jax.outdir.locked`, held until the report is written).
     """
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps={steps}: at least one sampling step")
     outdir.check_folder(output)
     with outdir.locked(output, "evaluate"):
         existing = [f for f in report_lib.FILES if os.path.lexists(os.path.join(output, f))]
         if existing and not overwrite:
             raise ValueError(f"{os.path.join(output, existing[0])} exists; pass --overwrite to replace the report "
                              f"({', '.join(report_lib.FILES)}), or choose another --output")
+        if not os.path.isdir(data_dir):  # a typo: said before the model loads
+            raise FileNotFoundError(cli.not_found(data_dir, "--data"))
         checkpoint = checkpoint or checkpoints.DEFAULT_MODEL
         config = config_lib.load_config_file(config_file) if config_file else None
         with quantize_lib.requested(quantize):  # a LoRA base quantized as it loads, a model trained in full after
@@ -329,10 +333,12 @@ def run(data_dir: str, output: str, checkpoint: str | None = None, *, tasks: str
         if steps < 1:
             raise ValueError(f"steps={steps}: at least one sampling step")
         working = (int(cfg.data.height), int(cfg.data.width))
+        if mode is not None and mode not in inference.MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(inference.MODES)}")
+        inference.check_options(system, mode or inference.default_mode(cfg), mode_given=mode is not None,
+                                overlap=overlap, guidance=guidance)
         mode = mode or inference.default_mode(cfg)
         overlap = inference.default_overlap(working) if overlap is None else overlap
-        if mode not in inference.MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(inference.MODES)}")
         nets = nets or Networks(lpips_weights, fid_weights)
         names = resolve_tasks(data_dir, tasks)
         if not names:
@@ -379,7 +385,7 @@ def run(data_dir: str, output: str, checkpoint: str | None = None, *, tasks: str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dd_jax.evaluate", description=__doc__,
+    ap = cli.ArgumentParser(prog="python -m dd_jax.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="the --out folder of python -m dd_jax.data.build")
     ap.add_argument("--output", required=True, help="report folder")

@@ -72,6 +72,26 @@ def default_mode(config: ml_collections.ConfigDict) -> str:
     return "tile" if config.sample.tile else "resize"
 
 
+def check_options(system: system_lib.System, mode: str, *, mode_given: bool = True, overlap: int | None = None,
+                  detail_transfer: bool = True, prompt: str | None = None, guidance: float | None = None) -> None:
+    """ValueError (one line) for an option the run would ignore: `overlap` outside tile mode, no detail transfer
+    outside resize mode, a `prompt` for a model conditioned on the task (not on text), a `guidance` for a model
+    without a guidance input. `mode`: the run's; `mode_given`: by the user (else the model's default)."""
+    how = f"this run decomposes in {mode} mode" + ("" if mode_given else " (the model's default, sample.tile)")
+    if overlap is not None and mode != "tile":
+        raise ValueError(f"--overlap {overlap} applies to --mode tile only; {how}: drop --overlap, or pass --mode "
+                         f"tile")
+    if not detail_transfer and mode != "resize":
+        raise ValueError(f"--no-detail-transfer applies to --mode resize only; {how}: drop it, or pass --mode "
+                         f"resize")
+    if prompt is not None and system.model.conditioner is not None:
+        raise ValueError(f"--prompt: this model is conditioned on the task (text.kind "
+                         f"{system.config.text.kind!r}), not on a text prompt, so it would be ignored; drop --prompt")
+    if guidance is not None and not system.model.transformer.params.guidance_embed:
+        raise ValueError(f"--guidance {guidance:g}: this model has no guidance input (not guidance-distilled: "
+                         f"guidance_embed is false), so it would be ignored; drop --guidance")
+
+
 def working_size(system: system_lib.System) -> tuple[int, int]:
     return int(system.config.data.height), int(system.config.data.width)
 

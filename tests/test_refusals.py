@@ -223,3 +223,98 @@ def test_host_memory_per_input_pixel(tmp_path, monkeypatch, mode):
     # the estimate decompose refuses inputs by: what an input of this size was measured to take, and what
     # temporaries a block of rows takes (peaks measured: resize 53, tile 76 bytes a pixel; before, 148 and 241)
     assert peak < decompose.memory_estimate(w * h, mode), peak / (w * h)
+
+
+# ------------------------------------------------------------------ 4. user errors: one line, exit status 2
+BAD_CONFIGS = {
+    "syntax.py": ("def get_config(:\n    pass\n", "syntax.py:1: syntax error"),
+    "raises.py": ("def get_config():\n    raise RuntimeError('boom')\n", "get_config() raised RuntimeError: boom"),
+    "noget.py": ("X = 1\n", "no get_config() function"),
+    "imports.py": ("import not_a_module_xyz\n", "ModuleNotFoundError: No module named 'not_a_module_xyz'"),
+    "none.py": ("def get_config():\n    pass\n", "returned None"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CONFIGS))
+def test_config_files_with_errors_are_one_line(tmp_path, no_build, name):
+    text, expected = BAD_CONFIGS[name]
+    cfg = tmp_path / name
+    cfg.write_text(text)
+    img = image(tmp_path / "watermark_a.png")
+    for main, argv in ((decompose.main, ["--input", img, "--output", tmp_path / "out"]),
+                       (evaluate.main, ["--data", tmp_path, "--output", tmp_path / "report"])):
+        rc, _, err = run_main(main, [*argv, "--config", cfg])
+        assert rc == 2 and err.strip() == error_line(err) and expected in err and str(cfg) in err, err
+
+
+def test_a_misspelled_config_path_names_the_close_match(tmp_path, no_build):
+    img = image(tmp_path / "watermark_a.png")
+    rc, _, err = run_main(decompose.main, ["--input", img, "--output", tmp_path / "out", "--config",
+                                           os.path.join(REPO, "configs", "tinny.py")])
+    assert rc == 2 and "did you mean" in err and os.path.join(REPO, "configs", "tiny.py") in err, err
+
+
+def test_usage_errors_are_one_line(tmp_path, no_build):
+    img = image(tmp_path / "watermark_a.png")
+    base = ["--input", img, "--output", tmp_path / "out"]
+    for argv, expected in (([*base, "--config.sample.steps=3"], "no --config.FIELD overrides"),
+                           ([*base, "--num-samples", "0"], "--num-samples"),
+                           ([*base, "--select", "recompose"], "nothing to choose"),
+                           ([*base, "--mode", "tiles"], "invalid choice")):
+        rc, _, err = run_main(decompose.main, argv)
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and expected in err, (argv, err)
+    from weights_conversion import convert
+
+    rc, _, err = run_main(convert.main, ["--source", img, "--output", tmp_path / "c", "--axes-dim", "1,x"])
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "16,56,56" in err, err
+
+
+def test_a_mistyped_input_is_refused_with_its_close_match(tmp_path, no_build):
+    image(tmp_path / "watermark_a.png")
+    rc, _, err = run_main(decompose.main, ["--input", tmp_path / "watermak_a.png", "--output", tmp_path / "out"])
+    assert rc == 2 and err.strip() == error_line(err), err
+    assert "no such file" in err and f"did you mean {tmp_path / 'watermark_a.png'}?" in err, err
+    rc, _, err = run_main(evaluate.main, ["--data", tmp_path / "dta", "--output", tmp_path / "report"])
+    assert rc == 2 and "--data" in error_line(err) and "no such file or folder" in err, err
+    from weights_conversion import convert
+
+    rc, _, err = run_main(convert.main, ["--source", tmp_path / "watermark_a.pngg", "--output", tmp_path / "c"])
+    assert rc == 2 and f"did you mean {tmp_path / 'watermark_a.png'}?" in error_line(err), err
+
+
+def test_a_folder_lists_every_format_the_reader_reads(tmp_path, monkeypatch):
+    import fake_model
+    import ml_collections
+    import numpy as np
+    from PIL import Image
+
+    from dd_jax.data import images
+
+    fake_model.patch(monkeypatch)
+    fake = fake_model.FakeSystem(16)
+    fake.config.model = ml_collections.ConfigDict({"quantize": ""})
+    monkeypatch.setattr(decompose.checkpoints, "load_trained", lambda *a, **k: fake)
+    monkeypatch.setattr(decompose.inference, "load_task_head", lambda *a, **k: None)
+    src = tmp_path / "in"
+    src.mkdir()
+    exts = sorted(images.IMAGE_EXTS)
+    for ext in exts:
+        Image.fromarray(np.full((12, 12, 3), 100, np.uint8)).save(src / f"watermark_{ext[1:]}{ext}")
+    (src / "._watermark_x.png").write_bytes(b"a macOS resource fork, not an image")
+    (src / "notes.txt").write_text("not an image")
+    assert decompose.list_inputs([str(src)]) == [str(src / f"watermark_{e[1:]}{e}") for e in exts]
+    rc, _, err = run_main(decompose.main, ["--input", src, "--output", tmp_path / "out"])
+    assert rc == 0 and "skipping" not in err, err
+
+
+def test_options_the_run_would_ignore_are_refused(tmp_path):
+    img = image(tmp_path / "watermark_a.png")
+    base = ["--input", img, "--output", tmp_path / "out"]  # the shipped model: resize mode, task conditioning
+    for extra, expected in ((["--overlap", "8"], "--overlap 8 applies to --mode tile only"),
+                            (["--mode", "tile", "--no-detail-transfer"], "--no-detail-transfer applies"),
+                            (["--prompt", "remove the logo"], "--prompt: this model is conditioned on the task"),
+                            (["--guidance", "4"], "--guidance 4: this model has no guidance input")):
+        rc, _, err = run_main(decompose.main, [*base, *extra])
+        assert rc == 2 and expected in error_line(err) and not (tmp_path / "out").exists(), (extra, err)
+    rc, _, err = run_main(evaluate.main, ["--data", tmp_path, "--output", tmp_path / "r", "--overlap", "8"])
+    assert rc == 2 and "--overlap 8 applies to --mode tile only" in error_line(err), err

@@ -27,17 +27,31 @@ Exit status: 0 converted, 2 usage or input error (one line naming the path).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
 
+from dd_jax import cli
 from weights_conversion import pipeline
 from weights_conversion.common import DTYPES
 from weights_conversion.safetensors_reader import CheckpointError
 
 
+def axes_dims(text: str) -> tuple[int, ...]:
+    """`--axes-dim 16,56,56` -> (16, 56, 56): positive integers, comma-separated."""
+    try:
+        dims = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        dims = ()
+    if not dims or any(d <= 0 or d % 2 for d in dims):
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated even positive integers, e.g. 16,56,56")
+    return dims
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(prog="scripts/convert_flux.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", required=True,
                     help="diffusers pipeline folder, or one component: BFL .safetensors file or diffusers folder")
     ap.add_argument("--output", required=True, help="output folder (must not exist unless --overwrite)")
@@ -45,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="comma-separated subset of transformer,vae,t5,clip (default: all a pipeline folder holds; "
                          "transformer for a single checkpoint)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="parameter dtype (default: the source's)")
-    ap.add_argument("--axes-dim", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
+    ap.add_argument("--axes-dim", type=axes_dims, default=None,
                     help="RoPE axes dims, e.g. 16,56,56 (BFL files do not store them; default inferred)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace OUT (OUT/<component> for a pipeline) if it is a model folder this converter "
@@ -60,6 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         components = pipeline.parse_components(args.components)
     except ValueError as e:
         ap.error(str(e))
+    if not os.path.exists(args.source):
+        print(f"error: {cli.not_found(args.source, '--source')}", file=sys.stderr)
+        return 2
     if not pipeline.is_pipeline(args.source) and components and len(components) != 1:
         ap.error(f"{args.source} is a single checkpoint: --components takes one name here")
     t0 = time.time()
