@@ -161,6 +161,9 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", default=None, help="a run or model folder (default: the shipped model)")
     p.add_argument("--keep", default=None, help="keep the composites and layers in this folder")
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's sample.steps)")
+    p.add_argument("--auto-task", action="store_true",
+                   help="also decompose every case with the task chosen automatically, and report how often the "
+                        "choice is right")
     args = p.parse_args(argv)
     os.makedirs(args.output, exist_ok=True)
     work = args.keep or tempfile.mkdtemp(prefix="eval_photos_")
@@ -172,13 +175,13 @@ def main(argv=None) -> int:
         path = os.path.join(inp, f"case{i:02d}.png")
         Image.fromarray(comp).save(path)
         by_task.setdefault(task, []).append(path)
+    options = (["--checkpoint", args.checkpoint] if args.checkpoint else []) + \
+        (["--steps", str(args.steps)] if args.steps else [])
     for task, paths in by_task.items():
-        cmd = [sys.executable, "-m", "dd_jax.decompose", "--input", *paths, "--output", outp, "--task", task]
-        if args.checkpoint:
-            cmd += ["--checkpoint", args.checkpoint]
-        if args.steps:
-            cmd += ["--steps", str(args.steps)]
-        subprocess.run(cmd, check=True)
+        subprocess.run([sys.executable, "-m", "dd_jax.decompose", "--input", *paths, "--output", outp, "--task", task,
+                        *options], check=True)
+    chosen = auto_tasks(sorted(p for ps in by_task.values() for p in ps), os.path.join(work, "auto"), options) \
+        if args.auto_task else {}
     results, rows = [], []
     for i, (photo, name, task, comp, bg) in enumerate(all_cases):
         pred = np.asarray(Image.open(os.path.join(outp, f"case{i:02d}_background.png")).convert("RGB"))
@@ -188,6 +191,8 @@ def main(argv=None) -> int:
         model, ident = blend.rmse(pred, bg), blend.rmse(comp, bg)
         results.append({"case": i, "photo": photo, "overlay": name, "task": task, "size": list(comp.shape[:2]),
                         "bg_rmse_model": model, "bg_rmse_identity": ident, "ratio": model / max(ident, 1e-9)})
+        if chosen:
+            results[-1]["auto_task"] = chosen[f"case{i:02d}.png"]
         rows.append([comp, pred, fg_rgb])
     with open(os.path.join(args.output, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -204,11 +209,29 @@ def main(argv=None) -> int:
     for task in by_task:
         rs = [r["ratio"] for r in results if r["task"] == task]
         lines.append(f"| {task} | {len(rs)} | {np.mean(rs):.3f} | {max(rs):.3f} |")
+    if chosen:
+        right = [r["auto_task"] == r["task"] for r in results]
+        lines += ["", f"Automatic task choice (`decompose` without `--task`): right for {sum(right)} of {len(right)} "
+                  f"cases ({np.mean(right):.0%}).", "", "| task | cases | chosen |", "| --- | --- | --- |"]
+        for task in by_task:
+            picks = [r["auto_task"] for r in results if r["task"] == task]
+            counts = ", ".join(f"{t} {picks.count(t)}" for t in sorted(set(picks)))
+            lines.append(f"| {task} | {len(picks)} | {counts} |")
     lines += ["", "![contact sheet: input | background | foreground](contact.png)", ""]
     with open(os.path.join(args.output, "report.md"), "w") as f:
         f.write("\n".join(lines))
-    print("\n".join(lines[-len(by_task) - 4:]))
+    print("\n".join(lines[lines.index("| task | cases | mean ratio | worst ratio |"):-2]))
     return 0
+
+
+def auto_tasks(paths: list[str], output: str, options: list[str]) -> dict[str, str]:
+    """Decomposes `paths` with no --task (the task chosen automatically) into `output`; file name -> task chosen,
+    read from the run's sidecar."""
+    subprocess.run([sys.executable, "-m", "dd_jax.decompose", "--input", *paths, "--output", output, *options],
+                   check=True)
+    sidecars = sorted(f for f in os.listdir(output) if f.startswith("decompose_") and f.endswith(".json"))
+    with open(os.path.join(output, sidecars[-1])) as f:
+        return {os.path.basename(r["input"]): r["task"] for r in json.load(f)["images"]}
 
 
 if __name__ == "__main__":
