@@ -353,3 +353,93 @@ def test_clwd_protocol_in_evaluate(evaluated):
         with redirect_stderr(io.StringIO()):
             evaluate.main(["--data", str(data), "--output", str(root / "x"), "--protocol", "clwd",
                            "--tasks", "flare7k/real"])
+
+
+# ---------------------------------------------------------------- the model rows, by hand
+def fake_layers(images, *a, **k):
+    """A stand-in decomposition with known layers: background 0.77 c + 0.113 (not yet 8-bit; no value of an 8-bit
+    c lands on a rounding tie), rendering 0.5 c + 0.25."""
+    from dd_jax import inference
+
+    return [inference.Layers(c, np.clip(0.77 * c + 0.113, 0, 1).astype(np.float32), (0.5 * c + 0.25).astype(np.float32))
+            for c in images]
+
+
+@pytest.fixture(scope="module")
+def faked(evaluated):
+    """Both protocols evaluated with `fake_layers` as the model's predictions."""
+    from dd_jax import evaluate, inference
+
+    data, _, _, _, root, _ = evaluated
+    model = str(root / "model")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inference, "decompose_images", lambda system, images, tasks, **k: fake_layers(images))
+        flare = quiet_run(evaluate.run, str(data), str(root / "fake_flare"), model, tasks=["flare7k/real"],
+                          batch_size=2, steps=1, lpips_weights=str(root / "lpips.safetensors"))
+        clwd = quiet_run(evaluate.run, str(data), str(root / "fake_clwd"), model, tasks=["clwd"], batch_size=2,
+                         steps=1)
+    return flare["tasks"]["Flare7K++-real"]["protocol"]["model"], clwd["tasks"]["CLWD"]["protocol"]["model"]
+
+
+def quiet_run(fn, *a, **k):
+    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+        return fn(*a, **k)
+
+
+def seen(data, name):
+    """The composites as evaluate reads them (float32 through the data pipeline: k / 255 to float32 rounding)."""
+    ex = pipeline.Examples(str(data), name, "test")
+    return np.stack([ex[i]["composite"] for i in range(len(ex))])
+
+
+def hand_8bit(x):
+    return np.rint(np.clip(x, 0, 1) * 255) / 255
+
+
+def hand_psnr(y, t):
+    """10 log10(1 / mse) per image, on [0, 1] (the 8-bit images' skimage PSNR with data range 255)."""
+    return np.minimum(10 * np.log10(1 / np.mean((y - t) ** 2, axis=(1, 2, 3))), 100.0)
+
+
+def test_flare7k_model_row_by_hand(evaluated, faked):
+    from dd_jax.metrics import lpips
+
+    data, _, _, _, _, lp = evaluated
+    model, _ = faked
+    t = stored(data, "flare7k/real")
+    gt, comp = t["background"], seen(data, "flare7k/real")
+    y = hand_8bit(0.77 * comp + 0.113)  # the prediction as a saved 8-bit PNG reads back
+    assert model["psnr"] == pytest.approx(np.mean(hand_psnr(y, gt)), rel=1e-6)
+    assert model["ssim"] == pytest.approx(np.mean(protocols.ssim_uniform(gt, y)), rel=1e-6)  # brute-forced above
+    assert model["lpips"] == pytest.approx(float(np.mean(lpips.distance(lp, (gt + 1) / 2, (y + 1) / 2))), rel=1e-4)
+    mask = np.rint(t["mask"] * 255)  # colour-coded: glare (255, 255, 0), streak (255, 0, 0), light (0, 0, 255)
+    regions = {"glare": mask[..., 1] / 255, "streak": np.clip(mask[..., 0] - mask[..., 1], 0, None) / 255,
+               "global": (255 - mask[..., 2]) / 255}
+    for name, m in regions.items():
+        mse = np.sum(((y - gt) * m[..., None]) ** 2, axis=(1, 2, 3)) / (3 * m.sum(axis=(1, 2)))
+        want = np.mean(np.minimum(10 * np.log10(1 / mse), 100.0))
+        assert model[f"{name}_psnr"] == pytest.approx(want, rel=1e-6), name
+        assert model[f"{name}_psnr_n"] == 3
+    assert model["score"] == pytest.approx(np.mean([model[f"{r}_psnr"] for r in protocols.REGIONS]), rel=1e-9)
+    assert model["psnr"] != pytest.approx(np.mean(hand_psnr(0.77 * comp + 0.113, gt)), rel=1e-6)  # 8-bit matters
+
+
+def test_clwd_model_row_by_hand(evaluated, faked):
+    data, _, _, _, _, _ = evaluated
+    _, model = faked
+    t = stored(data, "clwd/default")
+    bg, comp, m = t["background"], seen(data, "clwd/default"), t["mask"][..., 0]
+    y = hand_8bit(0.77 * comp + 0.113)
+    f = lambda a: a.astype(np.float32)  # noqa: E731
+    assert model["psnr"] == pytest.approx(np.mean(hand_psnr(y, bg)), rel=1e-5)
+    assert model["ssim"] == pytest.approx(float(np.mean(metrics.ssim(f(y), f(bg), zero_pad=True))), rel=1e-5)
+    assert model["rmse"] == pytest.approx(np.mean(np.sqrt(np.mean(((y - bg) * 255) ** 2, axis=(1, 2, 3)))), rel=1e-5)
+    rmse_w = np.sqrt(np.sum(((y - bg) * 255 * m[..., None]) ** 2, axis=(1, 2, 3)) / (3 * m.sum(axis=(1, 2))))
+    assert model["rmse_w"] == pytest.approx(np.mean(rmse_w), rel=1e-5)
+    # the layer's alpha, as decompose saves it, against CLWD's Alpha: both as 8-bit values
+    render = (0.5 * comp + 0.25).astype(np.float64)
+    alpha = np.asarray(blend.foreground_rgba("watermark", render, comp.astype(np.float64), y))[..., 3]
+    err = np.rint(np.clip(alpha, 0, 1) * 255) - np.rint(t["foreground"][..., 3] * 255)
+    assert np.abs(err).max() > 0
+    assert model["alpha_mae"] == pytest.approx(np.mean(np.abs(err).mean(axis=(1, 2))), rel=1e-6)
+    assert model["alpha_rmse"] == pytest.approx(np.mean(np.sqrt((err ** 2).mean(axis=(1, 2)))), rel=1e-6)
