@@ -96,7 +96,7 @@ class CompiledDecompose:
     lowered: Any
     memory: Any  # compiled.memory_analysis()
     tokens: int  # image + text tokens per example in the transformer
-    weights_bytes: dict  # {"transformer": .., "vae": ..}: bytes of the read-only weights (quantized as configured)
+    weights_bytes: dict  # {"transformer", "lora" (its float adapters), "vae"}: bytes of the read-only weights
 
 
 def abstract_model(config: ml_collections.ConfigDict, qtype: str, seed: int | None = None) -> system_lib.Decomposer:
@@ -135,10 +135,11 @@ def compile_decompose(config: ml_collections.ConfigDict, batch_size: int = 1, tx
     compiled = lowered.compile() if compile and not platforms else None
     system = system_lib.wrap(model, config)
     h, w = system.grid(d.height, d.width)
-    size = lambda m: int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(m)))) if m is not None else 0
+    size = lambda m, *f: quantize_lib.nbytes(nnx.state(m, *f)) if m is not None else 0
     return CompiledDecompose(compiled, lowered, compiled.memory_analysis() if compiled is not None else None,
                              h * w * len(system.spec.layers) + txt_len,
-                             {"transformer": size(model.transformer), "vae": size(model.vae)})
+                             {"transformer": size(model.transformer), "lora": size(model.transformer, nnx.LoRAParam),
+                              "vae": size(model.vae)})
 
 
 def random_state(module: nnx.Module, seed: int = 0) -> nnx.Module:
@@ -207,8 +208,7 @@ def time_quantized_steps(config: ml_collections.ConfigDict, qtype: str = "int8",
     model = random_state(model, seed)
     system = system_lib.wrap(model, config)
     out: dict[str, Any] = {"qtype": qtype, "device": str(jax.devices()[0]), "steps": steps, "batch_size": batch_size,
-                           "weights_bytes": int(sum(x.size * x.dtype.itemsize
-                                                    for x in jax.tree.leaves(nnx.state(model.transformer))))}
+                           "weights_bytes": quantize_lib.nbytes(nnx.state(model.transformer))}
     rng = np.random.default_rng(seed)
     d, p = config.data, model.transformer.params
     h, w = system.grid(d.height, d.width)

@@ -101,6 +101,12 @@ def quantize_array(w: jax.Array | np.ndarray, qtype: str) -> Any:
 _quantize_jit = jax.jit(quantize_array, static_argnums=1)
 
 
+def nbytes(tree: Any) -> int:
+    """Bytes of a tree's arrays (abstract ones too), int4 counted as half a byte as XLA stores it."""
+    bits = lambda d: 4 if jnp.dtype(d) in (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4)) else 8 * jnp.dtype(d).itemsize
+    return int(sum(x.size * bits(x.dtype) for x in jax.tree.leaves(tree)) // 8)
+
+
 class QuantizedParam(nnx.Param):
     """The stored values or scales of a quantized kernel: part of the frozen base, never trained."""
 
