@@ -258,8 +258,15 @@ def main(argv=None) -> int:
     for d in devices:
         print(f"{DEVICES[d][0]}: {choose(rows, pool_bytes(d, configured_fraction(d)))}")
     if args.markdown:
+        text = markdown(rows, devices)
+        if os.path.exists(args.markdown):  # keep scripts/memory_plan_quantized.py's section
+            with open(args.markdown) as f:
+                old = f.read()
+            begin, end = "<!-- QUANTIZED_BEGIN -->", "<!-- QUANTIZED_END -->"
+            if begin in old and end in old:
+                text += "\n" + old[old.index(begin):old.index(end) + len(end)] + "\n"
         with open(args.markdown, "w") as f:
-            f.write(markdown(rows, devices))
+            f.write(text)
     return 0
 
 
