@@ -260,6 +260,8 @@ def build(config: ml_collections.ConfigDict, *, seed: int | None = None, load_we
         config = config.copy_and_resolve_references()
         with config.unlocked():
             config.model.quantize = quantize_lib.configured(config)
+    if load_weights:
+        weight_paths(config)  # a missing weights folder is named before any encoder loads
     encoded = prompts_lib.encode_first(config) if load_weights else None
     system = wrap(build_model(config, seed=seed, load_weights=load_weights, shardings=shardings), config)
     if encoded is not None:
