@@ -55,7 +55,9 @@ def make_vae(seed: int = 0, **overrides):
     return randomize(AutoencoderKL(**{**VAE, **overrides}), seed)
 
 
-def make_t5(seed: int = 0, **overrides):
+def make_t5(seed: int = 0, embed_scale: float = 1.0, **overrides):
+    """`embed_scale` multiplies the token embeddings: small ones (0.1: a mean square of ~1e-2 into the first
+    RMSNorm) make a wrong eps show (tests/test_encoders_t5.py, docs/testing.md)."""
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -65,6 +67,7 @@ def make_t5(seed: int = 0, **overrides):
             if name.endswith(("q.weight", "k.weight", "v.weight", "o.weight",
                               "wi_0.weight", "wi_1.weight", "wo.weight")):
                 p.copy_(torch.randn_like(p) * p.shape[1] ** -0.5)
+        model.shared.weight.mul_(embed_scale)
     return randomize(model, seed)
 
 

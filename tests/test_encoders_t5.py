@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from safetensors.numpy import save_file
 from tolerance import rel_err
 
@@ -25,9 +26,24 @@ def _state(folder) -> dict:
 
 
 
+BOUND = 2e-5  # error / reference scale; the true port is at ~1.3e-6 (docs/testing.md)
+MISS = 10 * BOUND  # what a plausible wrong constant must show at least
+
+
+def wrong(model, kind: str):
+    """The converted model with a plausible porting mistake: RMSNorm eps 1e-5 (CLIP's) for T5's 1e-6, or GELU's
+    exact form for gelu_new's tanh one."""
+    for _, m in nnx.iter_graph(model):
+        if kind == "eps" and isinstance(m, t5.T5LayerNorm):
+            m.eps = 1e-5
+        if kind == "exact_gelu" and hasattr(m, "act"):
+            m.act = t5.ACTIVATIONS["gelu"]
+    return model
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    model = er.make_t5(seed=0)
+    model = er.make_t5(seed=0, embed_scale=0.1)  # small embeddings: a wrong eps shows
     root = tmp_path_factory.mktemp("t5")
     model.save_pretrained(root / "text_encoder_2", max_shard_size="30KB")  # sharded, as T5-XXL is on the hub
     assert any(f.endswith(".index.json") for f in os.listdir(root / "text_encoder_2"))
@@ -49,7 +65,9 @@ def test_parity_last_hidden_state(converted):
         ref = model(torch.from_numpy(ids).long()).last_hidden_state.numpy()
     hidden = ours(jnp.asarray(ids))
     assert hidden.shape == ref.shape == (2, 40, 32)
-    assert rel_err(hidden, ref) <= 1e-4
+    assert rel_err(hidden, ref) <= BOUND
+    for kind in ("eps", "exact_gelu"):  # the fixture sees them: each misses the bound by 10x at least
+        assert rel_err(wrong(t5.load(out), kind)(jnp.asarray(ids)), ref) >= MISS, kind
 
 
 def test_parity_with_padding_mask(converted):
@@ -62,7 +80,7 @@ def test_parity_with_padding_mask(converted):
     with torch.no_grad():
         ref = model(torch.from_numpy(ids).long(),
                     attention_mask=torch.from_numpy(mask).long()).last_hidden_state.numpy()
-    assert rel_err(ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask)), ref) <= 1e-4
+    assert rel_err(ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask)), ref) <= BOUND
 
 
 def test_relative_position_buckets_match_transformers():

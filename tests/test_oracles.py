@@ -12,6 +12,7 @@ import pytest
 import torch
 from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec as P
+from tolerance import rel_err
 
 from dd_jax import flow, icd, lora, sampling, sharding
 from dd_jax.data import blend
@@ -247,3 +248,21 @@ def test_gelu_is_the_tanh_approximation_of_torch():
     np.testing.assert_allclose(np.asarray(layers.gelu(jnp.asarray(x))), want, atol=2e-6, rtol=0)
     exact = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
     assert np.abs(exact - want).max() > 1e-4  # the two forms are told apart at this tolerance
+
+
+def test_flux_norm_eps_on_inputs_near_it():
+    """Flux's LayerNorm (no affine) and q/k RMSNorm take eps 1e-6 (BFL, diffusers). At the parity fixtures' scale a
+    wrong eps (1e-5) moves the output by ~1.5e-5 of its scale, under their 1e-4 bound (docs/testing.md), so it is
+    checked here on inputs whose variance is near it: against torch's layer_norm and RMSNorm written out."""
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((4, 64)) * 3e-3).astype(np.float32)  # mean square ~1e-5
+    scale = (1 + 0.1 * rng.standard_normal(64)).astype(np.float32)
+    tol = 1e-5  # of the reference's scale
+    ln = lambda eps: torch.nn.functional.layer_norm(torch.from_numpy(x), (64,), eps=eps).numpy()  # noqa: E731
+    assert rel_err(layers.layer_norm(jnp.asarray(x)), ln(1e-6)) <= tol
+    assert rel_err(ln(1e-5), ln(1e-6)) >= 100 * tol  # a wrong eps is told apart by far
+    rms = lambda eps: x / np.sqrt(np.mean(x.astype(np.float64) ** 2, -1, keepdims=True) + eps) * scale  # noqa: E731
+    norm = layers.RMSNorm(64, layers.Precision())
+    norm.scale[...] = jnp.asarray(scale)
+    assert rel_err(norm(jnp.asarray(x)), rms(1e-6)) <= tol
+    assert rel_err(rms(1e-5), rms(1e-6)) >= 100 * tol
