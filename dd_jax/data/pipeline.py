@@ -329,8 +329,8 @@ def make_pipeline(data_dir: str, tasks: str | Iterable[str], split: str = "train
       source: ``built`` (the data sets under ``data_dir``) or ``procedural``
         (examples synthesized by index, ``dd_jax.data.procedural``: no build, no
         disk; ``data_dir`` is not read, ``tasks`` ``all`` means every subtask,
-        and ``num_epochs`` / ``shuffle`` do not apply: the stream is endless and
-        every record is a fresh draw).
+        and ``num_epochs`` does not apply: the stream is endless, every record a
+        fresh draw; ``shuffle`` applies only with ``examples``).
       style: the synthesizer's style for ``procedural`` (``synth.STYLES``).
       examples: ``procedural`` only: 0 (every record a fresh draw), or N: the
         first N records only, reshuffled every epoch (``shuffle``) and repeated
@@ -351,55 +351,18 @@ def make_pipeline(data_dir: str, tasks: str | Iterable[str], split: str = "train
     if source == "procedural":
         if num_epochs is not None:
             raise ValueError("procedural data is an endless stream: num_epochs does not apply")
-        ds = grain.MapDataset.source(procedural.ProceduralSource(
-            tasks, height, width, seed=seed, split=split, style=style, weights=weights))
-        if examples < 0:
-            raise ValueError(f"examples={examples}: 0 (endless) or a number of records")
-        if examples:
-            ds = ds[:examples][shard]
-            ds = (ds.shuffle(seed=seed) if shuffle else ds).repeat(None)
-        else:
-            ds = ds[shard]
-        return _examples(ds, data_dir, height, width, batch_size, seed, True if drop_remainder is None
-                         else drop_remainder, shuffle if random_crop is None else random_crop, include_rgba, crop,
-                         read_threads, prefetch_buffer_size, worker_count, worker_buffer_size, None
-                         if text_cache == "auto" else text_cache, text_encoders)
-    opened = [open_source(data_dir, t, split) for t in tasks]
-    if weights is None:
-        ds = grain.MapDataset.source(MultiSource([s for s, _ in opened], [n for _, n in opened]))[shard]
-        if shuffle:
-            ds = ds.shuffle(seed=seed)
-        ds = ds.repeat(num_epochs) if num_epochs != 1 else ds
+        ds = _procedural_records(tasks, split, height, width, seed, style, weights, examples, shuffle, shard)
+        text_cache = None if text_cache == "auto" else text_cache  # captions vary: no cache of a data dir
     else:
-        if num_epochs is not None:
-            raise ValueError("weighted mixing samples forever: use num_epochs=None")
-        if len(weights) != len(opened):
-            raise ValueError("one weight per task")
-        parts, offset = [], 0
-        for k, (src, name) in enumerate(opened):
-            p = grain.MapDataset.source(src)[shard]
-            p = p.map_with_index(_Tag(name, offset, shard_index, shard_count, len(p)))
-            parts.append((p.shuffle(seed=seed + 7919 * (k + 1)) if shuffle else p).repeat(None))
-            offset += len(src)
-        ds = grain.MapDataset.mix(parts, weights=list(weights))
-    return _examples(ds, data_dir, height, width, batch_size, seed,
-                     (num_epochs is None) if drop_remainder is None else drop_remainder,
-                     shuffle if random_crop is None else random_crop, include_rgba, crop, read_threads,
-                     prefetch_buffer_size, worker_count, worker_buffer_size, text_cache, text_encoders)
-
-
-def _examples(ds: grain.MapDataset, data_dir: str, height: int, width: int, batch_size: int, seed: int, drop: bool,
-              random_crop: bool, include_rgba: bool, crop: str, read_threads: int, prefetch_buffer_size: int,
-              worker_count: int, worker_buffer_size: int, text_cache: str | None,
-              text_encoders: str | None) -> grain.IterDataset:
-    """Records -> prepared, text-attached batches, read by threads (and worker processes): make_pipeline's
-    common tail for every source."""
+        ds = _built_records(data_dir, tasks, split, seed, shuffle, num_epochs, weights, shard_index, shard_count)
+    random_crop = shuffle if random_crop is None else random_crop
     ds = ds.random_map(Prepare(height, width, random_crop, include_rgba, crop), seed=seed + 1)
     cache, encoder = _text_source(data_dir, text_cache, text_encoders)
     if cache is not None:
         ds = ds.map(AttachText(cache))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                               prefetch_buffer_size=prefetch_buffer_size))
+    drop = (num_epochs is None) if drop_remainder is None else drop_remainder
     it = it.batch(batch_size, drop_remainder=drop)
     if encoder is not None:
         it = it.map(EncodeText(encoder))
@@ -407,6 +370,44 @@ def _examples(ds: grain.MapDataset, data_dir: str, height: int, width: int, batc
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
                                                          per_worker_buffer_size=worker_buffer_size))
     return it
+
+
+def _built_records(data_dir: str, tasks: list[str], split: str, seed: int, shuffle: bool, num_epochs: int | None,
+                   weights: Sequence[float] | None, shard_index: int, shard_count: int) -> grain.MapDataset:
+    """This shard's records of the built data sets: mixed by size (epochs) or by `weights` (endless)."""
+    opened = [open_source(data_dir, t, split) for t in tasks]
+    shard = slice(shard_index, None, shard_count)
+    if weights is None:
+        ds = grain.MapDataset.source(MultiSource([s for s, _ in opened], [n for _, n in opened]))[shard]
+        if shuffle:
+            ds = ds.shuffle(seed=seed)
+        return ds.repeat(num_epochs) if num_epochs != 1 else ds
+    if num_epochs is not None:
+        raise ValueError("weighted mixing samples forever: use num_epochs=None")
+    if len(weights) != len(opened):
+        raise ValueError("one weight per task")
+    parts, offset = [], 0
+    for k, (src, name) in enumerate(opened):
+        p = grain.MapDataset.source(src)[shard]
+        p = p.map_with_index(_Tag(name, offset, shard_index, shard_count, len(p)))
+        parts.append((p.shuffle(seed=seed + 7919 * (k + 1)) if shuffle else p).repeat(None))
+        offset += len(src)
+    return grain.MapDataset.mix(parts, weights=list(weights))
+
+
+def _procedural_records(tasks: list[str], split: str, height: int, width: int, seed: int, style: str,
+                        weights: Sequence[float] | None, examples: int, shuffle: bool,
+                        shard: slice) -> grain.MapDataset:
+    """This shard's synthesized records: an endless stream of fresh draws, or the first `examples` of it
+    repeated (reshuffled every epoch with `shuffle`)."""
+    if examples < 0:
+        raise ValueError(f"examples={examples}: 0 (endless) or a number of records")
+    ds = grain.MapDataset.source(procedural.ProceduralSource(tasks, height, width, seed=seed, split=split,
+                                                             style=style, weights=weights))
+    if not examples:
+        return ds[shard]
+    ds = ds[:examples][shard]
+    return (ds.shuffle(seed=seed) if shuffle else ds).repeat(None)
 
 
 def _text_source(data_dir: str, cache: str | None, encoders: str | None):
