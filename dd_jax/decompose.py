@@ -101,6 +101,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import datetime
 import errno
 import functools
@@ -361,21 +362,10 @@ class _Progress:
               flush=True)
 
 
-def run(inputs: list[str], output: str, checkpoint: str | None = None, config_file: str | None = None,
-        task: str | None = None, steps: int | None = None, seed: int = 0, num_samples: int = 1,
-        batch_size: int = 16, guidance: float | None = None, detail_transfer: bool = True,
-        prompt: str | None = None, mode: str | None = None, overlap: int | None = None,
-        overwrite: bool = False, fmt: str = "png", select: str = "all", passes: int = 1,
-        max_pixels: int | None = None,
-        skip_existing: bool = False, quantize: str | None = None) -> dict:
-    """Decomposes `inputs` into `output` (see the module docstring); returns a summary with `written`
-    (decompositions), `files` (written), `skipped` (unreadable inputs), `already_done` (with `skip_existing`: the
-    inputs whose outputs all exist, left alone), `tasks`, `images` (the sidecar's per-output records) and `sidecar`
-    (its path; None when there was nothing to do). `task`: one task, or one per pass (a comma list or a list;
-    `auto` or None: from the file name for pass 1, else chosen automatically). Raises ValueError (one line) for
-    bad arguments or outputs that exist (without `overwrite`), WriteError when a write fails, Interrupted (after
-    writing the sidecar of what was done) on Ctrl-C while decomposing. An input larger than `max_pixels`, or
-    without it than the memory available allows (`check_size`), is skipped before it is decoded."""
+def _check_arguments(task, steps: int | None, num_samples: int, batch_size: int, mode: str | None, fmt: str,
+                     select: str, passes: int, max_pixels: int | None) -> list[str | None]:
+    """Stage 1: the arguments alone, before anything is read or made (ValueError, one line). Returns each pass's
+    task (`pass_tasks`)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     if select not in SELECT:
@@ -396,16 +386,34 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
     if select == "recompose" and num_samples == 1:
         raise ValueError("--select recompose keeps the best of --num-samples K > 1 samples; with one there is "
                          "nothing to choose: pass --num-samples K, or drop --select")
-    outdir.check_folder(output)
-    files = list_inputs(inputs)
-    if not files:
-        raise ValueError(f"no image files in {', '.join(inputs)} ({', '.join(IMAGE_EXTENSIONS)})")
-    with outdir.locked(output, "decompose"):  # until the run ends: one run at a time writes the folder
-        config = config_lib.load_config_file(config_file) if config_file else None
-        with quantize_lib.requested(quantize):  # a LoRA base quantized as it loads, a model trained in full after
-            system = quantize_lib.quantize_system(checkpoints.load_trained(
-                checkpoint or checkpoints.DEFAULT_MODEL, config, config_source=f"--config {config_file}"))
-        head = inference.load_task_head(checkpoint or checkpoints.DEFAULT_MODEL)  # None: uncalibrated task choice
+    return per_pass
+
+
+@dataclasses.dataclass
+class _Settings:
+    """A run's settings once the model is loaded: its defaults filled in, checked against it."""
+    per_pass: list[str | None]  # each pass's task (None: from the file name for pass 1, else chosen)
+    steps: int
+    mode: str
+    tile: tuple[int, int]
+    overlap: int
+    has_fg: bool  # the model predicts the foreground layer
+    num_samples: int
+    kept: int  # outputs per input: 1 with --select recompose, else num_samples
+    passes: int
+    fmt: str
+    select: str
+    seed: int
+    batch_size: int
+    guidance: float | None
+    prompt: str | None
+    detail_transfer: bool
+    max_pixels: int | None
+
+    @classmethod
+    def resolve(cls, system, per_pass: list[str | None], *, steps: int | None, mode: str | None,
+                overlap: int | None, detail_transfer: bool, prompt: str | None, guidance: float | None,
+                num_samples: int, select: str, **rest) -> _Settings:
         cfg = system.config
         steps = cfg.sample.steps if steps is None else steps
         inference.check_options(system, mode or inference.default_mode(cfg), mode_given=mode is not None,
@@ -415,40 +423,54 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
         overlap = inference.default_overlap(tile) if overlap is None else overlap
         if mode == "tile" and not 0 <= overlap < min(tile):
             raise ValueError(f"--overlap must be in [0, {min(tile)}) for tiles of {tile[0]}x{tile[1]}")
-        protected = {os.path.realpath(f) for f in files}
         has_fg = "x" in system.spec.targets
         if select == "recompose" and not has_fg:
             raise ValueError("--select recompose needs a model that predicts the foreground layer (no recomposition "
                              "without it)")
-        stems = output_stems(files)
-        kept = 1 if select == "recompose" else num_samples  # outputs per input
-        # output kinds (and file name suffixes): one pass <stem>_foreground.png, N passes <stem>_foreground_<p>.png
-        fg_names = ((["foreground"] if passes == 1 else [f"foreground_{p}" for p in range(1, passes + 1)])
-                    if has_fg else [])
+        return cls(per_pass, steps, mode, tile, overlap, has_fg, num_samples,
+                   1 if select == "recompose" else num_samples, select=select, detail_transfer=detail_transfer,
+                   prompt=prompt, guidance=guidance, **rest)
 
-        def out_names(stem: str) -> dict[str, str]:
-            names = {kind: f"{stem}_{kind}.png" for kind in ["background"] + fg_names} if fmt != "psd" else {}
-            if fmt != "png":
-                names["psd"] = f"{stem}.psd"
-            return names
 
-        def sample_suffix(k: int) -> str:
-            return f"_s{k}" if kept > 1 else ""
+class _Names:
+    """Stage 2: the output files of every input. One pass: <stem>_foreground.png; N passes:
+    <stem>_foreground_<p>.png; K kept samples: <stem>_s<k>_...; stems the file system would refuse as too long
+    (NAME_MAX bytes) shortened, the same in every run (`fit_stem`)."""
 
-        def sample_stem(path: str, k: int) -> str:
-            return stems[path] + sample_suffix(k)
+    def __init__(self, files: list[str], output: str, s: _Settings):
+        self.output, self.fmt, self.kept = output, s.fmt, s.kept
+        self.fg_kinds = (["foreground"] if s.passes == 1 else [f"foreground_{p}" for p in range(1, s.passes + 1)]
+                         ) if s.has_fg else []
+        self.stems = output_stems(files)
+        room = outdir.name_max(output) - max(len(os.fsencode(n)) for k in range(self.kept)
+                                              for n in self.kinds(self.suffix(k)).values())
+        self.shortened = {f: fit_stem(st, room) for f, st in self.stems.items() if fit_stem(st, room) != st}
+        self.stems.update(self.shortened)
 
-        # names longer than the file system takes (NAME_MAX, bytes): the stem shortened, the same in every run
-        room = outdir.name_max(output) - max(len(os.fsencode(n)) for k in range(kept)
-                                              for n in out_names(sample_suffix(k)).values())
-        shortened = {f: fit_stem(s, room) for f, s in stems.items() if fit_stem(s, room) != s}
-        stems.update(shortened)
+    def kinds(self, stem: str) -> dict[str, str]:
+        """Output kind (background, foreground[_p], psd) -> file name."""
+        names = {kind: f"{stem}_{kind}.png" for kind in ["background"] + self.fg_kinds} if self.fmt != "psd" else {}
+        if self.fmt != "png":
+            names["psd"] = f"{stem}.psd"
+        return names
 
-        planned_of = {f: [os.path.join(output, name) for k in range(kept)
-                          for name in out_names(sample_stem(f, k)).values()] for f in files}
+    def suffix(self, k: int) -> str:
+        return f"_s{k}" if self.kept > 1 else ""
+
+    def stem(self, path: str, k: int) -> str:
+        return self.stems[path] + self.suffix(k)
+
+    def planned(self, path: str) -> list[str]:
+        return [os.path.join(self.output, name) for k in range(self.kept)
+                for name in self.kinds(self.stem(path, k)).values()]
+
+    def to_do(self, files: list[str], protected: set[str], overwrite: bool,
+              skip_existing: bool) -> tuple[list[str], list[str]]:
+        """(the inputs to decompose, those already done: with `skip_existing`, every output there); ValueError
+        (one line) if an output to write exists and may not be replaced, or is an input."""
+        planned_of = {f: self.planned(f) for f in files}
         already_done = [f for f in files if skip_existing and all(
             os.path.isfile(p) and os.path.realpath(p) not in protected for p in planned_of[f])]
-        index = {f: n for n, f in enumerate(files)}  # an input's place in the whole list: its task-choice noise
         files = [f for f in files if f not in already_done]
         planned = [p for f in files for p in planned_of[f]]
         existing = [p for p in planned if os.path.lexists(p) and (not overwrite or os.path.realpath(p) in protected)]
@@ -462,6 +484,291 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
             raise ValueError(f"{existing[0]}{more} exists; decompose writes over no file it did not write in this "
                              f"run: pass --skip-existing to finish an interrupted run (inputs whose outputs all "
                              f"exist are left alone), --overwrite to replace its outputs, or choose another --output")
+        return files, already_done
+
+
+class _Job:
+    """Stage 3: decomposing the inputs and writing their layers. `items` reads the inputs (and queues each
+    pass's background for the next), `decompose` runs the model over them in rounds, `finish` writes an input's
+    layers once its last pass is done (with --select recompose: once all its samples are), `report` the sidecar."""
+
+    def __init__(self, system, head, s: _Settings, names: _Names, output: str, files: list[str],
+                 index: dict[str, int], protected: set[str], overwrite: bool):
+        self.system, self.head, self.s, self.names, self.output = system, head, s, names, output
+        self.files, self.index, self.protected, self.overwrite = files, index, protected, overwrite
+        self.skipped: list[str] = []
+        self.written = 0
+        self.tasks_used: dict[str, str] = {}
+        self.done: list[str] = []  # files written
+        self.records: list[dict] = []  # the sidecar's, one per output
+        self.t0 = time.time()
+        self.progress = _Progress(self.t0)
+        self.key = jax.random.key(s.seed)
+        self.auto_key = jax.random.fold_in(self.key, 2**31 - 1)  # task choice: its own noise
+        # Pass p > 1 of an input decomposes the 8-bit background its pass p - 1 wrote: queued here when that pass
+        # is done, and fed to the model before the next input is read (so memory follows the images in flight).
+        self.next_passes: collections.deque = collections.deque()  # (path, name, n, k, pass, image)
+        self.how_chosen: dict[tuple, str] = {}  # (path, k, pass) -> how its task was chosen
+        self.chains: dict[tuple, list] = {}  # (path, k) -> its passes so far: (task, bg, fg, recomposition error)
+        self.inputs: dict[tuple, np.ndarray] = {}  # (path, k) -> the input (pass 1's composite)
+        self.pending: dict[str, list] = collections.defaultdict(list)  # --select recompose: an input's samples
+
+    def announce_start(self) -> None:
+        s = self.s
+        print(f"decomposing {len(self.files)} file(s), mode {s.mode} ({s.tile[0]}x{s.tile[1]} "
+              f"{'tiles, overlap ' + str(s.overlap) if s.mode == 'tile' else 'working size'}), {s.steps} steps, "
+              f"{s.num_samples} sample(s) each{', keeping the best recomposition' if s.kept < s.num_samples else ''}"
+              f"{f', {s.passes} passes' if s.passes > 1 else ''}", file=sys.stderr)
+        for f, stem in self.names.shortened.items():
+            print(f"  {os.path.basename(f)}: its output names would be too long for {self.output}; written as "
+                  f"{stem}_... (the sidecar maps the input to them)", file=sys.stderr)
+
+    # ---- reading the inputs
+    def pick_task(self, p: int, path: str, img: np.ndarray, choice_key) -> tuple[str, str]:
+        """Pass p's task and how it was chosen: --task's entry, else (pass 1) the file name, else automatic."""
+        s = self.s
+        t, how = s.per_pass[p - 1], "--task"
+        if t is None and p == 1:
+            t, how = task_from_name(path), "file name"
+        if t is None:
+            t, scores = inference.choose_task(self.system, img, steps=s.steps, key=choice_key,
+                                              batch_size=s.batch_size, guidance=s.guidance, prompt=s.prompt,
+                                              head=self.head)
+            how = "chosen automatically: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+        return t, how
+
+    def announce(self, label: str, img: np.ndarray, t: str, how: str) -> None:
+        h, w = img.shape[:2]
+        count = inference.tile_count(h, w, self.s.tile, self.s.overlap) if self.s.mode == "tile" else 1
+        print(f"  {label} ({w}x{h}): task {t} ({how}); {count} tile(s)", file=sys.stderr)
+
+    def items(self, file_iter):
+        """(tag, image, task) for the model: the queued next passes first, then the next input read."""
+        s = self.s
+        while True:
+            while self.next_passes:
+                path, name, n, k, p, img = self.next_passes.popleft()
+                t, how = self.pick_task(p, path, img, jax.random.fold_in(jax.random.fold_in(self.auto_key, n),
+                                                                        1000 * p + k))
+                self.how_chosen[path, k, p] = how
+                label = f"{name}, pass {p}" + (f", sample {k}" if s.num_samples > 1 else "")
+                self.announce(label, img, t, how)
+                yield (path, label, k, t, p), img, t
+            nxt = next(file_iter, None)
+            if nxt is None:
+                return
+            n, path = nxt
+            try:
+                check_size(path, s.mode, s.max_pixels, fmt=s.fmt, passes=s.passes, held=s.num_samples - s.kept + 1)
+                img = read_rgb(path)
+            except Exception as e:  # unreadable file: report and go on
+                self.skipped.append(path)
+                print(f"skipping {path}: {e}", file=sys.stderr)
+                continue
+            t, how = self.pick_task(1, path, img, jax.random.fold_in(self.auto_key, n))
+            name = os.path.basename(path)
+            label = name if s.passes == 1 else f"{name}, pass 1"
+            self.announce(label, img, t, how)
+            for k in range(s.num_samples):
+                self.how_chosen[path, k, 1] = how
+                yield (path, label, k, t, 1), img, t
+
+    # ---- the model, in rounds of passes
+    def decompose(self) -> bool:
+        """Runs every input's passes, writing each as its last is done; True if interrupted (Ctrl-C)."""
+        s = self.s
+        file_iter = iter((self.index[f], f) for f in self.files)
+        try:
+            for rnd in range(s.passes):  # a round ends with its stream; passes still owed then are the next round's
+                stream = inference.decompose_stream(
+                    self.system, self.items(file_iter), steps=s.steps,
+                    key=self.key if rnd == 0 else jax.random.fold_in(self.key, 2**30 + rnd), mode=s.mode,
+                    batch_size=s.batch_size, overlap=s.overlap, guidance=s.guidance, prompt=s.prompt,
+                    detail_transfer=s.detail_transfer, progress=self.progress)
+                for tag, layers in stream:
+                    last = self.pass_done(tag, layers)
+                    del layers  # its full-size float layers: gone before the 8-bit ones are written
+                    if last is not None:
+                        self.finish(*last)
+                if not self.next_passes:
+                    break
+        except inference.NonFiniteOutput as e:  # a broken model: stop rather than write black layers
+            raise ValueError(f"{e}; stopped: the {len(self.done)} file(s) written before ({self.written} "
+                             f"decomposition(s)) are kept in {self.output}") from e
+        except KeyboardInterrupt:  # Ctrl-C: what is written is whole (write_files); its sidecar is written after
+            if self.progress.tty:
+                print(file=sys.stderr)  # end the progress line
+            return True
+        return False
+
+    def pass_done(self, tag, layers: inference.Layers) -> tuple | None:
+        """One pass of one input (or sample) decomposed: its 8-bit layers kept, and the next pass queued; after
+        the last pass, returns the arguments of `finish` (path, sample, passes, input)."""
+        s = self.s
+        path, _, k, t, p = tag
+        bg, fg, err = layers_8bit(t, layers, s.has_fg)
+        if p == 1:
+            self.inputs[path, k] = layers.composite
+        self.chains.setdefault((path, k), []).append((t, bg, fg, err))
+        note = "" if err is None else f", recomposition RMSE {err * 255:.2f}/255"
+        self.progress.finish(tag, inference.tile_count(*layers.composite.shape[:2], s.tile, s.overlap)
+                             if s.mode == "tile" else 1, note)
+        if p < s.passes:  # the next pass decomposes the background as written (8-bit)
+            nxt = bg.astype(np.float32)
+            nxt /= 255.0
+            self.next_passes.append((path, os.path.basename(path), self.index[path], k, p + 1, nxt))
+            return None
+        return path, k, self.chains.pop((path, k)), self.inputs.pop((path, k))
+
+    # ---- writing the layers
+    def finish(self, path: str, k: int, chain: list, image: np.ndarray) -> None:
+        """Writes one input's (or sample's) layers once its last pass is done."""
+        s = self.s
+        outs = [(k, chain, None if not s.has_fg else stack_error([c[:3] for c in chain], image))]
+        sample_errors = None
+        if s.kept < s.num_samples:
+            self.pending[path].append(outs[0])
+            if len(self.pending[path]) < s.num_samples:
+                return
+            samples = sorted(self.pending.pop(path), key=lambda o: o[0])
+            sample_errors = [o[2] for o in samples]
+            outs = [samples[int(np.argmin(sample_errors))]]
+        for k, chain, err in outs:
+            record, files = self.output_files(path, k, chain, err, image, sample_errors)
+            try:
+                self.save(files)
+            except NameRefused as e:  # this input only: reported, skipped; the batch goes on
+                if path not in self.skipped:
+                    self.skipped.append(path)
+                print(f"skipping {path}: {e}", file=sys.stderr)
+                continue
+            self.records.append(record)
+            self.tasks_used[path] = record["task"]
+            if s.passes > 1 or sample_errors is not None:
+                note = "" if err is None else f"recomposition RMSE {err * 255:.2f}/255"
+                if s.passes > 1 and err is not None:
+                    note += " (all passes)"
+                if sample_errors is not None:
+                    note += f", sample {k} of {s.num_samples} kept (" + ", ".join(f"{e * 255:.2f}"
+                                                                             for e in sample_errors) + ")"
+                print(f"  {os.path.basename(path)}: {note or 'written'}", file=sys.stderr)
+            self.written += 1
+
+    def output_files(self, path: str, k: int, chain: list, err: float | None, image: np.ndarray,
+                     sample_errors: list | None) -> tuple[dict, list[tuple[str, Callable[[str], object]]]]:
+        """The sidecar's record of one output and its files: (destination, writer) pairs."""
+        s = self.s
+        bg = chain[-1][1]  # the last pass's background
+        names = self.names.kinds(self.names.stem(path, k))
+        hows = [self.how_chosen[path, k, p] for p in range(1, s.passes + 1)]
+        record = {"input": path, "task": ",".join(c[0] for c in chain),
+                  "task_from": hows[0] if s.passes == 1 else hows, "size": list(bg.shape[1::-1]), "sample": k,
+                  "outputs": {}, "recompose_rmse": None if err is None else round(err * 255, 4),
+                  "passes": [{"pass": p, "task": c[0], "task_from": hows[p - 1],
+                              "recompose_rmse": None if c[3] is None else round(c[3] * 255, 4),
+                              "foreground": names.get(self.names.fg_kinds[p - 1]) if s.has_fg else None}
+                             for p, c in enumerate(chain, 1)]}
+        if sample_errors is not None:
+            record["sample_recompose_rmse"] = [round(e * 255, 4) for e in sample_errors]
+        files = []
+        for kind, fname in names.items():
+            dest = os.path.join(self.output, fname)
+            if kind == "background":
+                files.append((dest, functools.partial(save_png, img=bg)))
+            elif kind.startswith("foreground"):
+                p = 1 if kind == "foreground" else int(kind.rsplit("_", 1)[1])
+                files.append((dest, functools.partial(save_png, img=chain[p - 1][2])))
+            else:
+                stack = psd_layers.pass_layers([c[:3] for c in chain])
+                psd_img = psd_layers.composite(stack)
+                files.append((dest, functools.partial(psd_layers.write, psd_layers=stack)))
+                record["psd_layers"] = [{"name": n, "mode": psd_layers.MODES[m]} for n, m, _ in stack]
+                record["psd_rmse"] = round(blend.rmse(psd_img, image) * 255, 4)
+            record["outputs"][kind] = fname
+        if path in self.names.shortened:
+            record["names_shortened"] = True
+        return record, files
+
+    def save(self, files: list[tuple[str, Callable[[str], object]]]) -> None:
+        """Writes one output's files together (`outdir.write_files`): all of them or none."""
+        for dest, _ in files:
+            if os.path.realpath(dest) in self.protected:  # checked before; an input that appeared since
+                raise ValueError(f"{dest} would be written over an input; choose another --output")
+        kept_msg = (f"the {len(self.done)} file(s) written before ({self.written} decomposition(s)) are kept in "
+                    f"{self.output}")
+        try:
+            outdir.write_files(files, overwrite=self.overwrite)
+        except FileExistsError as e:
+            raise WriteError(f"{e.filename} appeared during the run (another program wrote it) and was kept, "
+                             f"not replaced: stopped; {kept_msg}") from e
+        except OSError as e:
+            if outdir.is_name_error(e):
+                raise NameRefused(f"{e.strerror or e} writing {files[0][0]}: the file system refuses the "
+                                  f"name") from e
+            why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            raise WriteError(f"{why} writing {files[0][0]}{f' and {len(files) - 1} more' if len(files) > 1 else ''}"
+                             f": stopped, its partial files removed; {kept_msg}") from e
+        self.done.extend(dest for dest, _ in files)
+
+    # ---- the sidecar
+    def report(self, checkpoint: str | None, already_done: list[str], interrupted: bool) -> str:
+        """Writes the run's JSON sidecar; returns its path."""
+        s = self.s
+        report = {"tool": "dd_jax.decompose", "rmse_scale": "0-255", "recompose_rmse": "RMSE of the input against "
+                  "the task's blend law applied to the written 8-bit layers (dd_jax.data.blend.layers_error)",
+                  "checkpoint": checkpoint or checkpoints.DEFAULT_MODEL, "steps": s.steps, "seed": s.seed,
+                  "mode": s.mode, "overlap": s.overlap if s.mode == "tile" else None, "batch_size": s.batch_size,
+                  "guidance": s.guidance, "num_samples": s.num_samples, "select": s.select, "format": s.fmt,
+                  "quantize": self.system.config.model.get("quantize", "") or None, "images": self.records,
+                  "skipped": self.skipped, "already_done": already_done, "interrupted": interrupted,
+                  "seconds": round(time.time() - self.t0, 2)}
+        try:
+            sidecar = write_sidecar(self.output, report)
+        except OSError as e:
+            raise WriteError(f"{e.strerror or e} writing the run's JSON sidecar in {self.output}; the "
+                             f"{len(self.done)} file(s) written ({self.written} decomposition(s)) are kept") from e
+        print(f"recomposition errors and settings: {sidecar}", file=sys.stderr)
+        return sidecar
+
+
+def run(inputs: list[str], output: str, checkpoint: str | None = None, config_file: str | None = None,
+        task: str | None = None, steps: int | None = None, seed: int = 0, num_samples: int = 1,
+        batch_size: int = 16, guidance: float | None = None, detail_transfer: bool = True,
+        prompt: str | None = None, mode: str | None = None, overlap: int | None = None,
+        overwrite: bool = False, fmt: str = "png", select: str = "all", passes: int = 1,
+        max_pixels: int | None = None,
+        skip_existing: bool = False, quantize: str | None = None) -> dict:
+    """Decomposes `inputs` into `output` (see the module docstring); returns a summary with `written`
+    (decompositions), `files` (written), `skipped` (unreadable inputs), `already_done` (with `skip_existing`: the
+    inputs whose outputs all exist, left alone), `tasks`, `images` (the sidecar's per-output records) and `sidecar`
+    (its path; None when there was nothing to do). `task`: one task, or one per pass (a comma list or a list;
+    `auto` or None: from the file name for pass 1, else chosen automatically). Raises ValueError (one line) for
+    bad arguments or outputs that exist (without `overwrite`), WriteError when a write fails, Interrupted (after
+    writing the sidecar of what was done) on Ctrl-C while decomposing. An input larger than `max_pixels`, or
+    without it than the memory available allows (`check_size`), is skipped before it is decoded.
+
+    Stages: the arguments (`_check_arguments`), the inputs and the output folder, the model and the settings
+    it implies (`_Settings`), the output names and what is there already (`_Names`), then the decomposition,
+    its files and sidecar (`_Job`)."""
+    per_pass = _check_arguments(task, steps, num_samples, batch_size, mode, fmt, select, passes, max_pixels)
+    outdir.check_folder(output)
+    files = list_inputs(inputs)
+    if not files:
+        raise ValueError(f"no image files in {', '.join(inputs)} ({', '.join(IMAGE_EXTENSIONS)})")
+    with outdir.locked(output, "decompose"):  # until the run ends: one run at a time writes the folder
+        config = config_lib.load_config_file(config_file) if config_file else None
+        with quantize_lib.requested(quantize):  # a LoRA base quantized as it loads, a model trained in full after
+            system = quantize_lib.quantize_system(checkpoints.load_trained(
+                checkpoint or checkpoints.DEFAULT_MODEL, config, config_source=f"--config {config_file}"))
+        head = inference.load_task_head(checkpoint or checkpoints.DEFAULT_MODEL)  # None: uncalibrated task choice
+        settings = _Settings.resolve(system, per_pass, steps=steps, mode=mode, overlap=overlap,
+                                     detail_transfer=detail_transfer, prompt=prompt, guidance=guidance,
+                                     num_samples=num_samples, select=select, passes=passes, fmt=fmt, seed=seed,
+                                     batch_size=batch_size, max_pixels=max_pixels)
+        protected = {os.path.realpath(f) for f in files}
+        names = _Names(files, output, settings)
+        index = {f: n for n, f in enumerate(files)}  # an input's place in the whole list: its task-choice noise
+        files, already_done = names.to_do(files, protected, overwrite, skip_existing)
         if already_done:
             print(f"{len(already_done)} input(s) already done in {output} (--skip-existing): left as they are",
                   file=sys.stderr)
@@ -469,211 +776,21 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
             print("nothing to do", file=sys.stderr)
             return {"written": 0, "files": [], "skipped": [], "already_done": already_done, "output": output,
                     "tasks": {}, "images": [], "sidecar": None}
-        skipped, written, tasks_used, done, records = [], 0, {}, [], []
-        t0 = time.time()
-        progress = _Progress(t0)
-        key = jax.random.key(seed)
-        auto_key = jax.random.fold_in(key, 2**31 - 1)  # task choice: its own noise
-        print(f"decomposing {len(files)} file(s), mode {mode} ({tile[0]}x{tile[1]} "
-              f"{'tiles, overlap ' + str(overlap) if mode == 'tile' else 'working size'}), {steps} steps, "
-              f"{num_samples} sample(s) each{', keeping the best recomposition' if kept < num_samples else ''}"
-              f"{f', {passes} passes' if passes > 1 else ''}", file=sys.stderr)
-        for f, stem in shortened.items():
-            print(f"  {os.path.basename(f)}: its output names would be too long for {output}; written as "
-                  f"{stem}_... (the sidecar maps the input to them)", file=sys.stderr)
-
-        def pick_task(p: int, path: str, img: np.ndarray, choice_key) -> tuple[str, str]:
-            """Pass p's task and how it was chosen: --task's entry, else (pass 1) the file name, else automatic."""
-            t, how = per_pass[p - 1], "--task"
-            if t is None and p == 1:
-                t, how = task_from_name(path), "file name"
-            if t is None:
-                t, scores = inference.choose_task(system, img, steps=steps, key=choice_key, batch_size=batch_size,
-                                                  guidance=guidance, prompt=prompt, head=head)
-                how = "chosen automatically: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
-            return t, how
-
-        def announce(label: str, img: np.ndarray, t: str, how: str) -> None:
-            h, w = img.shape[:2]
-            count = inference.tile_count(h, w, tile, overlap) if mode == "tile" else 1
-            print(f"  {label} ({w}x{h}): task {t} ({how}); {count} tile(s)", file=sys.stderr)
-
-        # Pass p > 1 of an input decomposes the 8-bit background its pass p - 1 wrote: queued here when that pass is
-        # done, and fed to the model before the next input is read (so memory follows the images in flight).
-        file_iter = iter((index[f], f) for f in files)
-        next_passes: collections.deque = collections.deque()  # (path, name, n, k, pass, image)
-        how_chosen: dict[tuple, str] = {}  # (path, k, pass) -> how its task was chosen
-
-        def items():
-            while True:
-                while next_passes:
-                    path, name, n, k, p, img = next_passes.popleft()
-                    t, how = pick_task(p, path, img, jax.random.fold_in(jax.random.fold_in(auto_key, n), 1000 * p + k))
-                    how_chosen[path, k, p] = how
-                    label = f"{name}, pass {p}" + (f", sample {k}" if num_samples > 1 else "")
-                    announce(label, img, t, how)
-                    yield (path, label, k, t, p), img, t
-                nxt = next(file_iter, None)
-                if nxt is None:
-                    return
-                n, path = nxt
-                try:
-                    check_size(path, mode, max_pixels, fmt=fmt, passes=passes, held=num_samples - kept + 1)
-                    img = read_rgb(path)
-                except Exception as e:  # unreadable file: report and go on
-                    skipped.append(path)
-                    print(f"skipping {path}: {e}", file=sys.stderr)
-                    continue
-                t, how = pick_task(1, path, img, jax.random.fold_in(auto_key, n))
-                name = os.path.basename(path)
-                label = name if passes == 1 else f"{name}, pass 1"
-                announce(label, img, t, how)
-                for k in range(num_samples):
-                    how_chosen[path, k, 1] = how
-                    yield (path, label, k, t, 1), img, t
-
-        def save(files: list[tuple[str, Callable[[str], object]]]) -> None:
-            """Writes one output's files together (`outdir.write_files`): all of them or none."""
-            for dest, _ in files:
-                if os.path.realpath(dest) in protected:  # checked above; an input that appeared since
-                    raise ValueError(f"{dest} would be written over an input; choose another --output")
-            kept_msg = f"the {len(done)} file(s) written before ({written} decomposition(s)) are kept in {output}"
-            try:
-                outdir.write_files(files, overwrite=overwrite)
-            except FileExistsError as e:
-                raise WriteError(f"{e.filename} appeared during the run (another program wrote it) and was kept, "
-                                 f"not replaced: stopped; {kept_msg}") from e
-            except OSError as e:
-                if outdir.is_name_error(e):
-                    raise NameRefused(f"{e.strerror or e} writing {files[0][0]}: the file system refuses the "
-                                      f"name") from e
-                why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-                raise WriteError(f"{why} writing {files[0][0]}{f' and {len(files) - 1} more' if len(files) > 1 else ''}"
-                                 f": stopped, its partial files removed; {kept_msg}") from e
-            done.extend(dest for dest, _ in files)
-
-        chains: dict[tuple, list] = {}  # (path, k) -> its passes so far: (task, bg, fg, recomposition error)
-        inputs: dict[tuple, np.ndarray] = {}  # (path, k) -> the input (pass 1's composite)
-        pending: dict[str, list] = collections.defaultdict(list)  # --select recompose: an input's samples so far
-
-        def finish(path: str, k: int, chain: list, image: np.ndarray) -> None:
-            """Writes one input's (or sample's) layers once its last pass is done."""
-            nonlocal written
-            outs = [(k, chain, None if not has_fg else stack_error([c[:3] for c in chain], image))]
-            sample_errors = None
-            if kept < num_samples:
-                pending[path].append(outs[0])
-                if len(pending[path]) < num_samples:
-                    return
-                samples = sorted(pending.pop(path), key=lambda o: o[0])
-                sample_errors = [o[2] for o in samples]
-                outs = [samples[int(np.argmin(sample_errors))]]
-            for k, chain, err in outs:
-                bg = chain[-1][1]  # the last pass's background
-                stem = sample_stem(path, k)
-                names = out_names(stem)
-                hows = [how_chosen[path, k, p] for p in range(1, passes + 1)]
-                record = {"input": path, "task": ",".join(c[0] for c in chain),
-                          "task_from": hows[0] if passes == 1 else hows, "size": list(bg.shape[1::-1]), "sample": k,
-                          "outputs": {}, "recompose_rmse": None if err is None else round(err * 255, 4),
-                          "passes": [{"pass": p, "task": c[0], "task_from": hows[p - 1],
-                                      "recompose_rmse": None if c[3] is None else round(c[3] * 255, 4),
-                                      "foreground": names.get(fg_names[p - 1]) if has_fg else None}
-                                     for p, c in enumerate(chain, 1)]}
-                if sample_errors is not None:
-                    record["sample_recompose_rmse"] = [round(e * 255, 4) for e in sample_errors]
-                files = []
-                for kind, fname in names.items():
-                    dest = os.path.join(output, fname)
-                    if kind == "background":
-                        files.append((dest, functools.partial(save_png, img=bg)))
-                    elif kind.startswith("foreground"):
-                        p = 1 if kind == "foreground" else int(kind.rsplit("_", 1)[1])
-                        files.append((dest, functools.partial(save_png, img=chain[p - 1][2])))
-                    else:
-                        stack = psd_layers.pass_layers([c[:3] for c in chain])
-                        psd_img = psd_layers.composite(stack)
-                        files.append((dest, functools.partial(psd_layers.write, psd_layers=stack)))
-                        record["psd_layers"] = [{"name": n, "mode": psd_layers.MODES[m]} for n, m, _ in stack]
-                        record["psd_rmse"] = round(blend.rmse(psd_img, image) * 255, 4)
-                    record["outputs"][kind] = fname
-                if path in shortened:
-                    record["names_shortened"] = True
-                try:
-                    save(files)
-                except NameRefused as e:  # this input only: reported, skipped; the batch goes on
-                    if path not in skipped:
-                        skipped.append(path)
-                    print(f"skipping {path}: {e}", file=sys.stderr)
-                    continue
-                records.append(record)
-                tasks_used[path] = record["task"]
-                if passes > 1 or sample_errors is not None:
-                    note = "" if err is None else f"recomposition RMSE {err * 255:.2f}/255"
-                    if passes > 1 and err is not None:
-                        note += " (all passes)"
-                    if sample_errors is not None:
-                        note += f", sample {k} of {num_samples} kept (" + ", ".join(f"{e * 255:.2f}"
-                                                                               for e in sample_errors) + ")"
-                    print(f"  {os.path.basename(path)}: {note or 'written'}", file=sys.stderr)
-                written += 1
-
-        interrupted = False
-        try:
-            for rnd in range(passes):  # a round ends with its stream; passes still owed then are the next round's
-                stream = inference.decompose_stream(
-                    system, items(), steps=steps, key=key if rnd == 0 else jax.random.fold_in(key, 2**30 + rnd),
-                    mode=mode, batch_size=batch_size, overlap=overlap, guidance=guidance, prompt=prompt,
-                    detail_transfer=detail_transfer, progress=progress)
-                for tag, layers in stream:
-                    path, _, k, t, p = tag
-                    bg, fg, err = layers_8bit(t, layers, has_fg)
-                    if p == 1:
-                        inputs[path, k] = layers.composite
-                    chains.setdefault((path, k), []).append((t, bg, fg, err))
-                    note = "" if err is None else f", recomposition RMSE {err * 255:.2f}/255"
-                    progress.finish(tag, inference.tile_count(*layers.composite.shape[:2], tile, overlap)
-                                    if mode == "tile" else 1, note)
-                    del layers
-                    if p < passes:  # the next pass decomposes the background as written (8-bit)
-                        nxt = bg.astype(np.float32)
-                        nxt /= 255.0
-                        next_passes.append((path, os.path.basename(path), index[path], k, p + 1, nxt))
-                    else:
-                        finish(path, k, chains.pop((path, k)), inputs.pop((path, k)))
-                if not next_passes:
-                    break
-        except inference.NonFiniteOutput as e:  # a broken model: stop rather than write black layers
-            raise ValueError(f"{e}; stopped: the {len(done)} file(s) written before ({written} decomposition(s)) "
-                             f"are kept in {output}") from e
-        except KeyboardInterrupt:  # Ctrl-C: what is written is whole (write_files); its sidecar is written below
-            interrupted = True
-            if progress.tty:
-                print(file=sys.stderr)  # end the progress line
-        report = {"tool": "dd_jax.decompose", "rmse_scale": "0-255", "recompose_rmse": "RMSE of the input against "
-                  "the task's blend law applied to the written 8-bit layers (dd_jax.data.blend.layers_error)",
-                  "checkpoint": checkpoint or checkpoints.DEFAULT_MODEL, "steps": steps, "seed": seed, "mode": mode,
-                  "overlap": overlap if mode == "tile" else None, "batch_size": batch_size, "guidance": guidance,
-                  "num_samples": num_samples, "select": select, "format": fmt,
-                  "quantize": system.config.model.get("quantize", "") or None, "images": records, "skipped": skipped,
-                  "already_done": already_done, "interrupted": interrupted, "seconds": round(time.time() - t0, 2)}
-        try:
-            sidecar = write_sidecar(output, report)
-        except OSError as e:
-            raise WriteError(f"{e.strerror or e} writing the run's JSON sidecar in {output}; the {len(done)} "
-                             f"file(s) written ({written} decomposition(s)) are kept") from e
-        print(f"recomposition errors and settings: {sidecar}", file=sys.stderr)
+        job = _Job(system, head, settings, names, output, files, index, protected, overwrite)
+        job.announce_start()
+        interrupted = job.decompose()
+        sidecar = job.report(checkpoint, already_done, interrupted)
         if interrupted:
-            raise Interrupted(f"interrupted: {written} decomposition(s) written to {output} are kept (sidecar "
+            raise Interrupted(f"interrupted: {job.written} decomposition(s) written to {output} are kept (sidecar "
                               f"{os.path.basename(sidecar)}); to finish the rest, rerun the same command with "
                               f"--skip-existing")
-        return {"written": written, "files": done, "skipped": skipped, "already_done": already_done,
-                "output": output, "tasks": tasks_used, "images": records, "sidecar": sidecar}
+        return {"written": job.written, "files": job.done, "skipped": job.skipped, "already_done": already_done,
+                "output": output, "tasks": job.tasks_used, "images": job.records, "sidecar": sidecar}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = cli.ArgumentParser(prog="python -m dd_jax.decompose", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", nargs="+", required=True, help="image files and/or folders")
     ap.add_argument("--output", required=True)
     ap.add_argument("--checkpoint", default=None,

@@ -386,7 +386,7 @@ def run(data_dir: str, output: str, checkpoint: str | None = None, *, tasks: str
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = cli.ArgumentParser(prog="python -m dd_jax.evaluate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="the --out folder of python -m dd_jax.data.build")
     ap.add_argument("--output", required=True, help="report folder")
     ap.add_argument("--checkpoint", default=None, help="export folder or training workdir (default: shipped model)")

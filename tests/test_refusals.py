@@ -55,7 +55,7 @@ def test_decompose_refuses_a_config_of_another_architecture_before_building(tmp_
 
 
 def test_evaluate_refuses_a_config_of_another_architecture_before_building(tmp_path, no_build):
-    rc, _, err = run_main(evaluate.main, ["--data", tmp_path / "data", "--output", tmp_path / "report",
+    rc, _, err = run_main(evaluate.main, ["--data", tmp_path, "--output", tmp_path / "report",
                                           "--config", WATERMARK])
     assert rc == 2 and "model.preset: 'tiny' -> 'flux-dev'" in error_line(err), err
 
