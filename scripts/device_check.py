@@ -29,6 +29,8 @@ that finished. Sections, each under its own time limit (one that overruns is kil
 - sample: the production sampler (dd_jax.sampling) at 512x512: compile time, time per step, MFU;
 - peer_torch: diffusers' FluxTransformer2DModel + peft LoRA at the same sizes, train step (bf16 autocast,
   float32 LoRA, AdamW) and sampler step times, SDPA with cuDNN (else flash) attention (scripts/peer_torch.py);
+- quantized: int8 frozen weights (qwix) for the 512x512 sampler and QLoRA train step, fp8 for the sampler:
+  compile and step times, weight bytes, peak memory (dd_jax.aot.time_quantized_steps);
 - train_sweep: the train step at batch 1, 2, 4 under several remat policies, at 512x512 and 1024x1024 ICD,
   rows named `<shape>_b<batch>_<remat>`, the most telling first while its time lasts, each row under its
   own limit (scripts/device_sections.py: PLAN; the rows it skips are listed with why).
@@ -73,6 +75,7 @@ SECTIONS = (
     ("sample", 60, True),
     ("peer_torch", 100, True),
     ("train_512x1024", 100, True),
+    ("quantized", 90, True),
     ("train_sweep", 220, True),
 )
 ISOLATED = ("peer_torch",)  # a process of its own, even with --dry (it imports torch, diffusers, peft)
@@ -556,6 +559,10 @@ def run_section(name: str, rec: dict, dry: bool, save, ctx) -> None:
         device_sections.section_profile(rec, dry, save, ctx)
     elif name == "sample":
         section_sample(rec, dry, save, ctx.remat)
+    elif name == "quantized":
+        import device_sections
+
+        device_sections.section_quantized(rec, dry, save, ctx)
     elif name == "peer_torch":
         import peer_torch
 

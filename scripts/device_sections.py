@@ -378,3 +378,28 @@ def rows_table(rows: dict) -> str:
                      f"{fmt(r.get('peak_gb'), '8.1f'):>8s} {fmt(r.get('xla_peak_gb'), '7.1f'):>7s} "
                      f"{fmt(r.get('ratio_to_peer'), '7.2f'):>7s}")
     return "\n".join(lines)
+
+
+def section_quantized(rec: dict, dry: bool, save, ctx) -> None:
+    """Quantized frozen weights (dd_jax.quantize, qwix): the sampler and the QLoRA train step at 512x512 with
+    int8 weights, and the sampler with fp8 ones, from random weights made quantized on the device
+    (`dd_jax.aot.time_quantized_steps`): compile and step times, weight bytes, the device's peak memory.
+    Skipped, saying why, where qwix is not installed (it is one of the carried wheels)."""
+    import device_check as dc
+
+    from dd_jax import optional
+
+    try:
+        optional.require("qwix", "the quantized rows")
+    except optional.MissingPackage as e:
+        rec["skipped"] = str(e)
+        return
+    from dd_jax import aot
+
+    s = dc.sizes(dry)
+    height, width = s["images"]["512x512"]
+    config = dc.config_for(dry, height, width, ctx.remat)
+    rec.update(height=height, width=width, remat=ctx.remat, rows={})
+    for qtype, train in (("int8", True),) + ((("fp8", False),) if not dry else ()):  # --dry: the code, once
+        rec["rows"][qtype] = aot.time_quantized_steps(config, qtype, txt_len=s["txt"], train=train)
+        save()

@@ -18,7 +18,7 @@ from dd_jax import inference
 class FakeSystem:
     def __init__(self, tile=16, targets=("x", "y")):
         self.config = ml_collections.ConfigDict({"data": {"height": tile, "width": tile},
-                                                  "sample": {"tile": True, "steps": 1}})
+                                                  "sample": {"tile": True, "steps": 1}, "model": {"quantize": ""}})
         self.spec = types.SimpleNamespace(targets=targets)
         self.model = types.SimpleNamespace(conditioner=object())
 
