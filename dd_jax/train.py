@@ -38,6 +38,7 @@ the export folder.
 
 from __future__ import annotations
 
+import difflib
 import errno
 import json
 import math
@@ -693,11 +694,52 @@ def _no_orbax_tracebacks(record) -> bool:
     return True
 
 
+def check_config_args(argv: Sequence[str]) -> str | None:
+    """What is wrong with `--config` and its `--config.FIELD=` overrides, in one line (None: nothing): a missing
+    file (with close names), a file that does not load (syntax error, get_config failing or missing), an
+    override naming a field the config lacks (with the close ones). absl would report these as tracebacks or
+    garbled lines."""
+    from dd_jax import cli
+
+    args = list(argv[1:])
+    path = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
+    if path is None and "--config" in args[:-1]:
+        path = args[args.index("--config") + 1]
+    if not path:
+        return None
+    file = path if os.path.isfile(path) or ":" not in path else path.rsplit(":", 1)[0]
+    if not os.path.isfile(file):
+        return cli.not_found(file, "--config")
+    try:
+        config = config_lib.load_config_file(path)
+    except Exception as e:  # noqa: BLE001 - any failure of the user's file is reported, not raised
+        return str(e) if isinstance(e, config_lib.ConfigError) else f"--config {path}: {checkpoints.one_line(e)}"
+    for arg in (a.split("=", 1)[0] for a in args if a.startswith("--config.")):
+        node, walked = config, []
+        for key in arg[len("--config."):].split("."):
+            if ".".join(walked) in config_lib.FREE:
+                break
+            if ".".join(walked + [key]) in config_lib.REMOVED:
+                return f"{arg}: the field was removed: {config_lib.REMOVED['.'.join(walked + [key])]}"
+            if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+                near = difflib.get_close_matches(key, list(node.keys()) if isinstance(
+                    node, ml_collections.ConfigDict) else [], n=2)
+                hint = f"; did you mean {' or '.join('.'.join(walked + [n]) for n in near)}?" if near else ""
+                return (f"{arg}: the config has no field {'.'.join(walked + [key])!r}{hint} (configs/base.py lists "
+                        f"the fields)")
+            node, walked = node[key], walked + [key]
+    return None
+
+
 def _parse_flags(argv):
     """absl's parser with one-line errors and exit status 2: a bad flag or value, a missing required flag, a
-    config override naming a field the config lacks."""
+    config that does not load or an override naming a field the config lacks (`check_config_args`)."""
     from absl import flags
 
+    problem = check_config_args(argv)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:

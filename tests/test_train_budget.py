@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -110,3 +111,24 @@ def test_without_grain_training_says_so_in_one_line_and_without_tensorboardx_it_
     assert train._tb_writer(str(tmp_path)) is None
     assert "TensorBoard output needs tensorboardX: pip install tensorboardX==2.6.4; writing metrics.jsonl only" \
         in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, args, want", [
+    (None, ["--config=configs/tinny.py"], r"^--config configs/tinny.py: no such file or folder; did you mean "
+                                          r"configs/tiny.py\?$"),
+    ("def get_config(:\n", [], r"syntax error"),
+    ("x = 1\n", [], r"no get_config\(\) function"),
+    ("def get_config():\n    raise RuntimeError('boom')\n", [], r"get_config\(\) raised RuntimeError: boom"),
+    (None, ["--config=configs/tiny.py", "--config.train.stpes=3"],
+     r"^--config.train.stpes: the config has no field 'train.stpes'; did you mean train.steps\?"),
+    (None, ["--config", "configs/tiny.py", "--config.trian.steps=3"], r"no field 'trian'; did you mean train\?"),
+    (None, ["--config=configs/tiny.py", "--config.model.params.hidden_size=64", "--config.train.steps=2"], None),
+])
+def test_config_arguments_are_checked_in_one_line(tmp_path, monkeypatch, text, args, want):
+    """What absl reported as a traceback or a garbled line: a missing, broken or misspelled config file or field."""
+    monkeypatch.chdir(REPO)
+    if text is not None:
+        (tmp_path / "c.py").write_text(text)
+        args = [f"--config={tmp_path / 'c.py'}"]
+    problem = train.check_config_args(["dd_jax.train", *args])
+    assert problem is None if want is None else re.search(want, problem), problem
