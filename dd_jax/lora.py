@@ -118,7 +118,8 @@ def _selected(path: Sequence, node: nnx.Linear, patterns: Sequence[str]) -> bool
     return all(hits)
 
 
-def _replace(model: nnx.Module, path: tuple, new) -> None:
+def replace_submodule(model: nnx.Module, path: tuple, new) -> None:
+    """Puts `new` at `path` (attribute names and list indices) inside `model`, in place of what is there."""
     parent = model
     for p in path[:-1]:
         parent = parent[p] if isinstance(parent, nnx.List) else getattr(parent, p)
@@ -139,7 +140,7 @@ def apply_lora(model: nnx.Module, rank: int, alpha: float | None = None,
     if not found:
         raise ValueError(f"no Linear layer matches the LoRA targets {list(targets)}")
     for path, node in found:
-        _replace(model, tuple(path), LoRALinear(node, rank, alpha, rngs=rngs, param_dtype=param_dtype))
+        replace_submodule(model, tuple(path), LoRALinear(node, rank, alpha, rngs=rngs, param_dtype=param_dtype))
     return [_path_str(p) for p, _ in found]
 
 
@@ -161,7 +162,7 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
         linear.kernel = nnx.Param(merged, **node.kernel.get_metadata())
         if node.bias is not None:
             linear.bias = node.bias
-        _replace(model, tuple(path), linear)
+        replace_submodule(model, tuple(path), linear)
     return model
 
 

@@ -194,16 +194,6 @@ def _selected(path: str, targets: Sequence[str]) -> bool:
     return any(re.fullmatch(t, path) for t in targets)
 
 
-def _replace(module: nnx.Module, path: tuple, new: nnx.Module) -> None:
-    parent = module
-    for p in path[:-1]:
-        parent = parent[p] if isinstance(parent, nnx.List) else getattr(parent, p)
-    if isinstance(parent, nnx.List):
-        parent[path[-1]] = new
-    else:
-        setattr(parent, path[-1], new)
-
-
 def quantize_module(module: nnx.Module, qtype: str, targets: Sequence[str]) -> list[str]:
     """Stores the kernel of every Linear (`nnx.Linear`, `lora.LoRALinear`) whose path matches `targets` as a
     `QKernel`, in place (kernels a `loader` already quantized are adopted as they are); plain Linears
@@ -223,7 +213,7 @@ def quantize_module(module: nnx.Module, qtype: str, targets: Sequence[str]) -> l
         if isinstance(node, lora.LoRALinear):
             node.kernel = kernel
         else:
-            _replace(module, path, QLinear(node, kernel))
+            lora.replace_submodule(module, path, QLinear(node, kernel))
     return [_path(p) for p, _ in found]
 
 

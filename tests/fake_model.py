@@ -38,3 +38,13 @@ def patch(monkeypatch) -> list:
 
     monkeypatch.setattr(inference.system_lib, "decompose", decompose_fn)
     return calls
+
+
+def patch_decompose(monkeypatch, tile: int) -> list:
+    """dd_jax.decompose with `FakeSystem(tile)` for the model and no task head; the model inputs seen, per call."""
+    from dd_jax import decompose
+
+    calls = patch(monkeypatch)
+    monkeypatch.setattr(decompose.checkpoints, "load_trained", lambda *a, **k: FakeSystem(tile))
+    monkeypatch.setattr(decompose.inference, "load_task_head", lambda *a, **k: None)
+    return calls

@@ -15,26 +15,17 @@ import stat
 import subprocess
 import sys
 import time
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import redirect_stderr
 
 import numpy as np
 import pytest
+from cli_run import run_main
 from PIL import Image
 
 from dd_jax.models import flux, store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO] + sys.path), JAX_PLATFORMS="cpu")
-
-
-def run_main(main, argv):
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as e:
-            rc = e.code
-    return rc, out.getvalue(), err.getvalue()
 
 
 # ------------------------------------------------------------------ 1. convert_flux --overwrite

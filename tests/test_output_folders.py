@@ -20,10 +20,7 @@ TILE = 16
 
 @pytest.fixture
 def fake(monkeypatch):
-    calls = fake_model.patch(monkeypatch)
-    monkeypatch.setattr(decompose.checkpoints, "load_trained", lambda *a, **k: fake_model.FakeSystem(TILE))
-    monkeypatch.setattr(decompose.inference, "load_task_head", lambda *a, **k: None)
-    return calls
+    return fake_model.patch_decompose(monkeypatch, TILE)
 
 
 def run_main(main, argv):

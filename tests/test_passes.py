@@ -20,10 +20,7 @@ TILE = 16
 @pytest.fixture
 def fake(monkeypatch):
     """The model inputs seen, per call: (composite [B, H, W, 3] in [0, 1], task indices)."""
-    calls = fake_model.patch(monkeypatch)
-    monkeypatch.setattr(decompose.checkpoints, "load_trained", lambda *a, **k: fake_model.FakeSystem(TILE))
-    monkeypatch.setattr(decompose.inference, "load_task_head", lambda *a, **k: None)
-    return calls
+    return fake_model.patch_decompose(monkeypatch, TILE)
 
 
 def sidecar(folder) -> dict:

@@ -4,27 +4,16 @@ A config of another architecture than the model's (it built a 12B flux-dev, then
 NaN weights (black layers, exit 0), inputs too large for the memory there is, and the user errors of the CLIs.
 """
 
-import io
 import json
 import os
-from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
+from cli_run import run_main
 
 from dd_jax import checkpoints, decompose, evaluate, system as system_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WATERMARK = os.path.join(REPO, "configs", "watermark.py")  # flux-dev + LoRA: not the shipped tiny model
-
-
-def run_main(main, argv):
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as e:
-            rc = e.code
-    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture
