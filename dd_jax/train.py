@@ -229,7 +229,7 @@ class ProcessData:
             d.dir, d.tasks, "train", d.height, d.width, d.batch_size // self.shards, seed=d.seed,
             worker_count=worker_count, shard_index=i, shard_count=self.shards, crop=d.crop,
             text_cache=text_cache, text_encoders=text_encoders, source=d.source, style=d.style,
-            examples=d.examples))
+            examples=d.examples, text_quantize=config.model.quantize))
             for i in self.indices]
 
     def __iter__(self):

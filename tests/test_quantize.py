@@ -247,3 +247,23 @@ def test_memory_plan_section_survives_both_scripts(tmp_path):
     assert mp.main(["--from-rows", os.path.join(REPO, "docs", "memory_plan_rows.jsonl"), "--markdown", str(doc)]) == 0
     text = doc.read_text()
     assert text.startswith("# Memory plan") and text.count(mq.BEGIN) == 1 and text.count(mq.END) == 1
+
+
+def test_text_encoder_quantizes_t5_for_the_cache_and_online_text(tmp_path):
+    """encode_text --quantize and online text encoding (text.online) with model.quantize: T5's block weights
+    are stored int8, and the embeddings stay close to float ones."""
+    er = pytest.importorskip("encoders_reference")
+    from dd_jax.data import text_cache
+    from weights_conversion import convert
+
+    er.make_tiny_pipeline(str(tmp_path / "pipe"))
+    assert convert.main(["--source", str(tmp_path / "pipe"), "--output", str(tmp_path / "w"), "--quiet"]) == 0
+    prompts = ["a watermark over a photo", "glass on a table"]
+    ref = text_cache.TextEncoder(str(tmp_path / "w"), batch_size=2)
+    enc = text_cache.TextEncoder(str(tmp_path / "w"), batch_size=2, quantize="int8")
+    (txt, vec), (txt_q, vec_q) = ref.encode(prompts), enc.encode(prompts)
+    assert quantize.quantized_paths(enc._load()[2]) and not quantize.quantized_paths(ref._load()[2])
+    assert 0 < rel_err(txt_q, txt) < 0.08  # as test_t5_int8: T5 int8 against float
+    np.testing.assert_array_equal(vec_q, vec)  # CLIP is not quantized
+    with pytest.raises(ValueError, match="quantize 'int3'"):
+        text_cache.TextEncoder(str(tmp_path / "w"), quantize="int3")

@@ -52,12 +52,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=text_cache.DTYPES, help="stored precision")
     ap.add_argument("--batch-size", type=int, default=8, help="prompts per encoder call")
     ap.add_argument("--max-length", type=int, default=None, help="T5 tokens (default: the tokenizer folder's)")
+    ap.add_argument("--quantize", default="", choices=["", "none", "int8", "fp8", "int4"],
+                    help="T5's block weights stored quantized (qwix, weight-only; docs/quantize.md)")
     ap.add_argument("--prompt", action="append", default=[], help="extra prompt to include (repeatable)")
     args = ap.parse_args(argv)
     tasks = "all" if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
     try:
         captions = dataset_captions(args.data, tasks, [s for s in args.splits.split(",") if s])
-        encoder = text_cache.TextEncoder(args.encoders, batch_size=args.batch_size, max_length=args.max_length)
+        encoder = text_cache.TextEncoder(args.encoders, batch_size=args.batch_size, max_length=args.max_length,
+                                         quantize=args.quantize)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

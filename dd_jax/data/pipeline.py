@@ -295,7 +295,7 @@ def make_pipeline(data_dir: str, tasks: str | Iterable[str], split: str = "train
                   read_threads: int = 2,
                   prefetch_buffer_size: int = 16, worker_buffer_size: int = 2, text_cache: str | None = "auto",
                   text_encoders: str | None = None, source: str = "built", style: str = "classic",
-                  examples: int = 0) -> grain.IterDataset:
+                  examples: int = 0, text_quantize: str = "") -> grain.IterDataset:
     """The training / evaluation input pipeline (see the module docstring).
 
     Args:
@@ -326,6 +326,8 @@ def make_pipeline(data_dir: str, tasks: str | Iterable[str], split: str = "train
       text_encoders: encode captions online instead, with the converted T5 + CLIP
         of this folder (``scripts/convert_flux.py --output``); holds the encoders
         in the input pipeline's process.
+      text_quantize: with ``text_encoders``: T5's weights quantized (``int8``,
+        ``fp8``, ``int4``; ``dd_jax.quantize``), as the model's are.
       source: ``built`` (the data sets under ``data_dir``) or ``procedural``
         (examples synthesized by index, ``dd_jax.data.procedural``: no build, no
         disk; ``data_dir`` is not read, ``tasks`` ``all`` means every subtask,
@@ -357,7 +359,7 @@ def make_pipeline(data_dir: str, tasks: str | Iterable[str], split: str = "train
         ds = _built_records(data_dir, tasks, split, seed, shuffle, num_epochs, weights, shard_index, shard_count)
     random_crop = shuffle if random_crop is None else random_crop
     ds = ds.random_map(Prepare(height, width, random_crop, include_rgba, crop), seed=seed + 1)
-    cache, encoder = _text_source(data_dir, text_cache, text_encoders)
+    cache, encoder = _text_source(data_dir, text_cache, text_encoders, text_quantize)
     if cache is not None:
         ds = ds.map(AttachText(cache))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
@@ -410,12 +412,12 @@ def _procedural_records(tasks: list[str], split: str, height: int, width: int, s
     return (ds.shuffle(seed=seed) if shuffle else ds).repeat(None)
 
 
-def _text_source(data_dir: str, cache: str | None, encoders: str | None):
+def _text_source(data_dir: str, cache: str | None, encoders: str | None, quantize: str = ""):
     """(TextCache or None, TextEncoder or None) for make_pipeline."""
     if encoders:
         if cache not in (None, "auto"):
             raise ValueError("give text_cache or text_encoders, not both")
-        return None, tc.TextEncoder(encoders)
+        return None, tc.TextEncoder(encoders, quantize=quantize)
     if cache == "auto":
         auto = tc.default_cache_dir(data_dir)
         return (tc.TextCache(auto) if os.path.isfile(os.path.join(auto, tc.INDEX_FILE)) else None), None

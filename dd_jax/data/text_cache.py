@@ -69,14 +69,19 @@ class TextEncoder:
 
     Prompts go through in fixed-size batches (one compilation); results are
     memoized by prompt. Loading is lazy, so the object pickles cheaply
-    (Grain worker processes load their own copy).
+    (Grain worker processes load their own copy). `quantize` ("int8", "fp8",
+    "int4"; "" none) stores T5's block weights quantized as they are read
+    (`dd_jax.quantize.load_t5`); CLIP, small, stays as it is.
     """
 
     def __init__(self, path: str, *, batch_size: int = 8, dtype: str | None = None, max_length: int | None = None,
-                 memo: int = 4096):
+                 memo: int = 4096, quantize: str = ""):
+        from dd_jax import quantize as quantize_lib
+
         self.path = os.fspath(path)
         find_encoders(self.path)  # fail early, with the fix in the message
         self.batch_size, self.dtype, self.max_length, self.memo = int(batch_size), dtype, max_length, int(memo)
+        self.quantize = quantize_lib.check(quantize)
         self._loaded = None
         self._memo: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -86,7 +91,13 @@ class TextEncoder:
     def _load(self):
         if self._loaded is None:
             t5_dir, clip_dir = find_encoders(self.path)
-            t5_model, clip_model = t5.load(t5_dir, self.dtype), clip.load(clip_dir, self.dtype)
+            if self.quantize:
+                from dd_jax import quantize as quantize_lib
+
+                t5_model = quantize_lib.load_t5(t5_dir, self.quantize, self.dtype)
+            else:
+                t5_model = t5.load(t5_dir, self.dtype)
+            clip_model = clip.load(clip_dir, self.dtype)
 
             @nnx.jit
             def run(t5_m, clip_m, t5_ids, clip_ids):
