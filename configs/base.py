@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     #                  to lower ahead of time for another platform (attention kernels depend on it)
     m.scan_layers = False  # stack blocks and run them with nnx.scan (one compiled block)
     m.remat = "none"  # per-block rematerialisation policy (dd_jax.models.flux.REMAT_POLICIES)
+    m.rope_in_norm = True  # RoPE inside the q/k RMSNorm's float32 pass (False: after it, as BFL's code orders it)
     m.quantize = ""  # "int8" | "fp8" | "int4": frozen base (LoRA) and T5 weight-only quantized (dd_jax.quantize)
 
     c.lora = lo = ml_collections.ConfigDict()
@@ -123,4 +124,5 @@ def get_config() -> ml_collections.ConfigDict:
     s.steps = 28  # the guidance-embedding input while sampling is train.guidance (decompose --guidance overrides)
     s.prompt = ""  # T5/CLIP prompt for decomposition ("" = the task's, dd_jax.data.blend.task_prompt)
     s.tile = False  # decompose at native resolution in overlapping working-size tiles (dd_jax.inference)
+    s.merge_lora = True  # fold LoRA into a float base before sampling: one matmul a projection (system.for_sampling)
     return c

@@ -188,7 +188,7 @@ def build_model(config: ml_collections.ConfigDict, *, seed: int | None = None, l
     param_dtype = jnp.dtype(mc.param_dtype)
     compute = jnp.dtype(mc.compute_dtype) if mc.compute_dtype else None
     layout = dict(attention_impl=mc.attention, scan_layers=mc.scan_layers, remat=mc.remat,
-                  platform=mc.platform or None)  # "" = the current backend
+                  platform=mc.platform or None, rope_in_norm=mc.rope_in_norm)  # platform "" = the current backend
     checkpoint, ae_path = weight_paths(config) if load_weights else ("", "")
     base_q = frozen_quantization(config)
     if checkpoint:
@@ -266,6 +266,22 @@ def build(config: ml_collections.ConfigDict, *, seed: int | None = None, load_we
     system = wrap(build_model(config, seed=seed, load_weights=load_weights, shardings=shardings), config)
     if encoded is not None:
         system._prompts = encoded
+    return system
+
+
+def for_sampling(system: System) -> System:
+    """The system as decomposition runs it: its transformer quantized as the config (or `quantize.requested`)
+    says (`quantize.quantize_system`), then, with sample.merge_lora (the default), every LoRA adapter over a
+    float base folded into its kernel (`lora.merge_lora`), so each adapted projection is one matmul instead of
+    three and an add. Adapters over a quantized base stay separate. Returns the system (changed in place)."""
+    system = quantize_lib.quantize_system(system)
+    transformer = system.model.transformer
+    if system.config.sample.get("merge_lora", True):
+        float_base = [layer for _, layer in lora.lora_layers(transformer)
+                      if not hasattr(layer.kernel, "matmul")]  # a QKernel (quantized base) has a matmul
+        if float_base and len(float_base) == len(lora.lora_layers(transformer)):
+            lora.merge_lora(transformer)
+            sampling.forget(transformer)  # its structure changed
     return system
 
 

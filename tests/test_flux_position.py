@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import flux_reference as fr
 import numpy as np
+import pytest
 from safetensors.numpy import save_file
 from tolerance import rel_err
 
@@ -52,11 +53,13 @@ def _check(errs):
     assert errs["theta_x2"] >= MISS and errs["swapped_axes"] >= MISS, errs
 
 
-def test_diffusers_folder_parity_sees_position(tmp_path, monkeypatch):
+@pytest.mark.parametrize("rope_in_norm", [True, False])  # RoPE inside the q/k norm's pass (default), or after
+def test_diffusers_folder_parity_sees_position(tmp_path, monkeypatch, rope_in_norm):
     model = fr.make_diffusers_flux(guidance=True, seed=0, qk_scale=fr.PEAKED_QK)
     model.save_pretrained(tmp_path / "transformer")
     assert convert.main(["--source", str(tmp_path / "transformer"), "--output", str(tmp_path / "o"), "--quiet"]) == 0
-    ours = flux.load(str(tmp_path / "o"))
+    ours = flux.load(str(tmp_path / "o"), rope_in_norm=rope_in_norm)
+    assert all(b.rope_in_norm == rope_in_norm for b in list(ours.double_blocks) + list(ours.single_blocks))
     x = _inputs()
     ref = fr.diffusers_forward(model, x)
     assert ref.shape == (2, fr.GRID[0] * fr.GRID[1], 16)

@@ -125,7 +125,7 @@ def _stack(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nn
 class Flux(nnx.Module):
     def __init__(self, params: FluxParams, *, rngs: nnx.Rngs, param_dtype: DTypeLike = jnp.float32,
                  dtype: DTypeLike | None = None, attention_impl: str = "xla", scan_layers: bool = False,
-                 remat: str = "none", platform: str | None = None):
+                 remat: str = "none", platform: str | None = None, rope_in_norm: bool = True):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
         if attention_impl not in layers.ATTENTION_IMPLEMENTATIONS:
@@ -146,9 +146,9 @@ class Flux(nnx.Module):
         self.guidance_in = layers.MLPEmbedder(256, h, prec, rngs) if params.guidance_embed else None
         self.txt_in = layers.linear(params.context_in_dim, h, prec, rngs, axes=("input", "embed"))
         double = lambda r: layers.DoubleStreamBlock(h, params.num_heads, params.mlp_ratio, params.qkv_bias, prec, r,
-                                                    attention_impl, platform)
+                                                    attention_impl, platform, rope_in_norm)
         single = lambda r: layers.SingleStreamBlock(h, params.num_heads, params.mlp_ratio, prec, r, attention_impl,
-                                                    platform)
+                                                    platform, rope_in_norm)
         if self.scan_layers:
             self.double_blocks = _stack(double, params.depth, rngs)
             self.single_blocks = _stack(single, params.depth_single_blocks, rngs)
@@ -222,11 +222,12 @@ class Flux(nnx.Module):
 
 def abstract(params: FluxParams, *, param_dtype: DTypeLike = jnp.float32,
              dtype: DTypeLike | None = None, attention_impl: str = "xla",
-             scan_layers: bool = False, remat: str = "none", platform: str | None = None) -> Flux:
+             scan_layers: bool = False, remat: str = "none", platform: str | None = None,
+             rope_in_norm: bool = True) -> Flux:
     """The model's structure, shapes and dtypes, with no memory allocated."""
     return nnx.eval_shape(lambda: Flux(params, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype,
                                        attention_impl=attention_impl, scan_layers=scan_layers, remat=remat,
-                                       platform=platform))
+                                       platform=platform, rope_in_norm=rope_in_norm))
 
 
 def _flat_paths(module: nnx.Module) -> list[tuple[str, tuple[int, ...]]]:
@@ -302,7 +303,7 @@ def adaln_zero(model: Flux) -> Flux:
 def load(path: str, dtype: DTypeLike | None = None, *, compute_dtype: DTypeLike | None = None,
          attention_impl: str = "xla", shardings: Shardings | None = None,
          scan_layers: bool = False, remat: str = "none", platform: str | None = None,
-         convert: Convert | None = None) -> Flux:
+         convert: Convert | None = None, rope_in_norm: bool = True) -> Flux:
     """Loads a converted checkpoint (`scripts/convert_flux.py` output) into either layout.
 
     `dtype` is the parameter dtype (default: as stored); `compute_dtype`
@@ -314,6 +315,6 @@ def load(path: str, dtype: DTypeLike | None = None, *, compute_dtype: DTypeLike 
     """
     build = lambda cfg, pd: abstract(FluxParams.from_dict(cfg), param_dtype=pd, dtype=compute_dtype,
                                      attention_impl=attention_impl, scan_layers=scan_layers, remat=remat,
-                                     platform=platform)
+                                     platform=platform, rope_in_norm=rope_in_norm)
     return store.load_model(path, "flux", build, dtype, shardings=shardings, stacked=stacked_sources,
                             convert=convert)

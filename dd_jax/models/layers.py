@@ -72,8 +72,9 @@ def embed_nd(ids: Array, axes_dim: Sequence[int], theta: float) -> Array:
     return jnp.concatenate([rope(ids[..., i], d, theta) for i, d in enumerate(axes_dim)], axis=-3)
 
 
-def apply_rope(x: Array, pe: Array) -> Array:
-    """Rotates interleaved pairs of x [B, L, H, D] by pe [B, L, D/2, 2, 2] in float32.
+def apply_rope(x: Array, pe: Array, dtype: DTypeLike | None = None) -> Array:
+    """Rotates interleaved pairs of x [B, L, H, D] by pe [B, L, D/2, 2, 2] in float32; the result in `dtype`
+    (default x's).
 
     Written with the cos/sin planes (pe = [[cos, -sin], [sin, cos]]) rather than as a product with
     the 2x2 matrices: the same numbers, but no size-2 reductions in the backward pass.
@@ -82,7 +83,7 @@ def apply_rope(x: Array, pe: Array) -> Array:
     x0, x1 = xf[..., 0], xf[..., 1]
     cos, sin = pe[:, :, None, :, 0, 0], pe[:, :, None, :, 1, 0]  # broadcast over heads
     out = jnp.stack([cos * x0 + pe[:, :, None, :, 0, 1] * x1, sin * x0 + pe[:, :, None, :, 1, 1] * x1], axis=-1)
-    return out.reshape(x.shape).astype(x.dtype)
+    return out.reshape(x.shape).astype(dtype or x.dtype)
 
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash", "auto")
@@ -203,7 +204,7 @@ def _xla_attention_bwd(res, g):
 xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
 
 
-def attention(q: Array, k: Array, v: Array, pe: Array, *, implementation: str | None = "xla",
+def attention(q: Array, k: Array, v: Array, pe: Array | None, *, implementation: str | None = "xla",
               sharding: ActivationSharding | None = None, platform: str | None = None) -> Array:
     """Self-attention with RoPE. q, k, v: [B, L, H, D] -> [B, L, H*D].
 
@@ -212,10 +213,12 @@ def attention(q: Array, k: Array, v: Array, pe: Array, *, implementation: str | 
     16-bit inputs), "splash" (Pallas splash attention on TPU; interpret mode
     on other backends, for tests), "auto" (see `resolve_attention`). `platform` is the
     platform the code is traced for (None: the current backend; a model passes its own).
+    `pe` None: q and k are rotated already (`QKNorm` with `pe`, the blocks' default).
     """
     platform = platform_or_default(platform)
-    impl = resolve_attention(implementation, q.dtype, platform)
-    q, k = apply_rope(q, pe), apply_rope(k, pe)
+    impl = resolve_attention(implementation, v.dtype, platform)
+    if pe is not None:
+        q, k = apply_rope(q, pe), apply_rope(k, pe)
     q, k, v = (constrain(x, ACT_HEADS, sharding) for x in (q, k, v))
     q, k, v = checkpoint_name(q, "qkv"), checkpoint_name(k, "qkv"), checkpoint_name(v, "qkv")
     if impl == "splash":
@@ -312,8 +315,13 @@ class QKNorm(nnx.Module):
         self.query_norm = RMSNorm(dim, prec)
         self.key_norm = RMSNorm(dim, prec)
 
-    def __call__(self, q: Array, k: Array, v: Array) -> tuple[Array, Array]:
-        return self.query_norm(q).astype(v.dtype), self.key_norm(k).astype(v.dtype)
+    def __call__(self, q: Array, k: Array, v: Array, pe: Array | None = None) -> tuple[Array, Array]:
+        """The normalised q and k in v's dtype; with `pe`, also rotated (RoPE) while still in float32: one
+        elementwise pass and one rounding instead of a rounding, a concatenation and a second float32 pass."""
+        q, k = self.query_norm(q), self.key_norm(k)
+        if pe is None:
+            return q.astype(v.dtype), k.astype(v.dtype)
+        return apply_rope(q, pe, v.dtype), apply_rope(k, pe, v.dtype)
 
 
 class SelfAttention(nnx.Module):
@@ -325,15 +333,15 @@ class SelfAttention(nnx.Module):
         self.norm = QKNorm(dim // num_heads, prec)
         self.proj = linear(dim, dim, prec, rngs, axes=("heads", "embed"))
 
-    def qkv_heads(self, x: Array) -> tuple[Array, Array, Array]:
-        return split_qkv(checkpoint_name(self.qkv(x), "proj"), self.num_heads, self.norm)
+    def qkv_heads(self, x: Array, pe: Array | None = None) -> tuple[Array, Array, Array]:
+        return split_qkv(checkpoint_name(self.qkv(x), "proj"), self.num_heads, self.norm, pe)
 
 
-def split_qkv(qkv: Array, num_heads: int, norm: QKNorm) -> tuple[Array, Array, Array]:
-    """[B, L, 3*H*D] -> normalised q, k and v, each [B, L, H, D]."""
+def split_qkv(qkv: Array, num_heads: int, norm: QKNorm, pe: Array | None = None) -> tuple[Array, Array, Array]:
+    """[B, L, 3*H*D] -> normalised (with `pe`: and rotated) q, k and v, each [B, L, H, D]."""
     b, n, _ = qkv.shape
     q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, num_heads, -1), 2, 0)
-    q, k = norm(q, k, v)
+    q, k = norm(q, k, v, pe)
     return q, k, v
 
 
@@ -384,10 +392,11 @@ def mlp(layers: nnx.List, x: Array) -> Array:
 
 class DoubleStreamBlock(nnx.Module):
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, prec: Precision,
-                 rngs: nnx.Rngs, attention_impl: str = "xla", platform: str | None = None):
+                 rngs: nnx.Rngs, attention_impl: str = "xla", platform: str | None = None, rope_in_norm: bool = True):
         mlp_hidden = int(hidden_size * mlp_ratio)
         self.num_heads = num_heads
         self.attention_impl = attention_impl
+        self.rope_in_norm = bool(rope_in_norm)  # RoPE inside the q/k norm's float32 pass (QKNorm), per stream
         self.platform = platform_or_default(platform)
         self.activation_sharding = None  # set by dd_jax.sharding.shard_model
         self.img_mod = Modulation(hidden_size, True, prec, rngs)
@@ -403,13 +412,14 @@ class DoubleStreamBlock(nnx.Module):
         img, txt = constrain(img, ACT_EMBED, sh), constrain(txt, ACT_EMBED, sh)
         img_mod1, img_mod2 = modulations(self.img_mod, vec, vec_cond, img_cond_mask)
         txt_mod1, txt_mod2 = self.txt_mod(vec)
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, img_mod1))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, txt_mod1))
+        n_txt = txt.shape[1]
+        pe_txt, pe_img, pe_joint = (pe[:, :n_txt], pe[:, n_txt:], None) if self.rope_in_norm else (None, None, pe)
+        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, img_mod1), pe_img)
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, txt_mod1), pe_txt)
         q = jnp.concatenate([txt_q, img_q], axis=1)
         k = jnp.concatenate([txt_k, img_k], axis=1)
         v = jnp.concatenate([txt_v, img_v], axis=1)
-        attn = attention(q, k, v, pe, implementation=self.attention_impl, sharding=sh, platform=self.platform)
-        n_txt = txt.shape[1]
+        attn = attention(q, k, v, pe_joint, implementation=self.attention_impl, sharding=sh, platform=self.platform)
         txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
         img = img + img_mod1.gate * checkpoint_name(self.img_attn.proj(img_attn), "proj")
         img = img + img_mod2.gate * mlp(self.img_mlp, modulate(img, img_mod2))
@@ -422,10 +432,11 @@ class SingleStreamBlock(nnx.Module):
     """Parallel attention + MLP block (`linear1` fused qkv+mlp-in, `linear2` fused out)."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, prec: Precision, rngs: nnx.Rngs,
-                 attention_impl: str = "xla", platform: str | None = None):
+                 attention_impl: str = "xla", platform: str | None = None, rope_in_norm: bool = True):
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.attention_impl = attention_impl
+        self.rope_in_norm = bool(rope_in_norm)  # RoPE inside the q/k norm's float32 pass (QKNorm)
         self.platform = platform_or_default(platform)
         self.activation_sharding = None  # set by dd_jax.sharding.shard_model
         self.mlp_hidden = int(hidden_size * mlp_ratio)
@@ -441,8 +452,9 @@ class SingleStreamBlock(nnx.Module):
         (mod,) = modulations(self.modulation, vec, vec_cond, cond_mask)
         h = checkpoint_name(self.linear1(modulate(x, mod)), "proj")
         qkv, mlp = jnp.split(h, [3 * self.hidden_size], axis=-1)  # (its transpose is one concatenate)
-        q, k, v = split_qkv(qkv, self.num_heads, self.norm)
-        attn = attention(q, k, v, pe, implementation=self.attention_impl, sharding=sh, platform=self.platform)
+        q, k, v = split_qkv(qkv, self.num_heads, self.norm, pe if self.rope_in_norm else None)
+        attn = attention(q, k, v, None if self.rope_in_norm else pe, implementation=self.attention_impl,
+                         sharding=sh, platform=self.platform)
         mlp = checkpoint_name(mlp, "mlp_hidden")
         out = checkpoint_name(self.linear2(jnp.concatenate([attn, gelu(mlp)], axis=-1)),
                               "proj")
