@@ -126,6 +126,7 @@ from dd_jax import (
     outdir,
     psd_layers,
     quantize as quantize_lib,
+    system as system_lib,
 )
 from dd_jax.data import blend, images
 
@@ -214,6 +215,11 @@ class NameRefused(ValueError):
 
 class WriteError(ValueError):
     """An output could not be written (e.g. the disk is full); what was written before is kept."""
+
+
+class Stopped(Exception):
+    """Raised by a `run(progress=...)` callback to stop the run between two batches of tiles, as Ctrl-C does:
+    what was written is kept, with its sidecar, and `run` raises Interrupted (the app's Stop button)."""
 
 
 def pass_tasks(task: str | list | tuple | None, passes: int) -> list[str | None]:
@@ -346,12 +352,15 @@ def write_sidecar(output: str, report: dict) -> str:
 
 
 class _Progress:
-    """One stderr line per image: tiles done / total, redrawn in place on a terminal."""
+    """One stderr line per image: tiles done / total, redrawn in place on a terminal; and `hook(label, done,
+    total)` (run's `progress`) after every batch, the task choice's included."""
 
-    def __init__(self, t0: float):
-        self.t0, self.tty = t0, sys.stderr.isatty()
+    def __init__(self, t0: float, hook: Callable[[str, int, int], None] | None = None):
+        self.t0, self.tty, self.hook = t0, sys.stderr.isatty(), hook
 
     def __call__(self, tag, done: int, total: int) -> None:
+        if self.hook is not None:
+            self.hook(tag[1], done, total)
         if self.tty and done < total:
             print(f"\r  {tag[1]}: {done}/{total} tiles ({time.time() - self.t0:.1f}s)", end="", file=sys.stderr,
                   flush=True)
@@ -493,16 +502,18 @@ class _Job:
     layers once its last pass is done (with --select recompose: once all its samples are), `report` the sidecar."""
 
     def __init__(self, system, head, s: _Settings, names: _Names, output: str, files: list[str],
-                 index: dict[str, int], protected: set[str], overwrite: bool):
+                 index: dict[str, int], protected: set[str], overwrite: bool,
+                 progress: Callable[[str, int, int], None] | None = None):
         self.system, self.head, self.s, self.names, self.output = system, head, s, names, output
         self.files, self.index, self.protected, self.overwrite = files, index, protected, overwrite
         self.skipped: list[str] = []
+        self.skip_messages: dict[str, str] = {}  # input -> why it was skipped (the line printed)
         self.written = 0
         self.tasks_used: dict[str, str] = {}
         self.done: list[str] = []  # files written
         self.records: list[dict] = []  # the sidecar's, one per output
         self.t0 = time.time()
-        self.progress = _Progress(self.t0)
+        self.progress = _Progress(self.t0, progress)
         self.key = jax.random.key(s.seed)
         self.auto_key = jax.random.fold_in(self.key, 2**31 - 1)  # task choice: its own noise
         # Pass p > 1 of an input decomposes the 8-bit background its pass p - 1 wrote: queued here when that pass
@@ -524,16 +535,19 @@ class _Job:
                   f"{stem}_... (the sidecar maps the input to them)", file=sys.stderr)
 
     # ---- reading the inputs
-    def pick_task(self, p: int, path: str, img: np.ndarray, choice_key) -> tuple[str, str]:
+    def pick_task(self, p: int, path: str, img: np.ndarray, choice_key, label: str) -> tuple[str, str]:
         """Pass p's task and how it was chosen: --task's entry, else (pass 1) the file name, else automatic."""
         s = self.s
         t, how = s.per_pass[p - 1], "--task"
         if t is None and p == 1:
             t, how = task_from_name(path), "file name"
         if t is None:
+            hook = self.progress.hook
             t, scores = inference.choose_task(self.system, img, steps=s.steps, key=choice_key,
                                               batch_size=s.batch_size, guidance=s.guidance, prompt=s.prompt,
-                                              head=self.head)
+                                              head=self.head, progress=None if hook is None else (
+                                                  lambda done, total: hook(f"{label}, choosing the task", done,
+                                                                           total)))
             how = "chosen automatically: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
         return t, how
 
@@ -548,10 +562,10 @@ class _Job:
         while True:
             while self.next_passes:
                 path, name, n, k, p, img = self.next_passes.popleft()
-                t, how = self.pick_task(p, path, img, jax.random.fold_in(jax.random.fold_in(self.auto_key, n),
-                                                                        1000 * p + k))
-                self.how_chosen[path, k, p] = how
                 label = f"{name}, pass {p}" + (f", sample {k}" if s.num_samples > 1 else "")
+                t, how = self.pick_task(p, path, img, jax.random.fold_in(jax.random.fold_in(self.auto_key, n),
+                                                                        1000 * p + k), label)
+                self.how_chosen[path, k, p] = how
                 self.announce(label, img, t, how)
                 yield (path, label, k, t, p), img, t
             nxt = next(file_iter, None)
@@ -562,16 +576,22 @@ class _Job:
                 check_size(path, s.mode, s.max_pixels, fmt=s.fmt, passes=s.passes, held=s.num_samples - s.kept + 1)
                 img = read_rgb(path)
             except Exception as e:  # unreadable file: report and go on
-                self.skipped.append(path)
-                print(f"skipping {path}: {e}", file=sys.stderr)
+                self.skip(path, e)
                 continue
-            t, how = self.pick_task(1, path, img, jax.random.fold_in(self.auto_key, n))
             name = os.path.basename(path)
             label = name if s.passes == 1 else f"{name}, pass 1"
+            t, how = self.pick_task(1, path, img, jax.random.fold_in(self.auto_key, n), label)
             self.announce(label, img, t, how)
             for k in range(s.num_samples):
                 self.how_chosen[path, k, 1] = how
                 yield (path, label, k, t, 1), img, t
+
+    def skip(self, path: str, e: Exception) -> None:
+        """An input left out (unreadable, too large, a name refused): one line, and the batch goes on."""
+        if path not in self.skipped:
+            self.skipped.append(path)
+        self.skip_messages[path] = str(e)
+        print(f"skipping {path}: {e}", file=sys.stderr)
 
     # ---- the model, in rounds of passes
     def decompose(self) -> bool:
@@ -595,7 +615,7 @@ class _Job:
         except inference.NonFiniteOutput as e:  # a broken model: stop rather than write black layers
             raise ValueError(f"{e}; stopped: the {len(self.done)} file(s) written before ({self.written} "
                              f"decomposition(s)) are kept in {self.output}") from e
-        except KeyboardInterrupt:  # Ctrl-C: what is written is whole (write_files); its sidecar is written after
+        except (KeyboardInterrupt, Stopped):  # Ctrl-C, or Stop: what is written is whole; its sidecar comes after
             if self.progress.tty:
                 print(file=sys.stderr)  # end the progress line
             return True
@@ -638,9 +658,7 @@ class _Job:
             try:
                 self.save(files)
             except NameRefused as e:  # this input only: reported, skipped; the batch goes on
-                if path not in self.skipped:
-                    self.skipped.append(path)
-                print(f"skipping {path}: {e}", file=sys.stderr)
+                self.skip(path, e)
                 continue
             self.records.append(record)
             self.tasks_used[path] = record["task"]
@@ -731,36 +749,61 @@ class _Job:
         return sidecar
 
 
+@dataclasses.dataclass
+class Model:
+    """A loaded model, what `run` decomposes with: `load_model` makes one (the app keeps one for every request)."""
+    system: object  # dd_jax.system.System
+    head: inference.TaskHead | None  # the automatic task choice's calibration (None: uncalibrated)
+    path: str  # the model folder or training workdir it came from (the sidecar's `checkpoint`)
+
+
+def load_model(checkpoint: str | None = None, config_file: str | None = None, quantize: str | None = None) -> Model:
+    """The model of `checkpoint` (default: the shipped model) with `config_file` overriding its settings and its
+    weights stored as `quantize` says, and its task head."""
+    path = checkpoint or checkpoints.DEFAULT_MODEL
+    config = config_lib.load_config_file(config_file) if config_file else None
+    with quantize_lib.requested(quantize):  # a LoRA base quantized as it loads, a model trained in full after
+        system = system_lib.for_sampling(checkpoints.load_trained(path, config,
+                                                                   config_source=f"--config {config_file}"))
+    return Model(system, inference.load_task_head(path), path)  # head None: uncalibrated task choice
+
+
 def run(inputs: list[str], output: str, checkpoint: str | None = None, config_file: str | None = None,
         task: str | None = None, steps: int | None = None, seed: int = 0, num_samples: int = 1,
         batch_size: int = 16, guidance: float | None = None, detail_transfer: bool = True,
         prompt: str | None = None, mode: str | None = None, overlap: int | None = None,
         overwrite: bool = False, fmt: str = "png", select: str = "all", passes: int = 1,
         max_pixels: int | None = None,
-        skip_existing: bool = False, quantize: str | None = None) -> dict:
+        skip_existing: bool = False, quantize: str | None = None, model: Model | None = None,
+        progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Decomposes `inputs` into `output` (see the module docstring); returns a summary with `written`
-    (decompositions), `files` (written), `skipped` (unreadable inputs), `already_done` (with `skip_existing`: the
-    inputs whose outputs all exist, left alone), `tasks`, `images` (the sidecar's per-output records) and `sidecar`
-    (its path; None when there was nothing to do). `task`: one task, or one per pass (a comma list or a list;
-    `auto` or None: from the file name for pass 1, else chosen automatically). Raises ValueError (one line) for
-    bad arguments or outputs that exist (without `overwrite`), WriteError when a write fails, Interrupted (after
-    writing the sidecar of what was done) on Ctrl-C while decomposing. An input larger than `max_pixels`, or
-    without it than the memory available allows (`check_size`), is skipped before it is decoded.
+    (decompositions), `files` (written), `skipped` (unreadable inputs) and `skip_messages` (input -> the line
+    saying why), `already_done` (with `skip_existing`: the inputs whose outputs all exist, left alone), `tasks`,
+    `images` (the sidecar's per-output records) and `sidecar` (its path; None when there was nothing to do).
+    `task`: one task, or one per pass (a comma list or a list; `auto` or None: from the file name for pass 1, else
+    chosen automatically). Raises ValueError (one line) for bad arguments or outputs that exist (without
+    `overwrite`), WriteError when a write fails, Interrupted (after writing the sidecar of what was done) on
+    Ctrl-C while decomposing. An input larger than `max_pixels`, or without it than the memory available allows
+    (`check_size`), is skipped before it is decoded.
+
+    `model`: loaded already (`load_model`), instead of `checkpoint`, `config_file` and `quantize`.
+    `progress(label, done, total)`: called after every batch of tiles for each input it touched (tiles done of
+    the input's total; while a task is chosen automatically, its probes); raising `Stopped` in it stops the run
+    as Ctrl-C does (Interrupted).
 
     Stages: the arguments (`_check_arguments`), the inputs and the output folder, the model and the settings
     it implies (`_Settings`), the output names and what is there already (`_Names`), then the decomposition,
     its files and sidecar (`_Job`)."""
+    if model is not None and (checkpoint or config_file or quantize):
+        raise ValueError("run: pass a loaded model or checkpoint / config_file / quantize, not both")
     per_pass = _check_arguments(task, steps, num_samples, batch_size, mode, fmt, select, passes, max_pixels)
     outdir.check_folder(output)
     files = list_inputs(inputs)
     if not files:
         raise ValueError(f"no image files in {', '.join(inputs)} ({', '.join(IMAGE_EXTENSIONS)})")
     with outdir.locked(output, "decompose"):  # until the run ends: one run at a time writes the folder
-        config = config_lib.load_config_file(config_file) if config_file else None
-        with quantize_lib.requested(quantize):  # a LoRA base quantized as it loads, a model trained in full after
-            system = quantize_lib.quantize_system(checkpoints.load_trained(
-                checkpoint or checkpoints.DEFAULT_MODEL, config, config_source=f"--config {config_file}"))
-        head = inference.load_task_head(checkpoint or checkpoints.DEFAULT_MODEL)  # None: uncalibrated task choice
+        model = model or load_model(checkpoint, config_file, quantize)
+        system = model.system
         settings = _Settings.resolve(system, per_pass, steps=steps, mode=mode, overlap=overlap,
                                      detail_transfer=detail_transfer, prompt=prompt, guidance=guidance,
                                      num_samples=num_samples, select=select, passes=passes, fmt=fmt, seed=seed,
@@ -774,18 +817,19 @@ def run(inputs: list[str], output: str, checkpoint: str | None = None, config_fi
                   file=sys.stderr)
         if not files:
             print("nothing to do", file=sys.stderr)
-            return {"written": 0, "files": [], "skipped": [], "already_done": already_done, "output": output,
-                    "tasks": {}, "images": [], "sidecar": None}
-        job = _Job(system, head, settings, names, output, files, index, protected, overwrite)
+            return {"written": 0, "files": [], "skipped": [], "skip_messages": {}, "already_done": already_done,
+                    "output": output, "tasks": {}, "images": [], "sidecar": None}
+        job = _Job(system, model.head, settings, names, output, files, index, protected, overwrite, progress)
         job.announce_start()
         interrupted = job.decompose()
-        sidecar = job.report(checkpoint, already_done, interrupted)
+        sidecar = job.report(model.path, already_done, interrupted)
         if interrupted:
             raise Interrupted(f"interrupted: {job.written} decomposition(s) written to {output} are kept (sidecar "
                               f"{os.path.basename(sidecar)}); to finish the rest, rerun the same command with "
                               f"--skip-existing")
-        return {"written": job.written, "files": job.done, "skipped": job.skipped, "already_done": already_done,
-                "output": output, "tasks": job.tasks_used, "images": job.records, "sidecar": sidecar}
+        return {"written": job.written, "files": job.done, "skipped": job.skipped,
+                "skip_messages": job.skip_messages, "already_done": already_done, "output": output,
+                "tasks": job.tasks_used, "images": job.records, "sidecar": sidecar}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -55,7 +55,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dd_jax import checkpoints, cli, config as config_lib, hostmem, inference, metrics, outdir, quantize as quantize_lib
+from dd_jax import (
+    checkpoints,
+    cli,
+    config as config_lib,
+    hostmem,
+    inference,
+    metrics,
+    outdir,
+    quantize as quantize_lib,
+    system as system_lib,
+)
 from dd_jax.data import pipeline
 from dd_jax.metrics import fid, lpips, protocols, report as report_lib
 from dd_jax.metrics.frechet import frechet_distance, gaussian_statistics
@@ -326,7 +336,7 @@ def run(data_dir: str, output: str, checkpoint: str | None = None, *, tasks: str
         checkpoint = checkpoint or checkpoints.DEFAULT_MODEL
         config = config_lib.load_config_file(config_file) if config_file else None
         with quantize_lib.requested(quantize):  # a LoRA base quantized as it loads, a model trained in full after
-            system = quantize_lib.quantize_system(checkpoints.load_trained(checkpoint, config,
+            system = system_lib.for_sampling(checkpoints.load_trained(checkpoint, config,
                                                                            config_source=f"--config {config_file}"))
         cfg = system.config
         steps = cfg.sample.steps if steps is None else steps

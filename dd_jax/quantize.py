@@ -298,7 +298,9 @@ def quantize_system(system: Any) -> Any:
     quantized as it loaded (nothing left to do). Returns the system. Decompose and evaluate load with
 
         with quantize.requested(qtype):
-            system = quantize.quantize_system(checkpoints.load_trained(path, config))
+            system = dd_jax.system.for_sampling(checkpoints.load_trained(path, config))
+
+    (`for_sampling` calls this, then merges LoRA into a float base.)
     """
     q = configured(system.config)
     if q and quantize_module(system.model.transformer, q, FLUX_TARGETS):

@@ -99,3 +99,40 @@ def test_train_step_touches_only_lora_and_fits_a_batch():
     changed = [not np.array_equal(a, b) for a, b in
                zip(jax.tree.leaves(lora_before), jax.tree.leaves(jax.tree.map(np.array, nnx.state(m, nnx.LoRAParam))))]
     assert all(changed)
+
+
+def _lora_system(**sample):
+    from configs import tiny
+    from dd_jax import system as system_lib
+
+    c = tiny.get_config()
+    c.model.params = dict(c.model.params, hidden_size=32, num_heads=2, depth=1, depth_single_blocks=1,
+                          vec_in_dim=16, context_in_dim=16, axes_dim=(4, 6, 6))
+    c.model.init = "default"
+    c.lora.enabled, c.lora.rank, c.lora.alpha = True, 4, 4.0
+    c.text.length = 3
+    c.data.height = c.data.width = 32
+    c.sample.update(sample)
+    system = system_lib.build(c)
+    _randomize_b(system.model.transformer)
+    return system
+
+
+def test_for_sampling_merges_lora_into_a_float_base_only():
+    from dd_jax import quantize, system as system_lib
+
+    composite = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, 32, 32, 3)), jnp.float32)
+    run = lambda s: system_lib.decompose(s, composite, jnp.array([1]), jax.random.key(0), 2)
+    system = _lora_system()
+    before = run(system)
+    n_adapted = len(lora.lora_layers(system.model.transformer))
+    assert n_adapted > 0
+    system_lib.for_sampling(system)
+    assert not lora.lora_layers(system.model.transformer)  # each projection one matmul now
+    for name, img in run(system).items():  # the sampler's cached split was dropped: it runs the merged model
+        assert_close(img, before[name], 1e-5, f"merged {name}")
+    kept = _lora_system(merge_lora=False)
+    assert len(lora.lora_layers(system_lib.for_sampling(kept).model.transformer)) == n_adapted
+    with quantize.requested("int8"):  # adapters over a quantized base stay separate
+        q = system_lib.for_sampling(_lora_system())
+    assert len(lora.lora_layers(q.model.transformer)) == n_adapted and quantize.quantized_paths(q.model.transformer)
