@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.scan_layers = False  # stack blocks and run them with nnx.scan (one compiled block)
     m.remat = "none"  # per-block rematerialisation policy (dd_jax.models.flux.REMAT_POLICIES)
     m.rope_in_norm = True  # RoPE inside the q/k RMSNorm's float32 pass (False: after it, as BFL's code orders it)
-    m.quantize = ""  # "int8" | "fp8" | "int4": frozen base (LoRA) and T5 weight-only quantized (dd_jax.quantize)
+    m.quantize = ""  # "int8" | "fp8" | "int4" | "fp8_w8a8": frozen base (LoRA) and T5 quantized (dd_jax.quantize)
 
     c.lora = lo = ml_collections.ConfigDict()
     lo.enabled = True

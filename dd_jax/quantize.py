@@ -3,8 +3,11 @@
 `model.quantize` (configs/base.py) or `--quantize` (decompose, evaluate) is one of
 - `int8`: one float32 scale per output column (absmax), a Linear's kernel stored as int8;
 - `fp8`: the same scales, the kernel as float8_e4m3fn;
-- `int4`: one scale per `INT4_TILE` input rows per output column (subchannel), the kernel as int4.
-Activations stay in the compute dtype: each matmul dequantizes its kernel (`qwix.dot_general`: the
+- `int4`: one scale per `INT4_TILE` input rows per output column (subchannel), the kernel as int4;
+- `fp8_w8a8`: the kernel as `fp8` stores it, and the matmul's input too: each row (token) scaled by its own
+  absmax into float8_e4m3fn as it arrives, so the product is a float8 x float8 matmul (the FP8 tensor cores
+  of an H100/H200/H20: twice the bf16 rate), in the compute dtype. Gradients (QLoRA) take the `fp8` path.
+Otherwise activations stay in the compute dtype: each matmul dequantizes its kernel (`qwix.dot_general`: the
 dequantize fuses into the matmul's operand) and multiplies in the compute dtype. LoRA parameters stay
 float, so QLoRA trains exactly as LoRA does over a quantized base.
 
@@ -53,7 +56,8 @@ if TYPE_CHECKING:
     import ml_collections
     from jax.typing import DTypeLike
 
-QTYPES = ("int8", "fp8", "int4")
+QTYPES = ("int8", "fp8", "int4", "fp8_w8a8")
+ACTIVATIONS_QUANTIZED = ("fp8_w8a8",)  # qtypes whose matmul also quantizes its input
 INT4_TILE = 64  # int4: input rows per scale (the usual group size; flux-dev's widths are multiples of it)
 FLUX_TARGETS: tuple[str, ...] = (r"double_blocks\..*", r"single_blocks\..*")
 T5_TARGETS: tuple[str, ...] = (r"encoder\.block\..*",)
@@ -75,7 +79,8 @@ def check(qtype: str | None) -> str:
 
 
 def storage_dtype(qtype: str) -> jnp.dtype:
-    return {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn), "int4": jnp.dtype(jnp.int4)}[qtype]
+    return {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn), "int4": jnp.dtype(jnp.int4),
+            "fp8_w8a8": jnp.dtype(jnp.float8_e4m3fn)}[qtype]
 
 
 def _tile(rows: int) -> int | None:
@@ -134,6 +139,23 @@ def _qmatmul_bwd(res, g):
 qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
 
 
+@jax.custom_vjp
+def qmatmul_fp8(x: jax.Array, qvalue: jax.Array, scale: jax.Array) -> jax.Array:
+    """x [T, in] @ the float8 kernel (qvalue, scale) as a float8 x float8 matmul: x's rows scaled by their own
+    absmax into float8_e4m3fn (dynamic, per token), the product and both scales applied in x's dtype. The
+    gradient is `qmatmul`'s (x's cotangent through the dequantized kernel)."""
+    q = qwix()
+    xq = q.quantize(x, jnp.float8_e4m3fn, channelwise_axes=(0,))
+    return q.dot_general(xq, q.QArray(qvalue, scale), (((1,), (0,)), ((), ())), preferred_element_type=x.dtype)
+
+
+def _qmatmul_fp8_fwd(x, qvalue, scale):
+    return qmatmul_fp8(x, qvalue, scale), (qvalue, scale)
+
+
+qmatmul_fp8.defvjp(_qmatmul_fp8_fwd, _qmatmul_bwd)
+
+
 def _scale_axes(names: tuple | None) -> tuple | None:
     """The scale's logical axes: the kernel's, with its (tiled or reduced) contracting axis unsharded."""
     if not names:
@@ -143,13 +165,18 @@ def _scale_axes(names: tuple | None) -> tuple | None:
 
 class QKernel(nnx.Module):
     """A Linear's kernel [(layers,) in, out] stored quantized: `qvalue` (int8 / float8 / int4) and float32
-    `scale` ([(layers,) 1 or in / tile, out]), both `QuantizedParam`s."""
+    `scale` ([(layers,) 1 or in / tile, out]), both `QuantizedParam`s. `qtype` (one of QTYPES) also says how
+    it multiplies: `fp8_w8a8` quantizes the input too (`qmatmul_fp8`)."""
 
-    def __init__(self, q: Any, logical_axes: tuple | None = None):
+    def __init__(self, q: Any, logical_axes: tuple | None = None, qtype: str | None = None):
         meta = {LOGICAL_AXES: tuple(logical_axes)} if logical_axes else {}
         smeta = {LOGICAL_AXES: _scale_axes(tuple(logical_axes))} if logical_axes else {}
         self.qvalue = QuantizedParam(q.qvalue, **meta)
         self.scale = QuantizedParam(q.scale, **smeta)
+        stored = next(t for t in QTYPES if storage_dtype(t) == jnp.dtype(q.qvalue.dtype))
+        if qtype is not None and storage_dtype(check(qtype)) != storage_dtype(stored):
+            raise ValueError(f"a kernel stored as {jnp.dtype(q.qvalue.dtype).name} cannot multiply as {qtype}")
+        self._qtype = qtype or stored
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -157,11 +184,13 @@ class QKernel(nnx.Module):
 
     @property
     def qtype(self) -> str:
-        return next(q for q in QTYPES if storage_dtype(q) == jnp.dtype(self.qvalue.dtype))
+        return self._qtype
 
     def matmul(self, x: jax.Array, dtype: DTypeLike) -> jax.Array:
-        """x [T, in] @ kernel -> [T, out] in `dtype` (the kernel dequantized to it inside the matmul)."""
-        return qmatmul(x.astype(dtype), self.qvalue[...], self.scale[...].astype(dtype))
+        """x [T, in] @ kernel -> [T, out] in `dtype` (the kernel dequantized to it inside the matmul; with
+        `fp8_w8a8`, a float8 x float8 matmul)."""
+        fn = qmatmul_fp8 if self._qtype in ACTIVATIONS_QUANTIZED else qmatmul
+        return fn(x.astype(dtype), self.qvalue[...], self.scale[...].astype(dtype))
 
     def dequantize(self, dtype: DTypeLike = jnp.float32) -> jax.Array:
         q = qwix()
@@ -209,7 +238,7 @@ def quantize_module(module: nnx.Module, qtype: str, targets: Sequence[str]) -> l
     for path, node in found:
         value = node.kernel.get_value()
         qa = value if isinstance(value, q.QArray) else quantize_array(value, qtype)
-        kernel = QKernel(qa, node.kernel.get_metadata().get(LOGICAL_AXES))
+        kernel = QKernel(qa, node.kernel.get_metadata().get(LOGICAL_AXES), qtype)
         if isinstance(node, lora.LoRALinear):
             node.kernel = kernel
         else:

@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=text_cache.DTYPES, help="stored precision")
     ap.add_argument("--batch-size", type=int, default=8, help="prompts per encoder call")
     ap.add_argument("--max-length", type=int, default=None, help="T5 tokens (default: the tokenizer folder's)")
-    ap.add_argument("--quantize", default="", choices=["", "none", "int8", "fp8", "int4"],
+    ap.add_argument("--quantize", default="", choices=["", "none", "int8", "fp8", "int4", "fp8_w8a8"],
                     help="T5's block weights stored quantized (qwix, weight-only; docs/quantize.md)")
     ap.add_argument("--prompt", action="append", default=[], help="extra prompt to include (repeatable)")
     args = ap.parse_args(argv)
