@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dd_jax import hostmem, perf
+from dd_jax import hlo_stats, hostmem, perf
 
 if TYPE_CHECKING:
     import jax
@@ -79,6 +79,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--attention", default="xla", help="xla | cudnn | splash | auto")
     ap.add_argument("--remat", default="none", help="a flux.REMAT_POLICIES name")
     ap.add_argument("--scan", action="store_true", help="scanned (stacked) block layout")
+    ap.add_argument("--rope-after-norm", action="store_true",
+                    help="RoPE after the q/k norm's cast (model.rope_in_norm=False), not inside its float32 pass")
     ap.add_argument("--steps", type=int, default=5, help="timed repetitions (median reported)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--against-torch", action="store_true", help="also run diffusers + peft with the same shapes")
@@ -201,7 +203,7 @@ def build_model(args: argparse.Namespace, params: FluxParams) -> Flux:
 
     def make():
         m = flux.Flux(params, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=dtype, attention_impl=args.attention,
-                      scan_layers=args.scan, remat=args.remat)
+                      scan_layers=args.scan, remat=args.remat, rope_in_norm=not args.rope_after_norm)
         lora.apply_lora(m, args.lora_rank, args.lora_rank, rngs=nnx.Rngs(1))
         return m
 
@@ -294,6 +296,7 @@ def run_jax(args: argparse.Namespace, params: FluxParams) -> dict[str, Any]:
         cost = flops_of[name].cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         out[f"{name}_flops"] = float(cost.get("flops", 0.0)) if cost else None
+        out[f"{name}_hlo"] = hlo_stats.of(c)  # the optimized program: bytes accessed, top-level op counts
         mem = c.memory_analysis()
         if mem is not None:
             out[f"{name}_memory"] = {k: int(getattr(mem, k)) for k in (

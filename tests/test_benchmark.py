@@ -47,3 +47,29 @@ def test_compile_only_reports_flops_and_memory(capsys):
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert r["jax"]["train_flops"] > 0 and "unscanned" in r["jax"]["flops_source"]
     assert r["jax"]["train_memory"]["argument_size_in_bytes"] > 0
+    for name in ("train", "sample"):  # the optimized programs' op counts: the CPU-side evidence for a change
+        hlo = r["jax"][f"{name}_hlo"]
+        assert hlo["bytes_accessed"] > 0 and hlo["ops"]["fusion"] > 0 and hlo["kernels"] >= hlo["ops"]["fusion"]
+        assert "parameter" not in hlo["ops"] and hlo["fused"]  # bookkeeping left out; fused bodies counted apart
+    assert r["jax"]["train_hlo"]["kernels"] > r["jax"]["sample_hlo"]["kernels"]
+
+
+def test_hlo_op_counts_split_top_level_from_fused():
+    import jax
+    import jax.numpy as jnp
+
+    from dd_jax import hlo_stats
+
+    def f(a, b):
+        c = jnp.sin(a @ b) * 2.0 + 1.0  # the dot, then one elementwise fusion
+        return c.T.copy(), jnp.concatenate([c, a[:, :3]], axis=1)
+
+    x = jnp.ones((4, 6), jnp.float32)
+    compiled = jax.jit(f).lower(x, jnp.ones((6, 3), jnp.float32)).compile()
+    top, fused = hlo_stats.op_counts(compiled.as_text())
+    assert top["parameter"] == 2 and sum(top.values()) > 2  # the entry's own instructions
+    assert fused["sine"] >= 1 and top["sine"] == 0  # the sine lives inside fusion bodies (XLA may duplicate it)
+    stats = hlo_stats.of(compiled)
+    assert stats["flops"] >= 2 * 4 * 6 * 3 and stats["kernels"] == sum(stats["ops"].values()) > 0
+    table = hlo_stats.compare({"a": stats, "b": {**stats, "flops": 2 * stats["flops"]}}, "a")
+    assert "(2.00x)" in table and table.count("\n") == 3
