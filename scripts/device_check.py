@@ -72,10 +72,10 @@ SECTIONS = (
     ("attention", 45, False),
     ("train_512x512", 120, True),
     ("profile", 70, True),
-    ("sample", 60, True),
+    ("sample", 110, True),
     ("peer_torch", 100, True),
     ("train_512x1024", 100, True),
-    ("quantized", 90, True),
+    ("quantized", 110, True),
     ("train_sweep", 220, True),
 )
 ISOLATED = ("peer_torch",)  # a process of its own, even with --dry (it imports torch, diffusers, peft)
@@ -488,12 +488,25 @@ def section_train(rec: dict, dry: bool, save, size: str, remat: str) -> None:
     rec["pass"] = rec["loss_finite"]
 
 
+# The sampler's variants, timed one after another on the same weights (each changes the model in place, so
+# the order is fixed): the LoRA model as trained (adapters beside the base: the rows before 2026-12 and the
+# peer's setup); folded (what decompose runs: `system.for_sampling` merges LoRA into a float base); folded
+# with RoPE after the q/k norm (model.rope_in_norm=False, the order before 2026-12); folded and fp8_w8a8
+# (float8 weights and activations: a float8 matmul, `dd_jax.quantize`).
+SAMPLE_VARIANTS = ("lora", "merged", "merged_rope_after_norm", "merged_fp8_w8a8")  # --dry too: toy sizes
+
+
 def section_sample(rec: dict, dry: bool, save, remat: str) -> None:
+    """The production sampler (`sampling.sample`, `sample_steps` Euler steps, 512x512 ICD) in each of
+    SAMPLE_VARIANTS: compile time, step time, MFU. The section's own figures (step_s, mfu, ...) are the first
+    variant's, "lora", comparable with earlier runs and the peer; `variants` holds all, with each one's time
+    relative to "lora", and `fastest` names the quickest."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from dd_jax import perf, sampling, system as system_lib
+    from dd_jax import lora, perf, quantize, sampling, system as system_lib
+    from dd_jax.models import flux
 
     s = sizes(dry)
     height, width = s["images"]["512x512"]
@@ -511,33 +524,62 @@ def section_sample(rec: dict, dry: bool, save, remat: str) -> None:
     txt = jax.random.normal(key, (1, s["txt"], params.context_in_dim), dt)
     vec = jax.random.normal(key, (1, params.vec_in_dim), dt)
     steps = s["sample_steps"]
-    args = (system.model.transformer, system.spec, cond, txt, vec, key, (h, w), steps, system.guidance)
+    tr = system.model.transformer
     reading = system.output_reading()
-    t0 = time.perf_counter()
-    compiled = sampling.lower_sample(*args, **reading).compile()
-    rec["compile_s"] = time.perf_counter() - t0
-    rec["xla_memory"] = memory_facts(compiled)
-    del compiled
-    t0 = time.perf_counter()
-    out = jax_block(sampling.sample(*args, **reading))
-    rec["first_call_s"] = time.perf_counter() - t0
-    times = []
-    for _ in range(2 if dry else 3):
-        t0 = time.perf_counter()
-        out = jax_block(sampling.sample(*args, **reading))
-        times.append(time.perf_counter() - t0)
     n_img = n * len(system.spec.layers)
-    flops = perf.flux_step_flops(params, batch=1, img_tokens=n_img, txt_tokens=s["txt"], lora_rank=config.lora.rank,
-                                 lora_targets=tuple(config.lora.targets), train=False,
-                                 cond_t0=config.icd.condition_t0).total
     kind, peak = perf.device_peak()
-    step_s = float(np.median(times)) / steps
-    rec.update(height=height, width=width, steps=steps, image_tokens=n_img, model_flops_per_step=flops,
-               step_s=step_s, model_tflops_per_s=flops / step_s / 1e12, mfu=perf.mfu(flops, step_s, peak),
-               device_kind=kind, finite=bool(all(np.isfinite(np.asarray(x, np.float32)).all()
-                                                  for x in out.values())),
-               memory=device_memory())
-    rec["pass"] = rec["finite"]
+    rec.update(height=height, width=width, steps=steps, image_tokens=n_img, device_kind=kind, variants={})
+
+    def change(variant: str) -> None:
+        if variant == "merged":
+            lora.merge_lora(tr)
+        elif variant == "merged_rope_after_norm":
+            flux.set_rope_in_norm(tr, False)
+        elif variant == "merged_fp8_w8a8":
+            flux.set_rope_in_norm(tr, True)
+            quantize.quantize_module(tr, "fp8_w8a8", quantize.FLUX_TARGETS)
+        sampling.forget(tr)
+
+    for variant in SAMPLE_VARIANTS:
+        row = rec["variants"][variant] = {}
+        try:
+            change(variant)
+            args = (tr, system.spec, cond, txt, vec, key, (h, w), steps, system.guidance)
+            t0 = time.perf_counter()
+            compiled = sampling.lower_sample(*args, **reading).compile()
+            row["compile_s"] = time.perf_counter() - t0
+            row["xla_memory"] = memory_facts(compiled)
+            del compiled
+            t0 = time.perf_counter()
+            out = jax_block(sampling.sample(*args, **reading))
+            row["first_call_s"] = time.perf_counter() - t0
+            times = []
+            for _ in range(2 if dry else 3):
+                t0 = time.perf_counter()
+                out = jax_block(sampling.sample(*args, **reading))
+                times.append(time.perf_counter() - t0)
+        except Exception as e:  # a variant that fails is recorded; the others still run
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            save()
+            continue
+        rank = config.lora.rank if variant == "lora" else 0  # merged: no adapter FLOPs left to count
+        flops = perf.flux_step_flops(params, batch=1, img_tokens=n_img, txt_tokens=s["txt"], lora_rank=rank,
+                                     lora_targets=tuple(config.lora.targets), train=False,
+                                     cond_t0=config.icd.condition_t0).total
+        step_s = float(np.median(times)) / steps
+        row.update(model_flops_per_step=flops, step_s=step_s, model_tflops_per_s=flops / step_s / 1e12,
+                   mfu=perf.mfu(flops, step_s, peak),
+                   finite=bool(all(np.isfinite(np.asarray(x, np.float32)).all() for x in out.values())),
+                   memory=device_memory())
+        base = rec["variants"].get("lora", {}).get("step_s")
+        row["time_vs_lora"] = step_s / base if base else None
+        if variant == "lora":
+            rec.update({k: row[k] for k in ("compile_s", "xla_memory", "first_call_s", "model_flops_per_step",
+                                            "step_s", "model_tflops_per_s", "mfu", "finite", "memory")})
+        save()
+    timed = {k: v["step_s"] for k, v in rec["variants"].items() if "step_s" in v}
+    rec["fastest"] = min(timed, key=timed.get) if timed else None
+    rec["pass"] = bool(rec.get("finite")) and all(v.get("finite", False) for v in rec["variants"].values())
 
 
 def run_section(name: str, rec: dict, dry: bool, save, ctx) -> None:

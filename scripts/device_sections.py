@@ -25,13 +25,15 @@ import time
 
 SHAPES = ("512x512", "1024x1024")
 # dd_jax.models.flux.REMAT_POLICIES' names (tests/test_device_check.py checks), here without importing JAX
-REMAT_POLICY_NAMES = ("none", "full", "dots", "dots_no_batch", "proj", "attn", "offload")
+REMAT_POLICY_NAMES = ("none", "full", "dots", "dots_no_batch", "proj", "proj_attn", "attn", "offload")
 BATCHES = (1, 2, 4)
 # (shape, batch, remat, the row it stands in for: run only if that one ran out of memory), most telling first
 PLAN = (
     ("512x512", 1, "proj", None),  # train_512x512's step: a compilation-cache hit, the baseline
+    ("512x512", 1, "proj_attn", None),  # proj without recomputing attention's forward (+1.3 GB at flux-dev)
     ("512x512", 1, "none", None),  # what remat costs: no recomputation at all
     ("512x512", 2, "proj", None),  # what batching gains
+    ("512x512", 2, "proj_attn", None),
     ("1024x1024", 1, "proj", None),
     ("1024x1024", 1, "full", "1024x1024_b1_proj"),
     ("512x512", 4, "proj", None),
@@ -352,7 +354,10 @@ def summary_rows(sections: dict) -> dict:
     smp, psmp = sections.get("sample", {}), peer_sample.get("512x512_b1", {})
     if smp.get("step_s"):
         out["sampler"] = {"step_s": smp["step_s"], "mfu": smp.get("mfu"), "peer_step_s": psmp.get("step_s"),
-                          "ratio_to_peer": smp["step_s"] / psmp["step_s"] if psmp.get("step_s") else None}
+                          "ratio_to_peer": smp["step_s"] / psmp["step_s"] if psmp.get("step_s") else None,
+                          "fastest": smp.get("fastest"),
+                          "variants": {k: {m: v.get(m) for m in ("step_s", "mfu", "time_vs_lora", "error")}
+                                       for k, v in smp.get("variants", {}).items()}}
     if peer:
         out["peer"] = {k: peer.get(k) for k in ("status", "reason", "attention_backend", "device")}
     prof = sections.get("profile", {})
@@ -382,7 +387,7 @@ def rows_table(rows: dict) -> str:
 
 def section_quantized(rec: dict, dry: bool, save, ctx) -> None:
     """Quantized frozen weights (dd_jax.quantize, qwix): the sampler and the QLoRA train step at 512x512 with
-    int8 weights, and the sampler with fp8 ones, from random weights made quantized on the device
+    int8 weights, and the sampler with fp8 and fp8_w8a8 ones, from random weights made quantized on the device
     (`dd_jax.aot.time_quantized_steps`): compile and step times, weight bytes, the device's peak memory.
     Skipped, saying why, where qwix is not installed (it is one of the carried wheels)."""
     import device_check as dc
@@ -400,6 +405,7 @@ def section_quantized(rec: dict, dry: bool, save, ctx) -> None:
     height, width = s["images"]["512x512"]
     config = dc.config_for(dry, height, width, ctx.remat)
     rec.update(height=height, width=width, remat=ctx.remat, rows={})
-    for qtype, train in (("int8", True),) + ((("fp8", False),) if not dry else ()):  # --dry: the code, once
+    more = (("fp8", False), ("fp8_w8a8", False))  # fp8_w8a8: float8 activations too (a float8 matmul)
+    for qtype, train in (("int8", True),) + (more if not dry else ()):  # --dry: the code, once
         rec["rows"][qtype] = aot.time_quantized_steps(config, qtype, txt_len=s["txt"], train=train)
         save()

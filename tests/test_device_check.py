@@ -45,6 +45,11 @@ def test_dry_run_writes_every_section_ok(tmp_path):
         assert t["loss_finite"] and t["step_s"] > 0 and t["compile_s"] > 0
         assert t["model_flops"] > t["model_flops_transformer"] > 0 and t["xla_memory"]["alias_size_in_bytes"] > 0
     assert sections["sample"]["finite"] and sections["sample"]["model_flops_per_step"] > 0
+    variants = sections["sample"]["variants"]  # the sampler's variants, each timed and finite
+    assert list(variants) == list(device_check.SAMPLE_VARIANTS) and sections["sample"]["fastest"] in variants
+    assert all(v["finite"] and v["step_s"] > 0 and v["time_vs_lora"] > 0 for v in variants.values()), variants
+    assert variants["merged"]["model_flops_per_step"] < variants["lora"]["model_flops_per_step"]  # no adapters
+    assert result["summary"]["sampler"]["variants"]["merged_fp8_w8a8"]["time_vs_lora"] > 0
     assert any(k.startswith("L") for k in sections["attention"])
     assert result["summary"]["statuses"] == {k: "ok" for k in sections}
     # profile: the CPU trace's XLA ops, by category, per step, and the top kernels

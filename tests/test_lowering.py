@@ -40,7 +40,7 @@ TXT = 16
 H = W = 64  # 4x4 tokens per layer through the tiny VAE (8x) and 2x2 packing
 
 
-def _config(platform: str, attention: str):
+def _config(platform: str, attention: str, remat: str = "proj"):
     from configs import base
 
     c = base.get_config()
@@ -50,7 +50,7 @@ def _config(platform: str, attention: str):
     c.model.attention = attention
     c.model.platform = platform
     c.model.scan_layers = True
-    c.model.remat = "proj"
+    c.model.remat = remat
     c.lora.rank, c.lora.alpha = 8, 8.0
     c.autoencoder.kind, c.autoencoder.preset = "flux", "tiny"
     c.text.kind = "precomputed"
@@ -58,7 +58,7 @@ def _config(platform: str, attention: str):
     return c
 
 
-def _lower(platform: str, attention: str, mesh=None, batch_size: int = 1) -> dict:
+def _lower(platform: str, attention: str, mesh=None, batch_size: int = 1, remat: str = "proj") -> dict:
     """Lowered texts and partition facts of the production train step and sampler (abstract shapes)."""
     import jax
     import jax.numpy as jnp
@@ -66,7 +66,7 @@ def _lower(platform: str, attention: str, mesh=None, batch_size: int = 1) -> dic
 
     from dd_jax import aot, flow, lora, sampling, sharding, system as system_lib
 
-    config = _config(platform, attention)
+    config = _config(platform, attention, remat)
     config.data.batch_size = batch_size
 
     def init():
@@ -166,10 +166,17 @@ def test_cuda_xla_attention():
 def test_cuda_cudnn_attention(cudnn_version):
     low = _lower("cuda", "cudnn")
     _check_common(low)
-    # 1 double + 1 single block: forward kernels in both programs, backward kernels in the train step
-    assert low["train"].count("@__cudnn$fmhaSoftmax(") >= 2 and "@__cudnn$fmhaSoftmaxBackward(" in low["train"]
+    # 1 double + 1 single block: forward kernels in both programs, backward kernels in the train step; remat
+    # "proj" runs each block's attention forward again in the backward pass (4 forward calls for 2 blocks)
+    assert low["train"].count("@__cudnn$fmhaSoftmax(") == 4 and low["train"].count("@__cudnn$fmhaSoftmaxBackward(") == 2
     assert low["sample"].count("@__cudnn$fmhaSoftmax(") >= 2 and "Backward" not in low["sample"]
     assert "tpu_custom_call" not in low["train"]
+
+
+def test_cuda_cudnn_attention_proj_attn_policy_keeps_the_forward(cudnn_version):
+    """Remat "proj_attn" saves the cuDNN forward's outputs: one attention forward a block, none recomputed."""
+    low = _lower("cuda", "cudnn", remat="proj_attn")
+    assert low["train"].count("@__cudnn$fmhaSoftmax(") == 2 and low["train"].count("@__cudnn$fmhaSoftmaxBackward(") == 2
 
 
 def _tpu_worker() -> dict:

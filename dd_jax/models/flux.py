@@ -92,6 +92,25 @@ PRESETS["flux-kontext-dev"] = PRESETS["flux-dev"]  # same architecture; conditio
 
 
 _OFFLOADED = ("qkv", "attn_out", "mlp_hidden")
+# the cuDNN flash-attention forward (jax.nn.dot_product_attention, implementation="cudnn"): its outputs (the
+# attention output and the softmax statistics) are what its backward kernel needs
+CUDNN_ATTENTION_FORWARD = "dot_product_attention_fwd_wrapper"
+
+
+def _save_proj_and_attention():
+    """Every projection's output ("proj") and the cuDNN attention forward's outputs: the backward pass then never
+    runs an attention forward again (it would, under "proj", for its kernel's residuals and for the LoRA
+    gradients of `proj`/`linear2`, whose input is the attention's output). The extra memory is the attention
+    output, [tokens, hidden] a block, and its [heads, tokens] statistics. The XLA and splash paths keep what
+    "proj" keeps (their attention residuals are not this primitive's)."""
+    names = jax.checkpoint_policies.save_only_these_names("proj")
+
+    def policy(prim, *args, **params):
+        return prim.name == CUDNN_ATTENTION_FORWARD or names(prim, *args, **params)
+
+    return policy
+
+
 # Per-block rematerialisation: what the backward pass keeps from the forward.
 REMAT_POLICIES: dict[str, Callable[[], Any] | None] = {
     "none": None,  # no remat: every intermediate is kept (fastest, most memory)
@@ -100,6 +119,7 @@ REMAT_POLICIES: dict[str, Callable[[], Any] | None] = {
     "dots_no_batch": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # matmuls but attention's
     # every projection's output (base + LoRA summed), so LoRA's own matmul outputs are not kept twice
     "proj": lambda: jax.checkpoint_policies.save_only_these_names("proj"),
+    "proj_attn": _save_proj_and_attention,  # "proj" + cuDNN attention's outputs: no attention forward recomputed
     "attn": lambda: jax.checkpoint_policies.save_only_these_names("qkv", "attn_out"),  # recompute the MLPs
     "offload": lambda: jax.checkpoint_policies.save_and_offload_only_these_names(  # to host memory
         names_which_can_be_saved=[], names_which_can_be_offloaded=list(_OFFLOADED),
@@ -218,6 +238,14 @@ class Flux(nnx.Module):
 
         img = self._run_blocks(img, txt, vec, pe, vec_cond, img_mask, seq_mask)
         return self.final_layer(img, vec, vec_cond, img_mask)
+
+
+def set_rope_in_norm(model: Flux, value: bool) -> None:
+    """Switches every block between RoPE inside the q/k norm's pass (True, the default) and after it (False),
+    in place (e.g. to time both on the same weights; a sampler's cached split must be dropped after)."""
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, (layers.DoubleStreamBlock, layers.SingleStreamBlock)):
+            node.rope_in_norm = bool(value)
 
 
 def abstract(params: FluxParams, *, param_dtype: DTypeLike = jnp.float32,
