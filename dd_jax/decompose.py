@@ -763,8 +763,8 @@ def load_model(checkpoint: str | None = None, config_file: str | None = None, qu
     path = checkpoint or checkpoints.DEFAULT_MODEL
     config = config_lib.load_config_file(config_file) if config_file else None
     with quantize_lib.requested(quantize):  # a LoRA base quantized as it loads, a model trained in full after
-        system = system_lib.for_sampling(checkpoints.load_trained(path, config,
-                                                                   config_source=f"--config {config_file}"))
+        loaded = checkpoints.load_trained(path, config, config_source=f"--config {config_file}")
+        system = system_lib.for_sampling(loaded)
     return Model(system, inference.load_task_head(path), path)  # head None: uncalibrated task choice
 
 

@@ -426,18 +426,23 @@ def probe_tiles(image: np.ndarray, tile: tuple[int, int], native: int = PROBE_TI
 
 def task_features(system: system_lib.System, images: list[np.ndarray], *, steps: int, key: jax.Array,
                   batch_size: int = 16, guidance: float | None = None, prompt: str | None = None,
-                  progress: Callable[[Any, int, int], None] | None = None) -> np.ndarray:
+                  progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """[N, len(blend.TASKS), len(TASK_FEATURES)]: log RMSE of the change and of the recomposition, per task.
 
     Every image's probes (`probe_tiles`) are decomposed under each task; the
-    values are means over the probes.
+    values are means over the probes. `progress(probes done, probes in all)`
+    is called as they are done (after every batch).
     """
     tile = working_size(system)
     probes = [probe_tiles(im, tile) for im in images]
     items = [((i, t, p), pr, t) for i, prs in enumerate(probes) for t in blend.TASKS for p, pr in enumerate(prs)]
     sums = np.zeros((len(images), len(blend.TASKS), len(TASK_FEATURES)))
+    done = 0
     for (i, t, _p), out in decompose_stream(system, items, steps=steps, key=key, mode="tile", batch_size=batch_size,
-                                           guidance=guidance, prompt=prompt, progress=progress):
+                                           guidance=guidance, prompt=prompt):
+        done += 1  # a probe is one tile: it comes back with the batch that held it
+        if progress:
+            progress(done, len(items))
         comp, bg = out.composite, out.background
         change = float(np.sqrt(np.mean((bg - comp) ** 2)))
         rec = blend.recompose_error(t, out.foreground, comp, bg) if out.foreground is not None else change
@@ -509,11 +514,12 @@ def task_scores(features: np.ndarray, head: TaskHead | None) -> np.ndarray:
 
 
 def choose_task(system: system_lib.System, image: np.ndarray, *, steps: int, key: jax.Array, batch_size: int = 16,
-                guidance: float | None = None, prompt: str | None = None,
-                head: TaskHead | None = None) -> tuple[str, dict[str, float]]:
-    """The task whose decomposition of `image` scores best (`task_scores`); returns it and every task's score."""
+                guidance: float | None = None, prompt: str | None = None, head: TaskHead | None = None,
+                progress: Callable[[int, int], None] | None = None) -> tuple[str, dict[str, float]]:
+    """The task whose decomposition of `image` scores best (`task_scores`); returns it and every task's score.
+    `progress(probes done, probes in all)`: see `task_features`."""
     feats = task_features(system, [image], steps=steps, key=key, batch_size=batch_size, guidance=guidance,
-                          prompt=prompt)[0]
+                          prompt=prompt, progress=progress)[0]
     s = task_scores(feats, head)
     return blend.TASKS[int(np.argmax(s))], {t: float(v) for t, v in zip(blend.TASKS, s)}
 
