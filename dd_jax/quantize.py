@@ -6,7 +6,8 @@
 - `int4`: one scale per `INT4_TILE` input rows per output column (subchannel), the kernel as int4;
 - `fp8_w8a8`: the kernel as `fp8` stores it, and the matmul's input too: each row (token) scaled by its own
   absmax into float8_e4m3fn as it arrives, so the product is a float8 x float8 matmul (the FP8 tensor cores
-  of an H100/H200/H20: twice the bf16 rate), in the compute dtype. Gradients (QLoRA) take the `fp8` path.
+  of an H100/H200/H20: twice the bf16 rate), in the compute dtype. In QLoRA the input gradient is a float8
+  matmul too (the cotangent's rows scaled the same way): both of the frozen base's GEMMs run in float8.
 Otherwise activations stay in the compute dtype: each matmul dequantizes its kernel (`qwix.dot_general`: the
 dequantize fuses into the matmul's operand) and multiplies in the compute dtype. LoRA parameters stay
 float, so QLoRA trains exactly as LoRA does over a quantized base.
@@ -142,8 +143,9 @@ qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
 @jax.custom_vjp
 def qmatmul_fp8(x: jax.Array, qvalue: jax.Array, scale: jax.Array) -> jax.Array:
     """x [T, in] @ the float8 kernel (qvalue, scale) as a float8 x float8 matmul: x's rows scaled by their own
-    absmax into float8_e4m3fn (dynamic, per token), the product and both scales applied in x's dtype. The
-    gradient is `qmatmul`'s (x's cotangent through the dequantized kernel)."""
+    absmax into float8_e4m3fn (dynamic, per token), the product and both scales applied in x's dtype. x's
+    cotangent is a float8 matmul as well (`_qmatmul_fp8_bwd`): in QLoRA both of the frozen base's GEMMs run
+    in float8."""
     q = qwix()
     xq = q.quantize(x, jnp.float8_e4m3fn, channelwise_axes=(0,))
     return q.dot_general(xq, q.QArray(qvalue, scale), (((1,), (0,)), ((), ())), preferred_element_type=x.dtype)
@@ -153,7 +155,18 @@ def _qmatmul_fp8_fwd(x, qvalue, scale):
     return qmatmul_fp8(x, qvalue, scale), (qvalue, scale)
 
 
-qmatmul_fp8.defvjp(_qmatmul_fp8_fwd, _qmatmul_bwd)
+def _qmatmul_fp8_bwd(res, g):
+    """x's cotangent as a float8 matmul too: dx = (g * scale) @ qvalue^T, the column scales folded into g (they
+    lie on the contracting axis), g's rows then scaled into float8_e4m3fn by their absmax (~2.6% error on a
+    random matmul, where float8_e5m2 gives ~5%)."""
+    qvalue, scale = res
+    q = qwix()
+    gq = q.quantize(g * scale.astype(g.dtype), jnp.float8_e4m3fn, channelwise_axes=(0,))
+    dx = q.dot_general(gq, qvalue, (((1,), (1,)), ((), ())), preferred_element_type=g.dtype)
+    return dx, jnp.zeros_like(qvalue), jnp.zeros_like(scale)
+
+
+qmatmul_fp8.defvjp(_qmatmul_fp8_fwd, _qmatmul_fp8_bwd)
 
 
 def _scale_axes(names: tuple | None) -> tuple | None:

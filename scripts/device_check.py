@@ -75,7 +75,7 @@ SECTIONS = (
     ("sample", 110, True),
     ("peer_torch", 100, True),
     ("train_512x1024", 100, True),
-    ("quantized", 110, True),
+    ("quantized", 150, True),
     ("train_sweep", 220, True),
 )
 ISOLATED = ("peer_torch",)  # a process of its own, even with --dry (it imports torch, diffusers, peft)

@@ -387,7 +387,8 @@ def rows_table(rows: dict) -> str:
 
 def section_quantized(rec: dict, dry: bool, save, ctx) -> None:
     """Quantized frozen weights (dd_jax.quantize, qwix): the sampler and the QLoRA train step at 512x512 with
-    int8 weights, and the sampler with fp8 and fp8_w8a8 ones, from random weights made quantized on the device
+    int8 weights, the sampler with fp8 ones, and both with fp8_w8a8 ones (float8 matmuls), from random weights
+    made quantized on the device
     (`dd_jax.aot.time_quantized_steps`): compile and step times, weight bytes, the device's peak memory.
     Skipped, saying why, where qwix is not installed (it is one of the carried wheels)."""
     import device_check as dc
@@ -405,7 +406,7 @@ def section_quantized(rec: dict, dry: bool, save, ctx) -> None:
     height, width = s["images"]["512x512"]
     config = dc.config_for(dry, height, width, ctx.remat)
     rec.update(height=height, width=width, remat=ctx.remat, rows={})
-    more = (("fp8", False), ("fp8_w8a8", False))  # fp8_w8a8: float8 activations too (a float8 matmul)
+    more = (("fp8", False), ("fp8_w8a8", True))  # fp8_w8a8: float8 matmuls, QLoRA's input gradients included
     for qtype, train in (("int8", True),) + (more if not dry else ()):  # --dry: the code, once
         rec["rows"][qtype] = aot.time_quantized_steps(config, qtype, txt_len=s["txt"], train=train)
         save()
