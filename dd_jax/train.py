@@ -241,6 +241,13 @@ class ProcessData:
             return parts[0]
         return {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
 
+    def close(self) -> None:
+        """Stops the iterators' worker processes and frees their shared memory (Grain's multiprocess
+        prefetch warns of leaked shared_memory objects at exit otherwise)."""
+        for it in self.iterators:
+            if hasattr(it, "close"):
+                it.close()
+
     def get_state(self) -> dict:
         states = [it.get_state() for it in self.iterators]
         if len({json.dumps(st, sort_keys=True, default=str) for st in states}) > 1:
@@ -569,9 +576,11 @@ class Run:
         checkpoint (recorded in `summary["interrupted"]`); the step reached."""
         self.writer = _tb_writer(self.workdir)
         # previews: the first examples of the data stream (the same ones across resumes)
-        self.preview_batch = _preview_inputs(device_batch(next(ProcessData(self.config, worker_count=0)), self.mesh,
-                                                          self.rules), self.mesh) \
-            if self.config.train.preview_every else None
+        self.preview_batch = None
+        if self.config.train.preview_every:
+            first = ProcessData(self.config, worker_count=0)
+            self.preview_batch = _preview_inputs(device_batch(next(first), self.mesh, self.rules), self.mesh)
+            first.close()
         self.step = self.start
         try:
             with _Stop() as stop:
@@ -582,6 +591,7 @@ class Run:
         else:
             self.close(self.step, failed=False)
         finally:
+            self.data.close()
             if self.writer is not None:
                 self.writer.close()
         return self.step
@@ -613,7 +623,7 @@ class Run:
             ending = step == t.steps or (stop_after is not None and step >= stop_after)
             if agrees_on_stop_at(step, sync_every):
                 ending = _any_process(ending or bool(stop.signal) or out_of_time)
-                out_of_time = _any_process(out_of_time) if jax.process_count() > 1 else out_of_time
+                out_of_time = _any_process(out_of_time)
             if step % t.checkpoint_every == 0 or ending:
                 self.save(step, wait=ending)  # asynchronous unless the run ends here
             if t.preview_every and step % t.preview_every == 0:  # every process: the sampler is sharded
