@@ -26,6 +26,9 @@ PINS = {
     "ml_collections": "ml_collections==1.1.0",
 }
 
+# top-level module -> the extra of dd_jax that brings it (with its pins): its install line names the extra
+EXTRAS = {"gradio": "app"}
+
 
 class MissingPackage(ImportError, ValueError):
     """An optional package a feature needs is not installed. A ValueError too, so the CLIs that print a
@@ -41,13 +44,19 @@ def message(module: str, feature: str, cause: ImportError | None = None) -> str:
     missing = getattr(cause, "name", None) or ""
     plain = cause is None or (isinstance(cause, ModuleNotFoundError) and missing.split(".")[0] == top)
     detail = "" if plain else f" ({cause})"
-    return f"{feature} needs {dist}{detail}: pip install {pin}"
+    install = f'pip install -e ".[{EXTRAS[top]}]"' if top in EXTRAS else f"pip install {pin}"
+    return f"{feature} needs {dist}{detail}: {install}"
 
 
 def require(module: str, feature: str) -> types.ModuleType:
     """Imports `module` (e.g. "psd_tools") for `feature` (e.g. "decompose --format psd") and returns it; raises
-    MissingPackage (one line, with the pip command) when it or a package it imports is not installed."""
+    MissingPackage (one line, with the pip command) when it or a package it imports is not installed. A folder of
+    that name on the path (e.g. in the working folder: gradio_client's downloads go to /tmp/gradio), which Python
+    imports as an empty namespace package, is not the package."""
     try:
-        return importlib.import_module(module)
+        found = importlib.import_module(module)
     except ImportError as e:
         raise MissingPackage(message(module, feature, e), name=module) from e
+    if "." not in module and getattr(found, "__file__", None) is None:
+        raise MissingPackage(message(module, feature), name=module)
+    return found

@@ -65,3 +65,16 @@ def test_inference_fit_names_grain_when_it_is_missing(monkeypatch, capsys, tmp_p
     assert inference._fit_main(["--data", str(tmp_path), "--checkpoint", str(tmp_path)]) == 2
     assert capsys.readouterr().err == ("error: python -m dd_jax.inference --data needs grain: "
                                        "pip install grain==0.2.18\n")
+
+
+def test_a_folder_of_the_name_is_not_the_package(tmp_path, monkeypatch):
+    (tmp_path / "dd_jax_stray").mkdir()  # e.g. /tmp/gradio (gradio_client's downloads) with /tmp the working folder
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(optional.MissingPackage, match=r"^a feature needs dd_jax_stray: pip install dd_jax_stray$"):
+        optional.require("dd_jax_stray", "a feature")
+    monkeypatch.delitem(sys.modules, "dd_jax_stray", raising=False)
+
+
+def test_a_package_of_an_extra_names_the_extra():
+    assert optional.message("gradio", "python -m dd_jax.app") == ('python -m dd_jax.app needs gradio: pip install -e '
+                                                                 '".[app]"')
