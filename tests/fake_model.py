@@ -20,7 +20,7 @@ class FakeSystem:
         self.config = ml_collections.ConfigDict({"data": {"height": tile, "width": tile},
                                                   "sample": {"tile": True, "steps": 1}, "model": {"quantize": ""}})
         self.spec = types.SimpleNamespace(targets=targets)
-        self.model = types.SimpleNamespace(conditioner=object())
+        self.model = types.SimpleNamespace(conditioner=object(), transformer=types.SimpleNamespace())  # no LoRA
 
 
 def pointwise(comp, task):
