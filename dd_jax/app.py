@@ -431,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--model", default=None,
                     help="trained model folder or training workdir (default: the shipped tiny model)")
     ap.add_argument("--quantize", default=None, choices=quantize_lib.QTYPES + ("none",),
-                    help="store the transformer's weights weight-only quantized (as decompose --quantize)")
+                    help="store the transformer's weights quantized (as decompose --quantize)")
     ap.add_argument("--max-pixels", type=int, default=None,
                     help="refuse images with more pixels than this (default: those that would take more memory "
                          "than is available, as decompose)")

@@ -872,8 +872,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "'foreground (glassware, multiply)' under 'foreground (glassware, screen)'); both: all")
     ap.add_argument("--batch-size", type=int, default=16, help="tiles per model call (fixed shape)")
     ap.add_argument("--quantize", default=None, choices=quantize_lib.QTYPES + ("none",),
-                    help="store the transformer's weights (and T5's) weight-only quantized (dd_jax.quantize; "
-                         "default: the model's config, model.quantize; none: float)")
+                    help="store the transformer's weights (and T5's) quantized: int8/fp8/int4 weight-only, fp8_w8a8 "
+                         "float8 matmuls (dd_jax.quantize; default: the model's config, model.quantize; none: float)")
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--no-detail-transfer", action="store_true", help="--mode resize: plain resize of the background")
     ap.add_argument("--prompt", default=None, help="text prompt for T5/CLIP-conditioned models (default: the task's)")

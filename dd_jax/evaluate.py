@@ -424,8 +424,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="tile or resize (see dd_jax.inference; default: the model's config, sample.tile)")
     ap.add_argument("--overlap", type=int, default=None, help="tile overlap in pixels (default: a quarter of a tile)")
     ap.add_argument("--quantize", default=None, choices=quantize_lib.QTYPES + ("none",),
-                    help="store the transformer's weights (and T5's) weight-only quantized (dd_jax.quantize; "
-                         "default: the model's config, model.quantize; none: float)")
+                    help="store the transformer's weights (and T5's) quantized: int8/fp8/int4 weight-only, fp8_w8a8 "
+                         "float8 matmuls (dd_jax.quantize; default: the model's config, model.quantize; none: float)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace the report files (metrics.json, report.md, cases.png) in --output; without it "
                          "the run refuses a folder holding one, before any work")
