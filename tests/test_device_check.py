@@ -118,12 +118,14 @@ def test_sweep_plan_skips_a_policy_past_its_oom_and_runs_fallbacks_only_where_ne
         ran.append(row["name"])
         return {"status": "oom" if row["name"] in oom else "ok"}
 
-    left = iter([1000.0] * 6 + [10.0] * 100)  # time runs out after six rows
+    left = iter([1000.0] * 7 + [10.0] * 100)  # time runs out after seven rows
     rows: dict = {}
     skipped = device_sections.run_plan(rows_plan, rows, run_row, lambda: next(left), lambda r: 45.0)
-    assert ran == ["512x512_b1_proj", "512x512_b1_none", "512x512_b2_proj", "1024x1024_b1_proj",
-                   "1024x1024_b1_full", "512x512_b2_none"]  # full stands in for the 1024 proj that ran out of memory
+    assert ran == ["512x512_b1_proj", "512x512_b1_proj_attn", "512x512_b1_none", "512x512_b2_proj",
+                   "512x512_b2_proj_attn", "1024x1024_b1_proj", "1024x1024_b1_full"]  # full stands in for the
+    # 1024 proj that ran out of memory (proj_attn at batch 2 still runs: another policy)
     assert skipped["512x512_b4_proj"] == "skipped: proj ran out of memory at batch 2"
+    assert skipped["512x512_b2_none"] == "skipped: the sweep's time ran out (10 s left, a row needs ~45 s)"
     assert skipped["512x512_b4_full"].startswith("not needed: it stands in for 512x512_b4_proj, which did not run")
     assert skipped["512x512_b1_attn"] == "skipped: the sweep's time ran out (10 s left, a row needs ~45 s)"
     assert skipped["1024x1024_b2_proj"] == "skipped: proj ran out of memory at batch 1"
@@ -132,7 +134,8 @@ def test_sweep_plan_skips_a_policy_past_its_oom_and_runs_fallbacks_only_where_ne
     again = device_sections.run_plan(rows_plan, {"512x512_b1_proj": {"status": "timeout"}}, run_row,
                                      lambda: 1000.0, lambda r: 45.0)
     assert "512x512_b1_proj" not in again and ran.count("512x512_b1_proj") == 1
-    fits = device_sections.why_not(rows_plan[4], {"1024x1024_b1_proj": {"status": "ok"}})
+    full = next(r for r in rows_plan if r["name"] == "1024x1024_b1_full")
+    fits = device_sections.why_not(full, {"1024x1024_b1_proj": {"status": "ok"}})
     assert fits == "not needed: 1024x1024_b1_proj fit (ok)"
     grid = device_sections.not_planned(rows_plan, device_sections.REMAT_POLICY_NAMES)
     assert len(grid) + len(rows_plan) == 2 * 3 * len(device_sections.REMAT_POLICY_NAMES)
