@@ -21,6 +21,7 @@ QLoRA step: the device check's quantized rows.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -48,6 +49,48 @@ class CompiledStep:
     partition_bytes: dict  # trainable / frozen / mutable model state and optimizer state (TrainStep.partition_bytes)
 
 
+GPU_TARGETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "gpu_targets")
+
+
+def gpu_targets() -> list[str]:
+    """The GPU models `gpu_mesh` can compile for (dd_jax/assets/gpu_targets/<name>.txtpb: XLA's TargetConfig
+    of one GPU, as `xla_gpu_target_config_filename` reads it)."""
+    return sorted(f[: -len(".txtpb")] for f in os.listdir(GPU_TARGETS_DIR) if f.endswith(".txtpb"))
+
+
+def gpu_mesh(target: str = "h100_80gb") -> jax.sharding.Mesh:
+    """A one-device mesh of a GPU that is not here: XLA:GPU compiles for it on this machine ("deviceless"
+    ahead-of-time compilation; it needs jax's CUDA plugin installed, not a GPU). Give abstract inputs a sharding
+    on it (`on_mesh`) and `.lower(...).compile()` produces XLA:GPU's optimized program and memory analysis for
+    that GPU. Run with JAX_PLATFORMS=cpu where there is no GPU."""
+    from jax.experimental import topologies
+
+    if target not in gpu_targets():
+        raise ValueError(f"GPU target {target!r}; choose from {gpu_targets()}")
+    with open(os.path.join(GPU_TARGETS_DIR, target + ".txtpb")) as f:
+        config = f.read()
+    try:
+        topo = topologies.get_topology_desc(platform="cuda", target_config=config, topology="1x1x1")
+    except Exception as e:  # no CUDA plugin: one line
+        raise RuntimeError(f"compiling for a GPU here needs jax's CUDA plugin (pip install 'jax[cuda13]'): "
+                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    return topologies.make_mesh(topo=topo, mesh_shape=(1,), axis_names=("gpu",))
+
+
+def on_mesh(tree: Any, mesh: jax.sharding.Mesh | None) -> Any:
+    """Abstract arrays (ShapeDtypeStructs, and an nnx module's or optimizer's from `nnx.eval_shape`) replicated on
+    `mesh` (None: as they are). Modules are changed in place and returned."""
+    if mesh is None:
+        return tree
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    place = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) if hasattr(a, "shape") else a
+    if isinstance(tree, nnx.Pytree):
+        for _, var in nnx.to_flat_state(nnx.state(tree)):
+            var.set_value(place(var.get_value()))
+        return tree
+    return jax.tree.map(place, tree)
+
+
 def abstract_batch(config: ml_collections.ConfigDict, batch_size: int | None = None, txt_len: int = 512) -> dict:
     """ShapeDtypeStructs of one pipeline batch (images in [-1, 1]; cached text for 'precomputed')."""
     d = config.data
@@ -63,19 +106,22 @@ def abstract_batch(config: ml_collections.ConfigDict, batch_size: int | None = N
 
 
 def compile_train_step(config: ml_collections.ConfigDict, batch_size: int | None = None, txt_len: int = 512,
-                       compile: bool = True, platforms: tuple[str, ...] | None = None) -> CompiledStep:
+                       compile: bool = True, platforms: tuple[str, ...] | None = None,
+                       mesh: jax.sharding.Mesh | None = None) -> CompiledStep:
     """The production train step (`flow.system_step`, what `train.py` runs) lowered on abstract shapes and,
-    with `compile`, compiled for the local backend (`platforms`: lower for other backends, no compile)."""
+    with `compile`, compiled for the local backend (`platforms`: lower for other backends, no compile; `mesh`:
+    compile for its devices, e.g. `gpu_mesh()`'s GPU that is not here)."""
 
     def init():
         model = system_lib.build_model(config, load_weights=False)
         return model, flow.system_optimizer(system_lib.wrap(model, config))
 
     model, optimizer = nnx.eval_shape(init)
+    model, optimizer = on_mesh(model, mesh), on_mesh(optimizer, mesh)
     system = system_lib.wrap(model, config)
     step = flow.system_step(system)
-    batch = abstract_batch(config, batch_size, txt_len)
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    batch = on_mesh(abstract_batch(config, batch_size, txt_len), mesh)
+    key = on_mesh(jax.ShapeDtypeStruct((), jax.random.key(0).dtype), mesh)
     lowered = step.lower(model, optimizer, batch, key, platforms=platforms)
     compiled = lowered.compile() if compile and not platforms else None
     cost = (compiled or lowered).cost_analysis()
@@ -109,12 +155,14 @@ def abstract_model(config: ml_collections.ConfigDict, qtype: str, seed: int | No
 
 
 def compile_decompose(config: ml_collections.ConfigDict, batch_size: int = 1, txt_len: int = 512, steps: int = 2,
-                      compile: bool = True, platforms: tuple[str, ...] | None = None) -> CompiledDecompose:
+                      compile: bool = True, platforms: tuple[str, ...] | None = None,
+                      mesh: jax.sharding.Mesh | None = None) -> CompiledDecompose:
     """One decomposition batch as `system.decompose` runs it (VAE-encode the composite, `steps` Euler steps,
     VAE-decode the target layers) jitted as one program over abstract weights (quantized as `model.quantize`
     says) and abstract inputs (composite [B, H, W, 3] at data.height x data.width, the prompt's `txt`/`vec`),
-    lowered and, with `compile`, compiled for the local backend. Its memory analysis sizes decomposition with
-    the transformer and the VAE resident and T5 not (`dd_jax.prompts`: prompts are encoded before)."""
+    lowered and, with `compile`, compiled for the local backend (`mesh`: for its devices). Its memory analysis
+    sizes decomposition with the transformer and the VAE resident and T5 not (`dd_jax.prompts`: prompts are
+    encoded before)."""
     model = nnx.eval_shape(lambda: abstract_model(config, quantize_lib.configured(config)))
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)
@@ -130,6 +178,7 @@ def compile_decompose(config: ml_collections.ConfigDict, batch_size: int = 1, tx
         system = system_lib.wrap(nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves)), config)
         return system_lib.decompose(system, composite, task, key, steps, extra={"txt": txt, "vec": vec})
 
+    leaves, composite, task, txt, vec, key = on_mesh((leaves, composite, task, txt, vec, key), mesh)
     lowered = jax.jit(run).trace(leaves, composite, task, txt, vec, key).lower(
         lowering_platforms=tuple(platforms) if platforms else None)
     compiled = lowered.compile() if compile and not platforms else None

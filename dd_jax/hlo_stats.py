@@ -66,6 +66,19 @@ def op_counts(hlo_text: str) -> tuple[Counter, Counter]:
     return top, fused
 
 
+def dot_counts(hlo_text: str) -> tuple[int, int]:
+    """(matmuls, float8 matmuls) of an optimized HLO module: every `dot` instruction wherever it sits (XLA:GPU puts
+    them inside GEMM fusions), a float8 one when its computation holds float8 values (its operands or their
+    transposes; XLA keeps a float8 x float8 dot in float8 inside its fusion)."""
+    dots = f8 = 0
+    for block in re.split(r"\n(?=\S)", hlo_text):  # computations start at column 0
+        n = len(re.findall(r" dot\(", block))
+        dots += n
+        if n and re.search(r"\bf8e(4m3fn|5m2)\[", block):
+            f8 += n
+    return dots, f8
+
+
 def of(compiled: Any) -> dict[str, Any]:
     """FLOPs, bytes accessed, transcendentals (XLA's cost analysis), temp and argument bytes (its memory
     analysis), the top-level op counts (`ops`, bookkeeping left out; `kernels` their sum) and the fused ops
