@@ -141,29 +141,29 @@ qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
 
 
 @jax.custom_vjp
-def qmatmul_fp8(x: jax.Array, qvalue: jax.Array, scale: jax.Array) -> jax.Array:
-    """x [T, in] @ the float8 kernel (qvalue, scale) as a float8 x float8 matmul: x's rows scaled by their own
-    absmax into float8_e4m3fn (dynamic, per token), the product and both scales applied in x's dtype. x's
-    cotangent is a float8 matmul as well (`_qmatmul_fp8_bwd`): in QLoRA both of the frozen base's GEMMs run
-    in float8."""
+def qmatmul_fp8(x: jax.Array, qvalue_t: jax.Array, scale_t: jax.Array) -> jax.Array:
+    """x [T, in] @ the float8 kernel stored transposed (qvalue_t [out, in], scale_t [out, 1]) as a float8 x float8
+    matmul: x's rows scaled by their own absmax into float8_e4m3fn (dynamic, per token), the product and both
+    scales applied in x's dtype. x's cotangent is a float8 matmul as well (`_qmatmul_fp8_bwd`): in QLoRA both of
+    the frozen base's GEMMs run in float8."""
     q = qwix()
     xq = q.quantize(x, jnp.float8_e4m3fn, channelwise_axes=(0,))
-    return q.dot_general(xq, q.QArray(qvalue, scale), (((1,), (0,)), ((), ())), preferred_element_type=x.dtype)
+    return q.dot_general(xq, q.QArray(qvalue_t, scale_t), (((1,), (1,)), ((), ())), preferred_element_type=x.dtype)
 
 
-def _qmatmul_fp8_fwd(x, qvalue, scale):
-    return qmatmul_fp8(x, qvalue, scale), (qvalue, scale)
+def _qmatmul_fp8_fwd(x, qvalue_t, scale_t):
+    return qmatmul_fp8(x, qvalue_t, scale_t), (qvalue_t, scale_t)
 
 
 def _qmatmul_fp8_bwd(res, g):
-    """x's cotangent as a float8 matmul too: dx = (g * scale) @ qvalue^T, the column scales folded into g (they
+    """x's cotangent as a float8 matmul too: dx = (g * scale) @ kernel^T, the column scales folded into g (they
     lie on the contracting axis), g's rows then scaled into float8_e4m3fn by their absmax (~2.6% error on a
     random matmul, where float8_e5m2 gives ~5%)."""
-    qvalue, scale = res
+    qvalue_t, scale_t = res
     q = qwix()
-    gq = q.quantize(g * scale.astype(g.dtype), jnp.float8_e4m3fn, channelwise_axes=(0,))
-    dx = q.dot_general(gq, qvalue, (((1,), (1,)), ((), ())), preferred_element_type=g.dtype)
-    return dx, jnp.zeros_like(qvalue), jnp.zeros_like(scale)
+    gq = q.quantize(g * jnp.swapaxes(scale_t, -1, -2).astype(g.dtype), jnp.float8_e4m3fn, channelwise_axes=(0,))
+    dx = q.dot_general(gq, qvalue_t, (((1,), (0,)), ((), ())), preferred_element_type=g.dtype)
+    return dx, jnp.zeros_like(qvalue_t), jnp.zeros_like(scale_t)
 
 
 qmatmul_fp8.defvjp(_qmatmul_fp8_fwd, _qmatmul_fp8_bwd)
@@ -179,21 +179,31 @@ def _scale_axes(names: tuple | None) -> tuple | None:
 class QKernel(nnx.Module):
     """A Linear's kernel [(layers,) in, out] stored quantized: `qvalue` (int8 / float8 / int4) and float32
     `scale` ([(layers,) 1 or in / tile, out]), both `QuantizedParam`s. `qtype` (one of QTYPES) also says how
-    it multiplies: `fp8_w8a8` quantizes the input too (`qmatmul_fp8`)."""
+    it multiplies: `fp8_w8a8` quantizes the input too (`qmatmul_fp8`), and stores the kernel transposed,
+    `qvalue` [(layers,) out, in] and `scale` [(layers,) out, 1]: a float8 matmul on Hopper wants both operands
+    with the contracted axis innermost, and XLA would otherwise keep a transposed copy of every float8 kernel
+    (4.4 of the flux-dev sampler's 15.5 GiB, XLA:GPU's memory analysis for an H100)."""
 
     def __init__(self, q: Any, logical_axes: tuple | None = None, qtype: str | None = None):
-        meta = {LOGICAL_AXES: tuple(logical_axes)} if logical_axes else {}
-        smeta = {LOGICAL_AXES: _scale_axes(tuple(logical_axes))} if logical_axes else {}
-        self.qvalue = QuantizedParam(q.qvalue, **meta)
-        self.scale = QuantizedParam(q.scale, **smeta)
         stored = next(t for t in QTYPES if storage_dtype(t) == jnp.dtype(q.qvalue.dtype))
         if qtype is not None and storage_dtype(check(qtype)) != storage_dtype(stored):
             raise ValueError(f"a kernel stored as {jnp.dtype(q.qvalue.dtype).name} cannot multiply as {qtype}")
         self._qtype = qtype or stored
+        self._transposed = self._qtype in ACTIVATIONS_QUANTIZED
+        qvalue, scale, names = q.qvalue, q.scale, tuple(logical_axes) if logical_axes else None
+        snames = _scale_axes(names) if names else None
+        if self._transposed:
+            qvalue, scale = jnp.swapaxes(qvalue, -1, -2), jnp.swapaxes(scale, -1, -2)
+            names = names and names[:-2] + (names[-1], names[-2])
+            snames = snames and snames[:-2] + (snames[-1], snames[-2])
+        self.qvalue = QuantizedParam(qvalue, **({LOGICAL_AXES: names} if names else {}))
+        self.scale = QuantizedParam(scale, **({LOGICAL_AXES: snames} if snames else {}))
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.qvalue.shape)
+        """The kernel's shape, [(layers,) in, out], however it is stored."""
+        shape = tuple(self.qvalue.shape)
+        return shape[:-2] + (shape[-1], shape[-2]) if self._transposed else shape
 
     @property
     def qtype(self) -> str:
@@ -202,12 +212,15 @@ class QKernel(nnx.Module):
     def matmul(self, x: jax.Array, dtype: DTypeLike) -> jax.Array:
         """x [T, in] @ kernel -> [T, out] in `dtype` (the kernel dequantized to it inside the matmul; with
         `fp8_w8a8`, a float8 x float8 matmul)."""
-        fn = qmatmul_fp8 if self._qtype in ACTIVATIONS_QUANTIZED else qmatmul
-        return fn(x.astype(dtype), self.qvalue[...], self.scale[...].astype(dtype))
+        if self._transposed:
+            return qmatmul_fp8(x.astype(dtype), self.qvalue[...], self.scale[...].astype(dtype))
+        return qmatmul(x.astype(dtype), self.qvalue[...], self.scale[...].astype(dtype))
 
     def dequantize(self, dtype: DTypeLike = jnp.float32) -> jax.Array:
+        """The kernel [(layers,) in, out] in `dtype`."""
         q = qwix()
-        return q.dequantize(q.QArray(self.qvalue[...], self.scale[...].astype(dtype)))
+        w = q.dequantize(q.QArray(self.qvalue[...], self.scale[...].astype(dtype)))
+        return jnp.swapaxes(w, -1, -2) if self._transposed else w
 
 
 class QLinear(nnx.Module):
