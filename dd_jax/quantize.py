@@ -189,7 +189,6 @@ class QKernel(nnx.Module):
         if qtype is not None and storage_dtype(check(qtype)) != storage_dtype(stored):
             raise ValueError(f"a kernel stored as {jnp.dtype(q.qvalue.dtype).name} cannot multiply as {qtype}")
         self._qtype = qtype or stored
-        self._transposed = self._qtype in ACTIVATIONS_QUANTIZED
         qvalue, scale, names = q.qvalue, q.scale, tuple(logical_axes) if logical_axes else None
         snames = _scale_axes(names) if names else None
         if self._transposed:
@@ -198,6 +197,11 @@ class QKernel(nnx.Module):
             snames = snames and snames[:-2] + (snames[-1], snames[-2])
         self.qvalue = QuantizedParam(qvalue, **({LOGICAL_AXES: names} if names else {}))
         self.scale = QuantizedParam(scale, **({LOGICAL_AXES: snames} if snames else {}))
+
+    @property
+    def _transposed(self) -> bool:
+        """Stored [(layers,) out, in] (fp8_w8a8)."""
+        return self._qtype in ACTIVATIONS_QUANTIZED
 
     @property
     def shape(self) -> tuple[int, ...]:

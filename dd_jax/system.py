@@ -276,12 +276,11 @@ def for_sampling(system: System) -> System:
     three and an add. Adapters over a quantized base stay separate. Returns the system (changed in place)."""
     system = quantize_lib.quantize_system(system)
     transformer = system.model.transformer
-    if system.config.sample.get("merge_lora", True):
-        float_base = [layer for _, layer in lora.lora_layers(transformer)
-                      if not hasattr(layer.kernel, "matmul")]  # a QKernel (quantized base) has a matmul
-        if float_base and len(float_base) == len(lora.lora_layers(transformer)):
-            lora.merge_lora(transformer)
-            sampling.forget(transformer)  # its structure changed
+    adapted = lora.lora_layers(transformer)
+    quantized_base = any(hasattr(layer.kernel, "matmul") for _, layer in adapted)  # a QKernel has a matmul
+    if system.config.sample.get("merge_lora", True) and adapted and not quantized_base:
+        lora.merge_lora(transformer)
+        sampling.forget(transformer)  # its structure changed
     return system
 
 
